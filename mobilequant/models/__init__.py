@@ -1,0 +1,18 @@
+"""The model zoo of the mobile-network literature.
+
+``create_model(name, num_classes=..., in_chans=..., width_mult=..., **kw)``, ``list_models(pattern)``,
+``model_info(name)``; users' own models via ``load_model("pkg.module:factory")``.
+"""
+
+from ._registry import (  # noqa: F401
+    FASHION_MNIST,
+    IMAGENET,
+    ModelInfo,
+    PreprocessConfig,
+    create_model,
+    list_models,
+    model_info,
+    register_model,
+)
+
+# Family modules register their variants on import; imported explicitly, one line each.

@@ -1,0 +1,101 @@
+"""Model registry: one decorator fills one dict (the timm pattern, without star-import side effects).
+
+Each family module registers its variants with :func:`register_model`; ``mobilequant.models`` imports
+the family modules explicitly, so the registry is complete as soon as the package is imported.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch.nn as nn
+
+from ..errors import UsageError, did_you_mean
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How raw images become the model's input tensor (the single place preprocessing is defined).
+
+    ``input_size`` is (channels, height, width); ``mean``/``std`` are per channel in [0, 1] pixel units.
+    """
+
+    input_size: tuple[int, int, int] = (3, 224, 224)
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    resize: int | None = 256  # shorter side before the centre crop; None = resize straight to input_size
+    layout: str = "NCHW"
+
+    def with_channels(self, in_chans: int) -> PreprocessConfig:
+        if in_chans == self.input_size[0]:
+            return self
+        mean = (sum(self.mean) / len(self.mean),) * in_chans
+        std = (sum(self.std) / len(self.std),) * in_chans
+        return replace(self, input_size=(in_chans, *self.input_size[1:]), mean=mean, std=std)
+
+    def with_resolution(self, resolution: int) -> PreprocessConfig:
+        resize = None if self.resize is None else round(resolution * self.resize / self.input_size[1])
+        return replace(self, input_size=(self.input_size[0], resolution, resolution), resize=resize)
+
+
+IMAGENET = PreprocessConfig()
+# Fashion-MNIST: 28x28 grey images padded to 32x32 (the documented choice for the shipped weights).
+FASHION_MNIST = PreprocessConfig(input_size=(1, 32, 32), mean=(0.2860,), std=(0.3530,), resize=None)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the registry knows about a variant, without building it."""
+
+    name: str
+    family: str
+    paper: str
+    fn: Callable[..., nn.Module] = field(repr=False)
+    paper_params_m: float | None = None  # paper's parameter count (millions) at the ImageNet config
+    paper_madds_m: float | None = None  # paper's mult-adds (millions) at the ImageNet config
+
+
+_model_entrypoints: dict[str, ModelInfo] = {}
+
+
+def register_model(family: str, paper: str, params_m: float | None = None, madds_m: float | None = None):
+    """Register a variant function ``fn(num_classes=..., in_chans=..., width_mult=..., **kw) -> nn.Module``."""
+
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        name = fn.__name__
+        if name in _model_entrypoints:
+            raise RuntimeError(f"model {name!r} registered twice")
+        _model_entrypoints[name] = ModelInfo(name, family, paper, fn, params_m, madds_m)
+        return fn
+
+    return deco
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a shell-style ``pattern``, sorted."""
+    return sorted(n for n in _model_entrypoints if fnmatch.fnmatch(n, pattern))
+
+
+def model_info(name: str) -> ModelInfo:
+    try:
+        return _model_entrypoints[name]
+    except KeyError:
+        raise UsageError(f"unknown model {name!r}{did_you_mean(name, _model_entrypoints)}; "
+                         "see `mobilequant zoo list`") from None
+
+
+def create_model(name: str, num_classes: int = 1000, in_chans: int = 3, **kwargs) -> nn.Module:
+    """Build a zoo model by name. ``width_mult`` and family-specific options go in ``kwargs``.
+
+    The returned module has a ``pretrained_cfg``-like attribute ``preprocess`` (:class:`PreprocessConfig`)
+    and ``model_name``.
+    """
+    info = model_info(name)
+    try:
+        model = info.fn(num_classes=num_classes, in_chans=in_chans, **kwargs)
+    except TypeError as e:
+        raise UsageError(f"model {name!r}: {e}") from None
+    model.model_name = name
+    return model
