@@ -1,0 +1,32 @@
+"""Data: images in, float32 NCHW batches normalised by the model's ``PreprocessConfig`` out (labels int64).
+
+* :func:`load_data` resolves what a user names: ``"builtin"`` / ``"fashion-mnist"`` or a path
+  (folder of images, image file, ``.npy`` / ``.npz``).
+* :func:`calibration_set`: the 512-image Fashion-MNIST subset shipped inside the package.
+* :func:`builtin_dataset`, :func:`load_fashion_mnist`: the full splits from the Debian package
+  ``dataset-fashion-mnist``.
+* :func:`preprocess_images`: the one place preprocessing happens.
+"""
+
+from .builtin import BUILTIN_DATASETS, builtin_dataset, calibration_manifest, calibration_set, load_data, stratified_indices
+from .fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
+from .fashion_mnist import load_fashion_mnist
+from .preprocess import preprocess_image, preprocess_images, to_layout
+from .readers import BadImageWarning, ImageData, read_images
+
+__all__ = [
+    "BUILTIN_DATASETS",
+    "FASHION_MNIST_CLASSES",
+    "BadImageWarning",
+    "ImageData",
+    "builtin_dataset",
+    "calibration_manifest",
+    "calibration_set",
+    "load_data",
+    "load_fashion_mnist",
+    "preprocess_image",
+    "preprocess_images",
+    "read_images",
+    "stratified_indices",
+    "to_layout",
+]
