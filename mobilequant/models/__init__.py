@@ -16,3 +16,10 @@ from ._registry import (  # noqa: F401
 )
 
 # Family modules register their variants on import; imported explicitly, one line each.
+from . import mobilenetv1  # noqa: F401,E402
+from . import mobilenetv2  # noqa: F401,E402
+from . import mobilenetv3  # noqa: F401,E402
+from . import shufflenetv1  # noqa: F401,E402
+from . import shufflenetv2  # noqa: F401,E402
+from . import squeezenet  # noqa: F401,E402
+from .complexity import count_madds, count_params  # noqa: F401,E402
