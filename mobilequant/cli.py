@@ -1,0 +1,228 @@
+"""The ``mobilequant`` command: a thin shell over :mod:`mobilequant.api`.
+
+Every sub-command parses its options, calls one API function and prints its result (a short human
+summary, or JSON with ``--json``). User errors (:class:`mobilequant.errors.MobileQuantError`) print one
+line on stderr and exit 2 (usage / bad input) or 1 (a failed check or gate); nothing else is caught, so a
+bug keeps its traceback. ``main(argv)`` takes an argv list so tests need no subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Sequence
+
+from .errors import MobileQuantError, UsageError, did_you_mean
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
+
+_EXAMPLES = {
+    "export": """examples:
+  mobilequant export --target tflite-int8                 # built-in MobileNetV2 0.5 on Fashion-MNIST
+  mobilequant export --target onnx-int8 --model shufflenetv2_x0_5 -o out/
+  mobilequant export --target tflite-int8 --recipe export_recipes/per-tensor-dsp-cle.yaml
+  mobilequant export --target tflite-int8 --model my_pkg.nets:build --weights ckpt.pt --data calib_dir/
+""",
+    "qat": """examples:
+  mobilequant qat --epochs 1                               # default model, Fashion-MNIST
+  mobilequant qat --model shufflenetv2_x0_5 --epochs 1 --export tflite-int8 onnx-int8
+  mobilequant qat --resume --out-dir runs/qat              # continue after a crash
+  torchrun --nproc_per_node=2 -m mobilequant qat --epochs 1
+""",
+    "audit": """examples:
+  mobilequant audit out/mobilenetv2_050-tflite-int8.tflite --max-drop 0.5
+  mobilequant audit out/model.onnx --min-sqnr 20 --fail-on-dead-kernels --html report.html
+""",
+    "zoo": """examples:
+  mobilequant zoo list 'mobilenet*'
+  mobilequant zoo info mobilenetv2_100 --resolution 224
+""",
+    "bench": """examples:
+  mobilequant bench out/*.tflite out/*.onnx --threads 1 --runs 200
+""",
+    "calibrate": """examples:
+  mobilequant calibrate --model mobilenetv2_050 -o table.json
+""",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and close-match suggestions for mistyped sub-commands/options."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        m = re.match(r"unrecognized arguments: (\S+)", message)
+        if m:
+            opt = m.group(1).split("=")[0]
+            message += did_you_mean(opt, _long_options(self))
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _long_options(parser: argparse.ArgumentParser) -> set[str]:
+    """Every ``--option`` of a parser and of its sub-commands (for suggestions)."""
+    opts = {o for o in parser._option_string_actions if o.startswith("--")}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                opts |= _long_options(child)
+    return opts
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the result as JSON (for machines)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries (CI)")
+
+
+def _model_args(p: argparse.ArgumentParser, data_help: str) -> None:
+    p.add_argument("--model", default=None,
+                   help="zoo name, 'pkg.module:factory' or 'path/file.py:factory' (default: the built-in "
+                        "MobileNetV2 0.5 trained on Fashion-MNIST)")
+    p.add_argument("--weights", default=None, help="checkpoint (state_dict) to load, read with weights_only=True")
+    p.add_argument("--data", default="builtin", help=data_help)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = _Parser(prog="mobilequant", description=__doc__.splitlines()[0],
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"mobilequant {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_, description=help_, epilog=_EXAMPLES.get(name),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = add("export", "quantize (or convert) a model and write a verified TFLite / ONNX artifact")
+    p.add_argument("--target", required=True, help="tflite-int8 | tflite-fp16 | tflite-fp32 | onnx-int8 | "
+                                                   "onnx-fp16 | onnx-fp32")
+    _model_args(p, "calibration data: 'builtin' (shipped Fashion-MNIST subset), an image folder, .npy or .npz")
+    p.add_argument("--eval-data", default="builtin", help="evaluation data for verification ('builtin': "
+                                                          "Fashion-MNIST test set)")
+    p.add_argument("--recipe", default=None, help="recipe YAML (default: export_recipes/<target>.yaml)")
+    p.add_argument("-o", "--out", default="out", help="output file or directory (default: out/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set quant.per_channel=false (repeatable)")
+    p.add_argument("--num-eval", type=int, default=None, help="evaluation images used by verification")
+    p.add_argument("--no-verify", action="store_true", help="skip the read-back verification")
+    p.add_argument("--audit", action="store_true", help="run the per-layer accuracy audit after export")
+    _common(p)
+
+    p = add("qat", "quantization-aware fine-tuning job (single process or under torchrun)")
+    _model_args(p, "training data: 'builtin' (Fashion-MNIST) or a folder with class sub-folders")
+    p.add_argument("--epochs", type=float, default=1.0, help="epochs (fractions allowed, default 1)")
+    p.add_argument("--batch-size", type=int, default=64, help="global batch size (default 64)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    p.add_argument("--recipe", default=None, help="recipe YAML for the quantization settings")
+    p.add_argument("--out-dir", default="runs/qat", help="checkpoints and logs (default runs/qat)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out-dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--export", nargs="*", default=[], metavar="TARGET", help="export targets after training")
+    _common(p)
+
+    p = add("audit", "per-layer accuracy audit of an exported artifact, with a release gate")
+    p.add_argument("artifact", help=".tflite or .onnx file written by `mobilequant export`")
+    _model_args(p, "evaluation data: 'builtin' (Fashion-MNIST test set), an image folder, .npy or .npz")
+    p.add_argument("--num-images", type=int, default=1000, help="evaluation images (default 1000)")
+    p.add_argument("--max-drop", type=float, default=None, help="gate: largest accepted top-1 drop (pp)")
+    p.add_argument("--min-sqnr", type=float, default=None, help="gate: smallest accepted per-layer SQNR (dB)")
+    p.add_argument("--fail-on-dead-kernels", action="store_true", help="gate: fail when dead kernels are found")
+    p.add_argument("--report", default=None, help="write the JSON report here")
+    p.add_argument("--html", default=None, help="write the HTML report here")
+    _common(p)
+
+    p = add("zoo", "list the model zoo or describe one model")
+    zs = p.add_subparsers(dest="zoo_command", metavar="list|info", parser_class=_Parser)
+    zl = zs.add_parser("list", help="registered models matching a pattern")
+    zl.add_argument("pattern", nargs="?", default="*")
+    _common(zl)
+    zi = zs.add_parser("info", help="parameters, mult-adds and paper figures of one model")
+    zi.add_argument("name")
+    zi.add_argument("--resolution", type=int, default=224)
+    zi.add_argument("--num-classes", type=int, default=1000)
+    zi.add_argument("--width-mult", type=float, default=None)
+    _common(zi)
+
+    p = add("bench", "latency and size of artifacts in their real runtimes (the direct metric, not FLOPs)")
+    p.add_argument("artifacts", nargs="+")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--runs", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=10)
+    _common(p)
+
+    p = add("calibrate", "calibrate a model and write its quantization table (JSON) only")
+    _model_args(p, "calibration data: 'builtin', an image folder, .npy or .npz")
+    p.add_argument("--recipe", default=None)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("-o", "--out", default="quant_table.json")
+    _common(p)
+    return parser
+
+
+def _print(result, as_json: bool, quiet: bool) -> None:
+    if as_json:
+        print(json.dumps(result.to_dict() if hasattr(result, "to_dict") else result, indent=2, default=str))
+    elif not quiet:
+        print(result.summary() if hasattr(result, "summary") else result)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from . import api  # imported here: heavy dependencies load only for commands that need them
+
+    if args.command == "zoo":
+        if args.zoo_command == "list":
+            _print(api.zoo_list(args.pattern), args.json, args.quiet)
+        elif args.zoo_command == "info":
+            _print(api.zoo_info(args.name, resolution=args.resolution, num_classes=args.num_classes,
+                                width_mult=args.width_mult), args.json, args.quiet)
+        else:
+            raise UsageError("mobilequant zoo: choose 'list' or 'info'")
+        return EXIT_OK
+    if args.command == "export":
+        result = api.export_model(target=args.target, model=args.model, weights=args.weights, data=args.data,
+                                  eval_data=args.eval_data, recipe=args.recipe, out=args.out,
+                                  overrides=args.overrides, num_eval=args.num_eval, verify=not args.no_verify,
+                                  audit=args.audit, progress=not (args.quiet or args.json))
+    elif args.command == "calibrate":
+        result = api.calibrate(model=args.model, weights=args.weights, data=args.data, recipe=args.recipe,
+                               overrides=args.overrides, out=args.out, progress=not (args.quiet or args.json))
+    elif args.command == "audit":
+        result = api.audit(args.artifact, model=args.model, weights=args.weights, data=args.data,
+                           num_images=args.num_images, max_drop=args.max_drop, min_sqnr=args.min_sqnr,
+                           fail_on_dead_kernels=args.fail_on_dead_kernels, report=args.report, html=args.html,
+                           progress=not (args.quiet or args.json))
+    elif args.command == "qat":
+        result = api.qat(model=args.model, weights=args.weights, data=args.data, epochs=args.epochs,
+                         batch_size=args.batch_size, lr=args.lr, recipe=args.recipe, out_dir=args.out_dir,
+                         resume=args.resume, seed=args.seed, export=args.export,
+                         progress=not (args.quiet or args.json))
+    elif args.command == "bench":
+        result = api.bench(args.artifacts, threads=args.threads, runs=args.runs, warmup=args.warmup)
+    else:
+        raise UsageError("mobilequant: choose a command (export, qat, audit, zoo, bench, calibrate); see --help")
+    _print(result, args.json, args.quiet)
+    return EXIT_CHECK_FAILED if getattr(result, "failed", False) else EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        if argv and not argv[0].startswith("-") and argv[0] not in _EXAMPLES and argv[0] != "help":
+            raise UsageError(f"unknown command {argv[0]!r}{did_you_mean(argv[0], _EXAMPLES)}")
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return EXIT_USAGE
+        return _run(args)
+    except MobileQuantError as e:
+        print(f"mobilequant: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("mobilequant: interrupted; nothing was written at the output path", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
