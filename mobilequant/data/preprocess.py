@@ -97,11 +97,15 @@ def _channels(batch: np.ndarray, channels: int) -> np.ndarray:
     raise UsageError(f"cannot convert {have}-channel images to {channels} channels")
 
 
-def _normalise(batch_hwc: np.ndarray, cfg: PreprocessConfig) -> torch.Tensor:
+def _normalise(batch_hwc: np.ndarray | list[np.ndarray], cfg: PreprocessConfig) -> torch.Tensor:
+    """NHWC uint8 (or a list of HWC uint8 of one size) → normalised float32 NCHW tensor."""
     channels = cfg.input_size[0]
     if len(cfg.mean) != channels or len(cfg.std) != channels:
         raise UsageError(f"PreprocessConfig has {channels} channels but {len(cfg.mean)} means / {len(cfg.std)} stds")
-    x = _channels(batch_hwc, channels)
+    if isinstance(batch_hwc, list):  # images may differ in channels: convert each on its own
+        x = np.concatenate([_channels(im[None], channels) for im in batch_hwc])
+    else:
+        x = _channels(batch_hwc, channels)
     x -= np.asarray(cfg.mean, dtype=np.float32)
     x /= np.asarray(cfg.std, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
@@ -141,10 +145,7 @@ def preprocess_images(images: np.ndarray | Sequence[np.ndarray], cfg: Preprocess
         images = list(batch)
     if len(images) == 0:
         raise InputError("no images to preprocess")
-    hwc = [_geometry(_as_hwc(im, f"image {i}"), cfg) for i, im in enumerate(images)]
-    want = max(im.shape[2] for im in hwc)  # a mixed grey / RGB list is brought to RGB first
-    hwc = [np.repeat(im, want, axis=2) if im.shape[2] != want else im for im in hwc]
-    return _normalise(np.stack(hwc), cfg)
+    return _normalise([_geometry(_as_hwc(im, f"image {i}"), cfg) for i, im in enumerate(images)], cfg)
 
 
 def to_layout(x: torch.Tensor | np.ndarray, layout: str) -> torch.Tensor | np.ndarray:
