@@ -22,4 +22,9 @@ from . import mobilenetv3  # noqa: F401,E402
 from . import shufflenetv1  # noqa: F401,E402
 from . import shufflenetv2  # noqa: F401,E402
 from . import squeezenet  # noqa: F401,E402
+from . import fdmobilenet  # noqa: F401,E402
+from . import igcv3  # noqa: F401,E402
+from . import squeezenext  # noqa: F401,E402
+from . import effnet  # noqa: F401,E402
+from . import xception  # noqa: F401,E402
 from .complexity import count_madds, count_params  # noqa: F401,E402

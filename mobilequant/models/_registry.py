@@ -55,19 +55,26 @@ class ModelInfo:
     fn: Callable[..., nn.Module] = field(repr=False)
     paper_params_m: float | None = None  # paper's parameter count (millions) at the ImageNet config
     paper_madds_m: float | None = None  # paper's mult-adds (millions) at the ImageNet config
+    paper_resolution: int = 224  # input size the paper's figures are for (299 for Xception, 32 for EffNet)
+    paper_num_classes: int = 1000  # classifier size the paper's figures are for (10 for EffNet's CIFAR-10)
 
 
 _model_entrypoints: dict[str, ModelInfo] = {}
 
 
-def register_model(family: str, paper: str, params_m: float | None = None, madds_m: float | None = None):
-    """Register a variant function ``fn(num_classes=..., in_chans=..., width_mult=..., **kw) -> nn.Module``."""
+def register_model(family: str, paper: str, params_m: float | None = None, madds_m: float | None = None,
+                   resolution: int = 224, num_classes: int = 1000):
+    """Register a variant function ``fn(num_classes=..., in_chans=..., width_mult=..., **kw) -> nn.Module``.
+
+    ``params_m`` / ``madds_m`` are the paper's figures (millions) for ``resolution`` × ``resolution`` inputs and
+    ``num_classes`` classes (ImageNet's 224 / 1000 unless the paper used another configuration).
+    """
 
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         name = fn.__name__
         if name in _model_entrypoints:
             raise RuntimeError(f"model {name!r} registered twice")
-        _model_entrypoints[name] = ModelInfo(name, family, paper, fn, params_m, madds_m)
+        _model_entrypoints[name] = ModelInfo(name, family, paper, fn, params_m, madds_m, resolution, num_classes)
         return fn
 
     return deco
