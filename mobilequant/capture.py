@@ -1,0 +1,195 @@
+"""Capture: ``nn.Module`` → ``torch.fx.GraphModule`` of ATen ops with stable layer names.
+
+:func:`capture` runs ``torch.export.export(model.eval(), (x,), dynamic_shapes=...)`` with a dynamic
+batch dimension and returns ``.module()``. Every ``call_function`` node then carries
+``node.meta["mq_name"]``, a layer name tied to the torch module it comes from:
+
+* an op that is the only compute op of its module gets the module path (``features.1.conv.0.0``);
+* other ops get module path + op name + index within that module (``features.1.add_0``; ops of the root
+  module have no prefix: ``flatten_0``);
+* a second call of the same module instance gets ``@1`` (``relu@1``), as in ``nn_module_stack``;
+* ``getitem`` on a multi-output op is named after it with the index (``blk.chunk_0[1]``).
+
+The names only depend on the module tree and the order of ops inside a module, so they survive
+fusion, quantization and export and are how later stages (quant table, export name map, runtime
+intermediates, audit) refer to layers.
+
+:func:`find_unsupported_ops` lists every op a backend cannot handle before any work is done.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections import defaultdict
+from collections.abc import Collection
+
+import torch
+import torch.nn as nn
+from torch.fx import GraphModule, Node
+
+from .errors import InputError
+
+__all__ = ["capture", "find_unsupported_ops", "layer_name", "op_name", "is_structural"]
+
+MQ_NAME = "mq_name"
+
+# nn_module_stack keys that are not modules (export metadata hooks, e.g. for symbolic size ops).
+_NOT_A_MODULE = re.compile(r"^_empty_nn_module_stack|^_guards")
+
+
+def capture(model: nn.Module, example_input: torch.Tensor, dynamic_batch: bool = True) -> GraphModule:
+    """Export ``model`` (in eval mode) on ``example_input`` and name every op.
+
+    With ``dynamic_batch`` the first dimension is exported as ``Dim("batch")``. A batch of one is
+    duplicated to two for the trace, because export specialises a size-1 dimension.
+    Raises :class:`InputError` with one line naming the module (or op) that cannot be captured.
+    """
+    if not isinstance(example_input, torch.Tensor):
+        raise InputError(f"example input must be a tensor, got {type(example_input).__name__}")
+    model = model.eval()
+    x = example_input.detach()
+    dynamic_shapes = None
+    if dynamic_batch:
+        if x.shape[0] == 1:
+            x = torch.cat([x, x])
+        dynamic_shapes = ({0: torch.export.Dim("batch")},)
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(model, (x,), dynamic_shapes=dynamic_shapes)
+    except Exception as e:  # export raises many unrelated types; all mean "cannot capture"
+        raise InputError(_capture_error_line(model, e, dynamic_batch)) from e
+    gm = ep.module()
+    name_layers(gm)
+    return gm
+
+
+def _capture_error_line(model: nn.Module, exc: BaseException, dynamic_batch: bool) -> str:
+    where = _offending_module(model, exc)
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    first = lines[0] if lines else type(exc).__name__
+    if len(first) > 200:
+        first = first[:197] + "..."
+    hint = ""
+    if dynamic_batch and re.search(r"[Cc]onstraint|specializ|batch", str(exc)):
+        hint = " (the batch dimension may not be dynamic for this model: try dynamic_batch=False)"
+    return f"cannot capture {type(model).__name__} at module {where!r}: {type(exc).__name__}: {first}{hint}"
+
+
+def _offending_module(model: nn.Module, exc: BaseException) -> str:
+    """The innermost module of ``model`` whose ``forward`` is on the failing traceback."""
+    names = {id(m): n for n, m in model.named_modules()}
+    found = "<root>"
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:  # follow the chain: export often re-raises
+        seen.add(id(e))
+        tb = e.__traceback__
+        while tb is not None:
+            owner = tb.tb_frame.f_locals.get("self")
+            if owner is not None and id(owner) in names:
+                found = names[id(owner)] or "<root>"
+            tb = tb.tb_next
+        e = e.__cause__ or e.__context__
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layer names
+
+
+def op_name(node: Node) -> str:
+    """Short op name: ``aten.hardtanh_.default`` → ``hardtanh`` (in-place and out-of-place agree)."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        name = target._schema.name.split("::")[-1]
+    else:
+        name = getattr(target, "__name__", str(target))
+    return name.rstrip("_") or name
+
+
+def is_structural(node: Node) -> bool:
+    """Nodes that compute nothing a backend must quantize: getitem, symbolic sizes, runtime asserts."""
+    if node.op != "call_function":
+        return True
+    t = node.target
+    if t is operator.getitem:
+        return True
+    if not isinstance(t, torch._ops.OpOverload):
+        return True  # python builtins on SymInts (operator.mul, ...)
+    name = t._schema.name.split("::")[-1]
+    return name.startswith(("sym_", "_assert", "sym_constrain")) or t.namespace == "quantized_decomposed"
+
+
+def _normalize_path(path: str) -> str:
+    if path.startswith("L['self']"):
+        path = path[len("L['self']"):]
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
+    return path.lstrip(".")
+
+
+def _module_id(node: Node) -> str:
+    """Innermost module path of ``node`` plus ``@k`` for the k-th call of a reused module."""
+    stack = node.meta.get("nn_module_stack") or {}
+    entries = [(k, v) for k, v in stack.items() if not _NOT_A_MODULE.match(k)]
+    if not entries:
+        return ""
+    key, (path, _type) = entries[-1]
+    path = _normalize_path(path)
+    call = key.rsplit("@", 1)[1] if "@" in key else ""
+    return f"{path}@{call}" if call and call != "0" else path
+
+
+def name_layers(gm: GraphModule) -> None:
+    """Fill ``node.meta["mq_name"]`` on every call_function node (deterministic, unique)."""
+    by_module: dict[str, list[Node]] = defaultdict(list)
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            by_module[_module_id(node)].append(node)
+    used: set[str] = set()
+    for mid, nodes in by_module.items():
+        compute = [n for n in nodes if not is_structural(n)]
+        counters: dict[str, int] = defaultdict(int)
+        for n in nodes:
+            if n.target is operator.getitem:
+                continue  # named after their source below
+            if mid and len(compute) == 1 and n is compute[0]:
+                name = mid
+            else:
+                op = op_name(n)
+                name = f"{mid}.{op}_{counters[op]}" if mid else f"{op}_{counters[op]}"
+                counters[op] += 1
+            n.meta[MQ_NAME] = _unique(name, used)
+    for node in gm.graph.nodes:  # getitem: after its source, whatever module recorded it
+        if node.op == "call_function" and node.target is operator.getitem:
+            src, idx = node.args[0], node.args[1]
+            base = src.meta.get(MQ_NAME, src.name) if isinstance(src, Node) else str(src)
+            node.meta[MQ_NAME] = _unique(f"{base}[{idx}]", used)
+
+
+def _unique(name: str, used: set[str]) -> str:
+    out, k = name, 1
+    while out in used:
+        out, k = f"{name}#{k}", k + 1
+    used.add(out)
+    return out
+
+
+def layer_name(node: Node) -> str:
+    """The stable layer name of ``node`` (placeholders and attributes: their graph name)."""
+    return node.meta.get(MQ_NAME) or str(node.target if node.op in ("get_attr", "placeholder") else node.name)
+
+
+def find_unsupported_ops(gm: GraphModule, supported: Collection) -> list[tuple[str, str]]:
+    """Every compute op whose target is not in ``supported``, as ``(mq_name, "aten.op.overload")``.
+
+    Structural nodes (getitem, symbolic sizes, asserts) are never reported.
+    """
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or is_structural(node):
+            continue
+        if node.target not in supported:
+            out.append((layer_name(node), str(node.target)))
+    return out

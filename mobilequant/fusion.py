@@ -1,0 +1,227 @@
+"""Fusion: fold BatchNorm into the preceding convolution, matched on the captured ATen graph.
+
+The pattern is the chain ``conv(x, W, b) → batch_norm(·, γ, β, μ, σ²)`` where the conv output has no
+other user; the activation that follows (ReLU, ReLU6, none for a linear bottleneck, ...) is recorded but
+left in the graph — the quantizer fuses it with the conv when it annotates. Matching is on graph nodes
+and ATen targets, never on module types (a BatchNorm that secretly owns an activation, like timm's
+``BatchNormAct2d``, would otherwise lose it).
+
+Folding (computed in float64, stored in float32)::
+
+    s  = γ / sqrt(σ² + eps)
+    W' = W · s        (per output channel)
+    b' = (b − μ) · s + β
+
+The folded weights are written as new parameters on the graph module (the user's model is untouched)
+and the BN node is removed. ``prepare_pt2e`` folds conv-BN too, but with a private helper that does not
+check the conv's other users; after :func:`fold_conv_bn` it has nothing left to do.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule, Node
+
+from .capture import layer_name
+
+__all__ = [
+    "CONV_OPS",
+    "BN_OPS",
+    "FoldedConvBN",
+    "FusionReport",
+    "activation_kind",
+    "fold_conv_bn",
+]
+
+aten = torch.ops.aten
+
+CONV_OPS = frozenset({aten.conv1d.default, aten.conv2d.default})
+BN_OPS = frozenset({aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default})
+
+
+def activation_kind(node: Node) -> str | None:
+    """What a clamp-like activation node computes: ``"relu"``, ``"relu6"`` or ``None`` (anything else).
+
+    ReLU6 appears as ``hardtanh(x, 0, 6)`` (``nn.ReLU6``, ``F.relu6``) or ``clamp(x, 0, 6)``.
+    """
+    if node.op != "call_function":
+        return None
+    t = node.target
+    if t in (aten.relu.default, aten.relu_.default):
+        return "relu"
+    if t in (aten.hardtanh.default, aten.hardtanh_.default, aten.clamp.default, aten.clamp_.default):
+        default = (-1.0, 1.0) if "hardtanh" in str(t) else (None, None)
+        lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", node.kwargs.get("min", default[0]))
+        hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", node.kwargs.get("max", default[1]))
+        if lo == 0 and hi == 6:
+            return "relu6"
+        if lo == 0 and hi is None:
+            return "relu"
+    return None
+
+
+def _follower_kind(node: Node) -> str:
+    """Name of the activation after a folded conv-BN, ``"none"`` for a linear bottleneck."""
+    users = list(node.users)
+    if len(users) != 1:
+        return "none"
+    (user,) = users
+    kind = activation_kind(user)
+    if kind:
+        return kind
+    if user.op == "call_function" and isinstance(user.target, torch._ops.OpOverload):
+        name = user.target._schema.name.split("::")[-1].rstrip("_")
+        if name in ("hardswish", "hardsigmoid", "sigmoid", "silu", "gelu", "tanh", "leaky_relu", "elu"):
+            return name
+    return "none"
+
+
+@dataclass(frozen=True)
+class FoldedConvBN:
+    """One folded pair, by layer name, and the activation that follows (``none``: linear bottleneck)."""
+
+    conv: str
+    bn: str
+    activation: str
+
+
+@dataclass(frozen=True)
+class FusionReport:
+    folded: tuple[FoldedConvBN, ...] = ()
+    skipped: tuple[tuple[str, str], ...] = ()  # (bn layer, why it stays)
+
+    def summary(self) -> str:
+        kinds: dict[str, int] = {}
+        for f in self.folded:
+            kinds[f.activation] = kinds.get(f.activation, 0) + 1
+        detail = ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items()))
+        return f"folded {len(self.folded)} conv-BN ({detail}); {len(self.skipped)} BN left"
+
+
+def _bn_arguments(bn: Node) -> dict:
+    schema = bn.target._schema
+    values = {}
+    for i, arg in enumerate(schema.arguments):
+        if i < len(bn.args):
+            values[arg.name] = bn.args[i]
+        elif arg.name in bn.kwargs:
+            values[arg.name] = bn.kwargs[arg.name]
+        elif arg.has_default_value():
+            values[arg.name] = arg.default_value
+    return values
+
+
+def _tensor(gm: GraphModule, node) -> torch.Tensor | None:
+    if node is None:
+        return None
+    if not (isinstance(node, Node) and node.op == "get_attr"):
+        raise ValueError(f"{node} is not a constant")
+    obj = gm
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set_param(gm: GraphModule, target: str, value: torch.Tensor) -> None:
+    *path, leaf = target.split(".")
+    mod = gm.get_submodule(".".join(path)) if path else gm
+    if leaf in mod._buffers:
+        del mod._buffers[leaf]
+    if hasattr(mod, leaf) and leaf not in mod._parameters:
+        delattr(mod, leaf)
+    mod.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
+
+
+def _free_target(gm: GraphModule, wanted: str) -> str:
+    *path, leaf = wanted.split(".")
+    mod = gm.get_submodule(".".join(path)) if path else gm
+    name, k = leaf, 0
+    while getattr(mod, name, None) is not None:
+        k += 1
+        name = f"{leaf}_fused{k}"
+    return ".".join([*path, name])
+
+
+def fold_conv_bn(gm: GraphModule) -> FusionReport:
+    """Fold every ``conv → batch_norm`` chain of ``gm`` in place; report what was folded or left."""
+    folded, skipped = [], []
+    for bn in list(gm.graph.nodes):
+        if bn.op != "call_function" or bn.target not in BN_OPS:
+            continue
+        conv = bn.args[0]
+        why = _why_not_foldable(conv, bn)
+        if why:
+            skipped.append((layer_name(bn), why))
+            continue
+        args = _bn_arguments(bn)
+        if args.get("training", False):
+            skipped.append((layer_name(bn), "batch norm in training mode"))
+            continue
+        w_node = conv.args[1]
+        b_node = conv.args[2] if len(conv.args) > 2 else None
+        w = _tensor(gm, w_node)
+        b = _tensor(gm, b_node)
+        mean = _tensor(gm, args["running_mean"]).double()
+        var = _tensor(gm, args["running_var"]).double()
+        gamma = _tensor(gm, args["weight"])
+        beta = _tensor(gm, args["bias"])
+        gamma = torch.ones_like(mean) if gamma is None else gamma.double()
+        beta = torch.zeros_like(mean) if beta is None else beta.double()
+        scale = gamma / torch.sqrt(var + float(args["eps"]))
+        new_w = (w.double() * scale.reshape(-1, *([1] * (w.dim() - 1)))).to(w.dtype)
+        new_b = ((torch.zeros_like(mean) if b is None else b.double()) - mean) * scale + beta
+        new_b = new_b.to(w.dtype)
+
+        # Write new parameters; never modify tensors that the user's model may share.
+        w_target = str(w_node.target) if len(w_node.users) == 1 else _free_target(gm, str(w_node.target))
+        _set_param(gm, w_target, new_w.detach().clone())
+        if b_node is not None and len(b_node.users) == 1:
+            b_target = str(b_node.target)
+        else:
+            b_target = _free_target(gm, w_target.rsplit(".", 1)[0] + ".bias" if "." in w_target else "bias")
+        _set_param(gm, b_target, new_b.detach().clone())
+        with gm.graph.inserting_before(conv):
+            new_w_node = gm.graph.get_attr(w_target) if w_target != w_node.target else w_node
+            new_b_node = gm.graph.get_attr(b_target) if b_node is None or b_target != b_node.target else b_node
+        for new_node, value in ((new_w_node, new_w), (new_b_node, new_b)):
+            if "val" in w_node.meta and new_node is not w_node:
+                new_node.meta["val"] = w_node.meta["val"].fake_mode.from_tensor(value, static_shapes=True)
+        conv_args = list(conv.args) + [None] * (3 - len(conv.args))
+        conv_args[1], conv_args[2] = new_w_node, new_b_node
+        conv.args = tuple(conv_args)
+
+        # Replace the BN output(s) with the conv output.
+        if bn.target == aten.batch_norm.default:
+            bn.replace_all_uses_with(conv)
+        else:  # native BN returns (out, mean, invstd): only item 0 may be used
+            for user in list(bn.users):
+                if user.target is operator.getitem and user.args[1] == 0:
+                    user.replace_all_uses_with(conv)
+                    gm.graph.erase_node(user)
+        conv.meta.setdefault("mq_folded", []).append(layer_name(bn))
+        if not bn.users:
+            gm.graph.erase_node(bn)
+        folded.append(FoldedConvBN(layer_name(conv), layer_name(bn), _follower_kind(conv)))
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return FusionReport(tuple(folded), tuple(skipped))
+
+
+def _why_not_foldable(conv, bn: Node) -> str | None:
+    if not (isinstance(conv, Node) and conv.op == "call_function" and conv.target in CONV_OPS):
+        return "input is not a convolution"
+    if len(conv.users) != 1:
+        return "convolution output has other users"
+    w_node = conv.args[1]
+    if not (isinstance(w_node, Node) and w_node.op == "get_attr"):
+        return "convolution weight is not a constant"
+    b_node = conv.args[2] if len(conv.args) > 2 else None
+    if b_node is not None and not (isinstance(b_node, Node) and b_node.op == "get_attr"):
+        return "convolution bias is not a constant"
+    if bn.target == aten._native_batch_norm_legit_no_training.default:
+        if any(u.target is not operator.getitem or u.args[1] != 0 for u in bn.users):
+            return "batch norm statistics outputs are used"
+    return None

@@ -1,0 +1,81 @@
+"""Quantization options: one frozen dataclass, validated on construction.
+
+Every default on one line with its type and meaning; a wrong value raises :class:`UsageError` with one
+line naming the option.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+
+from ..errors import UsageError, did_you_mean
+
+__all__ = ["QuantConfig", "CALIBRATION_METHODS", "RELU6_MODES"]
+
+CALIBRATION_METHODS = ("minmax", "moving_average", "percentile", "entropy", "mse")
+RELU6_MODES = ("clamped", "fixed")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How a model is quantized to the TFLite int8 scheme (int8 weights and activations, int32 bias)."""
+
+    per_channel: bool = True  # weights: one scale per output channel (False: one per tensor)
+    calibration: str = "minmax"  # activation range method: minmax | moving_average | percentile | entropy | mse
+    relu6: str = "clamped"  # ReLU6 outputs: "clamped" = [0, min(6, calibrated max)], "fixed" = exactly [0, 6]
+    cle: bool = False  # cross-layer equalization before calibration (mobilequant.quant.cle)
+    bias_correction: bool = False  # correct the expected quantization error of conv outputs in the bias
+    weight_bits: int = 8  # symmetric weight range ±(2**(bits-1) - 1), stored as int8 (2..8)
+    float_fallback: bool = False  # leave ops the int8 scheme cannot express in float instead of failing
+    percentile: float = 99.99  # for calibration="percentile": percentile of |activation| kept, in (50, 100]
+    num_calibration: int = 512  # calibration samples used at most (images, not batches)
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "bool" and not isinstance(value, bool):
+                raise UsageError(f"QuantConfig.{f.name} must be true or false, got {value!r}")
+            if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise UsageError(f"QuantConfig.{f.name} must be an integer, got {value!r}")
+        if self.calibration not in CALIBRATION_METHODS:
+            raise UsageError(
+                f"QuantConfig.calibration: unknown method {self.calibration!r}"
+                f"{did_you_mean(str(self.calibration), CALIBRATION_METHODS)}; "
+                f"choose from {', '.join(CALIBRATION_METHODS)}"
+            )
+        if self.relu6 not in RELU6_MODES:
+            raise UsageError(
+                f"QuantConfig.relu6: unknown mode {self.relu6!r}{did_you_mean(str(self.relu6), RELU6_MODES)}; "
+                f"choose from {', '.join(RELU6_MODES)}"
+            )
+        if not 2 <= self.weight_bits <= 8:
+            raise UsageError(f"QuantConfig.weight_bits must be between 2 and 8, got {self.weight_bits}")
+        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) or not (
+            50.0 < float(self.percentile) <= 100.0
+        ):
+            raise UsageError(f"QuantConfig.percentile must be a number in (50, 100], got {self.percentile!r}")
+        if self.num_calibration < 1:
+            raise UsageError(f"QuantConfig.num_calibration must be at least 1, got {self.num_calibration}")
+
+    @property
+    def weight_qmax(self) -> int:
+        return 2 ** (self.weight_bits - 1) - 1
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QuantConfig:
+        names = [f.name for f in fields(cls)]
+        for key in d:
+            if key not in names:
+                raise UsageError(f"unknown quantization option {key!r}{did_you_mean(key, names)}")
+        return cls(**d)
+
+    def replace(self, **changes) -> QuantConfig:
+        names = [f.name for f in fields(self)]
+        for key in changes:
+            if key not in names:
+                raise UsageError(f"unknown quantization option {key!r}{did_you_mean(key, names)}")
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,94 @@
+"""Float16 weights: the ``tflite-fp16`` / ``onnx-fp16`` path.
+
+Decision: float16 here means what TFLite's float16 post-training quantization means — **weights stored
+in float16, computation and I/O in float32** (the CPU kernels dequantize the weights once; a GPU delegate
+may compute in half). :func:`to_float16` returns a :class:`Float16Result` whose ``graph`` is the captured,
+BN-folded model with every floating-point constant (weights, biases) rounded to and *stored as* float16,
+and an explicit ``aten.to(float32)`` cast at each use. So
+
+* ``result.graph(x)`` in torch gives exactly the float16-weight model's outputs (float32 I/O);
+* export re-exports ``result.graph`` and finds float16 constants followed by a cast, which is the
+  TFLite float16 layout (float16 tensor → ``DEQUANTIZE`` → float32 op) and, in ONNX, float16
+  initializers → ``Cast(to=FLOAT)`` with float32 graph inputs/outputs (``keep_io_types``);
+* ``graph.meta["mq_precision"] == "float16"`` marks it for the exporter (and for the audit).
+
+A weight whose magnitude exceeds the float16 range (65504) cannot be stored and raises
+:class:`InputError` naming the layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch.fx import GraphModule
+
+from ..capture import capture, layer_name
+from ..errors import InputError
+from ..fusion import FusionReport, fold_conv_bn
+
+__all__ = ["Float16Result", "to_float16", "FP16_MAX"]
+
+FP16_MAX = float(torch.finfo(torch.float16).max)
+PRECISION_KEY = "mq_precision"
+
+
+@dataclass
+class Float16Result:
+    graph: GraphModule  # float32 in / out; constants stored as float16, cast to float32 where used
+    float_model: nn.Module
+    example_input: torch.Tensor
+    fusion: FusionReport = field(default_factory=FusionReport)
+    precision: str = "float16"
+    num_constants: int = 0  # how many constants were stored in float16
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.graph(x)
+
+
+def to_float16(model: nn.Module, example_input: torch.Tensor) -> Float16Result:
+    """Capture ``model``, fold conv-BN and store its floating-point constants in float16."""
+    gm = capture(model, example_input)
+    fusion = fold_conv_bn(gm)
+    n = store_constants_fp16(gm)
+    return Float16Result(gm, model, example_input, fusion, num_constants=n)
+
+
+def store_constants_fp16(gm: GraphModule) -> int:
+    """Rewrite every float32 ``get_attr`` used by compute ops as float16 + cast; return how many."""
+    graph = gm.graph
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "get_attr" or not node.users:
+            continue
+        *path, leaf = str(node.target).split(".")
+        owner = gm.get_submodule(".".join(path)) if path else gm
+        value = getattr(owner, leaf)
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.float32:
+            continue
+        if value.numel() and float(value.abs().max()) > FP16_MAX:
+            user = next(iter(node.users))
+            raise InputError(
+                f"{layer_name(user)}: constant {node.target} exceeds the float16 range (|x| > {FP16_MAX:g})"
+            )
+        half = value.detach().to(torch.float16)
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = nn.Parameter(half, requires_grad=False)
+        elif leaf in owner._buffers:
+            owner._buffers[leaf] = half
+        else:
+            setattr(owner, leaf, half)
+        with graph.inserting_after(node):
+            cast = graph.call_function(torch.ops.aten.to.dtype, (node, torch.float32))
+        node.replace_all_uses_with(cast, delete_user_cb=lambda u: u is not cast)
+        if "val" in node.meta:
+            node.meta["val"] = node.meta["val"].to(torch.float16)
+            cast.meta["val"] = node.meta["val"].to(torch.float32)
+        cast.meta["mq_name"] = f"{node.target}.to_float32"
+        count += 1
+    gm.meta[PRECISION_KEY] = "float16"
+    graph.lint()
+    gm.recompile()
+    return count

@@ -1,0 +1,383 @@
+"""Post-training quantization: the pipeline from a float model to a quantized graph and its table.
+
+``quantize(model, calibration_batches, config)`` reads as the pipeline::
+
+    capture → fold conv-BN → [cross-layer equalization] → check ops → prepare_pt2e → calibrate
+            → [bias correction] → repair degenerate ranges → convert_pt2e (simulated + for export) → table
+
+Calibration data is an iterable of float NCHW batches (or ``(images, labels)`` pairs) already
+normalised like the model's input. At most ``config.num_calibration`` images are used. A batch with NaN
+or Inf values, a wrong shape, or an empty set raises :class:`InputError`.
+
+Degenerate ranges never reach the graph as a zero or NaN scale: an all-zero (dead) weight channel gets
+the layer's median channel scale (raised if needed so the int32 bias stays in range), an activation
+with an empty range gets scale 1/255 (the [0, 1] range). Each repair is a :class:`Finding` on the result.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import itertools
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch.fx import GraphModule, Node
+from torchao.quantization.pt2e.observer import FixedQParamsObserver, ObserverBase
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+from ..capture import capture, find_unsupported_ops, layer_name
+from ..errors import InputError, UsageError
+from ..fusion import FusionReport, fold_conv_bn
+from .config import QuantConfig
+from .quantizer import FUSED_INTO, INT32_MAX, OP_RULES, MobileQuantizer, Rule
+from .table import QuantTable
+
+__all__ = ["Finding", "QuantResult", "quantize", "calibrate", "repair_degenerate_ranges"]
+
+DEGENERATE_ACT_SCALE = 1.0 / 255.0
+_BIAS_HEADROOM = 0.5  # keep |bias| / (input scale × weight scale) under half the int32 range
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Something the pipeline changed or could not do, reported rather than hidden."""
+
+    kind: str  # dead_weight_channels | degenerate_activation | constant_activation | unobserved_activation
+    #            | bn_not_folded | float_fallback
+    layer: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.layer}: {self.message}"
+
+
+@dataclass
+class QuantResult:
+    """What :func:`quantize` produces.
+
+    * ``graph`` runs the simulated int8 model in torch (``convert_pt2e(fold_quantize=True)``);
+    * ``qdq_graph`` is the same model with explicit quantize/dequantize ops (``fold_quantize=False``),
+      int32 bias included: the complete QDQ form (what an ONNX QDQ exporter needs, and what ``table``
+      is read from);
+    * ``export_graph`` is ``qdq_graph`` with each bias quantize/dequantize pair folded into a float
+      constant that already lies on the int32 grid (value = dequantize(quantize(bias))). litert-torch
+      cannot lower an int32 quantize op, and the TFLite converter quantizes float biases itself with
+      the same rule (scale = input scale × weight scale), so it recovers exactly these integers.
+      ``litert_torch.convert(export_graph, (x,), quant_config=QuantConfig(pt2e_quantizer=quantizer))``
+      lowers it to a fully int8 TFLite model;
+    * ``table`` lists every quantized tensor; ``findings`` what was repaired or left in float.
+    """
+
+    graph: GraphModule
+    export_graph: GraphModule
+    qdq_graph: GraphModule
+    table: QuantTable
+    config: QuantConfig
+    quantizer: MobileQuantizer
+    findings: list[Finding]
+    float_model: nn.Module
+    fusion: FusionReport = field(default_factory=FusionReport)
+    example_input: torch.Tensor | None = None
+    num_calibration_samples: int = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.graph(x)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Calibration data
+
+
+def _as_tensor(batch, index: int) -> torch.Tensor:
+    if isinstance(batch, (tuple, list)) and batch:
+        batch = batch[0]
+    if not isinstance(batch, torch.Tensor):
+        raise InputError(f"calibration batch {index} is a {type(batch).__name__}, expected a tensor")
+    return batch
+
+
+def _checked(batches: Iterable, expected: torch.Size | None) -> Iterator[torch.Tensor]:
+    """Yield tensors, refusing wrong shapes and non-finite values by batch index."""
+    for i, batch in enumerate(batches):
+        x = _as_tensor(batch, i)
+        if expected is not None and (x.dim() != len(expected) + 1 or tuple(x.shape[1:]) != tuple(expected)):
+            raise InputError(
+                f"calibration batch {i} has shape {tuple(x.shape)}; expected (N, {', '.join(map(str, expected))})"
+            )
+        if not torch.is_floating_point(x):
+            raise InputError(f"calibration batch {i} has dtype {x.dtype}; expected a float tensor")
+        if not bool(torch.isfinite(x).all()):
+            raise InputError(f"calibration batch {i} contains NaN or Inf values")
+        yield x
+
+
+def calibrate(prepared: GraphModule, batches: Iterable[torch.Tensor], limit: int) -> int:
+    """Run at most ``limit`` images through the observers; return how many were used."""
+    seen = 0
+    with torch.no_grad():
+        for x in batches:
+            if seen >= limit:
+                break
+            x = x[: limit - seen]
+            prepared(x)
+            seen += x.shape[0]
+    return seen
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pipeline
+
+
+def _optional_module(name: str, option: str):
+    full = f"mobilequant.quant.{name}"
+    if importlib.util.find_spec(full) is None:
+        raise UsageError(f"QuantConfig.{option}=True needs {full}, which is not installed")
+    return importlib.import_module(full)
+
+
+def quantize(
+    model: nn.Module,
+    calibration_batches: Iterable,
+    config: QuantConfig | None = None,
+    example_input: torch.Tensor | None = None,
+) -> QuantResult:
+    """Quantize ``model`` (put in eval mode) to the TFLite int8 scheme, calibrated on the batches."""
+    config = config or QuantConfig()
+    if not isinstance(config, QuantConfig):
+        raise UsageError(f"config must be a QuantConfig, got {type(config).__name__}")
+    raw = iter(calibration_batches)
+    try:
+        first = _as_tensor(next(raw), 0)
+    except StopIteration:
+        raise InputError("calibration set is empty: at least one batch of images is needed") from None
+    if example_input is None:
+        example_input = first[:1]
+    expected = example_input.shape[1:]
+    batches = _checked(itertools.chain([first], raw), expected)
+
+    gm = capture(model, example_input)
+    fusion = fold_conv_bn(gm)
+    findings = [Finding("bn_not_folded", bn, f"batch norm kept in float: {why}") for bn, why in fusion.skipped]
+
+    if config.cle:
+        _optional_module("cle", "cle").equalize(gm)
+
+    quantizer = MobileQuantizer(config)
+    quantizer.validate(gm)  # every unsupported op listed before any work
+    findings += [
+        Finding("float_fallback", name, f"{op} has no int8 rule; kept in float")
+        for name, op in find_unsupported_ops(gm, quantizer.supported_ops())
+    ]
+    float_graph = copy.deepcopy(gm) if config.bias_correction else None
+    prepared = prepare_pt2e(gm, quantizer)
+
+    kept: list[torch.Tensor] = []
+    if config.bias_correction:
+        batches = _keeping(batches, kept)
+    n = calibrate(prepared, batches, config.num_calibration)
+    if n == 0:
+        raise InputError("calibration set is empty: the batches hold no images")
+
+    if config.bias_correction:
+        _optional_module("bias_correction", "bias_correction").correct(prepared, float_graph, kept)
+
+    findings += repair_degenerate_ranges(prepared, config)
+    qdq_graph = convert_pt2e(copy.deepcopy(prepared), fold_quantize=False)
+    export_graph = fold_bias_qdq(copy.deepcopy(qdq_graph))
+    graph = convert_pt2e(prepared, fold_quantize=True)
+    return QuantResult(
+        graph=graph,
+        export_graph=export_graph,
+        qdq_graph=qdq_graph,
+        table=QuantTable.from_graph(qdq_graph),
+        config=config,
+        quantizer=quantizer,
+        findings=findings,
+        float_model=model,
+        fusion=fusion,
+        example_input=example_input,
+        num_calibration_samples=n,
+    )
+
+
+def fold_bias_qdq(gm: GraphModule) -> GraphModule:
+    """Replace every int32 ``dequantize(quantize(bias))`` by its float value (a new constant), in place."""
+    graph = gm.graph
+    for dq in list(graph.nodes):
+        if dq.op != "call_function" or dq.target not in _DEQUANTIZE_OPS or _qdtype(dq) != torch.int32:
+            continue
+        q = dq.args[0]
+        if not (isinstance(q, Node) and q.target in _QUANTIZE_OPS and q.args[0].op == "get_attr"):
+            continue
+        value = _evaluate(gm, dq)
+        target = f"{q.args[0].target}_int32grid".replace(".", "_")
+        gm.register_parameter(target, torch.nn.Parameter(value, requires_grad=False))
+        with graph.inserting_before(dq):
+            const = graph.get_attr(target)
+        if "val" in dq.meta:
+            const.meta["val"] = dq.meta["val"]
+        dq.replace_all_uses_with(const)
+        graph.erase_node(dq)
+        if not q.users:
+            graph.erase_node(q)
+    graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+_qd = torch.ops.quantized_decomposed
+_QUANTIZE_OPS = {_qd.quantize_per_tensor.default, _qd.quantize_per_channel.default}
+_DEQUANTIZE_OPS = {_qd.dequantize_per_tensor.default, _qd.dequantize_per_channel.default}
+
+
+def _qdtype(node: Node):
+    return next((a for a in node.args if isinstance(a, torch.dtype)), None)
+
+
+def _evaluate(gm: GraphModule, node: Node) -> torch.Tensor:
+    """Eagerly compute a node whose inputs are constants (get_attr / literals)."""
+
+    def value(a):
+        if isinstance(a, Node):
+            if a.op == "get_attr":
+                obj = gm
+                for part in str(a.target).split("."):
+                    obj = getattr(obj, part)
+                return obj
+            return _evaluate(gm, a)
+        return a
+
+    with torch.no_grad():
+        return node.target(*[value(a) for a in node.args], **{k: value(v) for k, v in node.kwargs.items()}).detach()
+
+
+def _keeping(batches: Iterator[torch.Tensor], kept: list) -> Iterator[torch.Tensor]:
+    for x in batches:
+        kept.append(x)
+        yield x
+
+
+# ---------------------------------------------------------------------------------------------------
+# Degenerate ranges
+
+
+def _pin(obs: nn.Module, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+    """Make ``obs`` report these parameters from now on (derived bias observers read them too).
+
+    Observers come from different classes (torchao's, mobilequant.quant.observers'), so the repair
+    overrides ``calculate_qparams`` on the instance rather than editing class-specific statistics.
+    """
+    scale, zero_point = scale.detach().clone(), zero_point.detach().clone()
+    obs.calculate_qparams = lambda: (scale.clone(), zero_point.clone())
+
+
+def _observer(gm: GraphModule, node) -> nn.Module | None:
+    if isinstance(node, Node) and node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        if isinstance(mod, ObserverBase):
+            return mod
+    return None
+
+
+def _const(gm: GraphModule, node) -> torch.Tensor | None:
+    if isinstance(node, Node) and node.op == "call_module":
+        node = node.args[0]
+    if isinstance(node, Node) and node.op == "get_attr":
+        obj = gm
+        for part in str(node.target).split("."):
+            obj = getattr(obj, part)
+        return obj.detach()
+    return None
+
+
+def _tensor_layer(node: Node) -> str:
+    src = node.args[0] if node.args else node
+    if isinstance(src, Node):
+        return src.meta.get(FUSED_INTO) or layer_name(src)
+    return layer_name(node)
+
+
+def repair_degenerate_ranges(prepared: GraphModule, config: QuantConfig) -> list[Finding]:
+    """Give every degenerate range a small positive scale and report it (see module docstring)."""
+    findings: list[Finding] = []
+    weighted = [n for n in prepared.graph.nodes if n.op == "call_function" and OP_RULES.get(n.target) is Rule.WEIGHTED]
+    weight_obs = {id(_observer(prepared, n.args[1])) for n in weighted}
+
+    done: set[int] = set()
+    for node in prepared.graph.nodes:  # activations first: bias bounds below use the input scale
+        obs = _observer(prepared, node)
+        if obs is None or id(obs) in done or id(obs) in weight_obs:
+            continue
+        done.add(id(obs))
+        if isinstance(obs, FixedQParamsObserver) or not hasattr(obs, "quant_min") or obs.dtype != torch.int8:
+            continue  # fixed parameters, or derived (bias) observers
+        f = _repair_activation(obs, _tensor_layer(node))
+        if f:
+            findings.append(f)
+
+    for node in weighted:
+        obs = _observer(prepared, node.args[1])
+        w = _const(prepared, node.args[1])
+        if obs is None or w is None:
+            continue
+        in_obs = _observer(prepared, node.args[0])
+        bias = _const(prepared, node.args[2]) if len(node.args) > 2 else None
+        f = _repair_weight(obs, w, in_obs, bias, layer_name(node), config)
+        if f:
+            findings.append(f)
+    return findings
+
+
+def _repair_activation(obs: nn.Module, layer: str) -> Finding | None:
+    lo, hi = getattr(obs, "min_val", None), getattr(obs, "max_val", None)
+    known = isinstance(lo, torch.Tensor) and isinstance(hi, torch.Tensor) and lo.numel() == 1
+    if known and not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+        _pin(obs, torch.tensor([DEGENERATE_ACT_SCALE]), torch.tensor([obs.quant_min]))
+        return Finding("unobserved_activation", layer, f"no calibration data reached this tensor; scale set to 1/255")
+    scale, zp = obs.calculate_qparams()
+    scale = scale.reshape(-1)
+    empty = known and float(torch.clamp(hi, min=0) - torch.clamp(lo, max=0)) == 0.0
+    tiny = not bool(torch.isfinite(scale).all()) or float(scale.min()) <= 2 * torch.finfo(torch.float32).eps
+    if empty or tiny:
+        zero_point = obs.quant_min if not known or float(lo) >= 0 else obs.quant_max
+        _pin(obs, torch.tensor([DEGENERATE_ACT_SCALE]), torch.tensor([zero_point]))
+        return Finding(
+            "degenerate_activation", layer,
+            f"activation range is empty (all values {float(hi) if known else 0.0:g}); scale set to 1/255",
+        )
+    if known and float(lo) == float(hi):
+        return Finding("constant_activation", layer, f"activation is constant {float(lo):g} on the calibration set")
+    return None
+
+
+def _repair_weight(obs, w, in_obs, bias, layer: str, config: QuantConfig) -> Finding | None:
+    scale, zp = obs.calculate_qparams()
+    scale = scale.reshape(-1).to(torch.float32).clone()
+    if config.per_channel:
+        dead = w.reshape(w.shape[0], -1).abs().amax(dim=1) == 0
+    else:
+        dead = (w.abs().max() == 0).reshape(1)
+    dead = dead | ~torch.isfinite(scale) | (scale <= 0)
+    if not bool(dead.any()):
+        return None
+    healthy = scale[~dead]
+    base = float(healthy.median()) if healthy.numel() else 1.0 / config.weight_qmax
+    new = torch.full_like(scale, base)
+    if bias is not None and in_obs is not None:  # keep the int32 bias representable
+        in_scale = float(in_obs.calculate_qparams()[0].reshape(-1)[0])
+        need = bias.abs().reshape(-1).to(torch.float32) / (in_scale * INT32_MAX * _BIAS_HEADROOM)
+        need = need if need.numel() == scale.numel() else need.max().reshape(1).expand_as(scale)
+        new = torch.maximum(new, need)
+    scale = torch.where(dead, new, scale)
+    _pin(obs, scale, torch.zeros_like(zp))
+    channels = dead.nonzero().reshape(-1).tolist()
+    what = f"channel(s) {channels[:8]}{'...' if len(channels) > 8 else ''}" if config.per_channel else "tensor"
+    return Finding(
+        "dead_weight_channels", layer,
+        f"all-zero weight {what}; scale set to {float(new[dead][0]):.3g} (median channel scale)",
+    )

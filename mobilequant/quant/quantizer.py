@@ -1,0 +1,424 @@
+"""``MobileQuantizer``: torchao PT2E annotations for the TFLite int8 quantization specification.
+
+The annotations map one to one onto TFLite's int8 rules
+(https://ai.google.dev/edge/litert/models/quantization_spec), so a converter can lower the
+quantize/dequantize graph without changing any parameter:
+
+==================  ===============================================================================
+weights             int8 symmetric, zero point 0, range −127..127, per output channel (axis 0) or
+                    per tensor (``QuantConfig.per_channel``)
+activations         int8 asymmetric per tensor, −128..127
+bias                int32, zero point 0, scale = input scale × weight scale (``DerivedQuantizationSpec``)
+conv / linear       input, weight and bias annotated; the output is quantized after the fused
+                    ReLU / ReLU6 when one follows (one fused int8 op), else on the conv output itself
+                    (linear bottleneck: calibrated asymmetric range)
+ReLU6 outputs       zero point exactly −128 (0.0 exact); max = min(6, calibrated) or exactly 6
+add / mul / sub     both inputs and the output quantized; ADD + ReLU/ReLU6 fused like conv
+shared parameters   concat, max/avg pool, reshape/view/transpose/permute (channel shuffle), pad,
+                    flatten, dropout/clone, slice/chunk/split, squeeze/unsqueeze: output = input
+fixed parameters    sigmoid / hardsigmoid / softmax: scale 1/256, zero point −128; tanh: 1/128, 0
+own parameters      hardswish, mean, adaptive_avg_pool2d, standalone relu / relu6 / hardtanh
+==================  ===============================================================================
+
+Each rule is one annotator parameterised by the op (:data:`OP_RULES` is the dispatch table); ops not in
+the table are reported by :meth:`MobileQuantizer.validate` (or left in float with
+``QuantConfig(float_fallback=True)``).
+
+Observers come from :mod:`mobilequant.quant.observers` (``make_activation_observer`` /
+``make_weight_observer``) when that module is installed; until then :func:`activation_observer` and
+:func:`weight_observer` fall back to torchao's min/max observers (the only method they implement).
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.util
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule, Node
+from torchao.quantization.pt2e.observer import (
+    FixedQParamsObserver,
+    MinMaxObserver,
+    PerChannelMinMaxObserver,
+)
+from torchao.quantization.pt2e.quantizer import (
+    DerivedQuantizationSpec,
+    FixedQParamsQuantizationSpec,
+    QuantizationAnnotation,
+    QuantizationSpec,
+    QuantizationSpecBase,
+    Quantizer,
+    SharedQuantizationSpec,
+)
+
+from ..capture import find_unsupported_ops, is_structural, layer_name
+from ..errors import InputError, UsageError
+from ..fusion import CONV_OPS, activation_kind
+from .config import QuantConfig
+
+__all__ = [
+    "MobileQuantizer",
+    "Rule",
+    "OP_RULES",
+    "FIXED_QPARAMS",
+    "activation_observer",
+    "weight_observer",
+    "RELU6_SCALE",
+]
+
+aten = torch.ops.aten
+Q_KEY = "quantization_annotation"
+FUSED_INTO = "mq_fused_into"  # node.meta key: the layer a fused activation belongs to (its conv / add)
+
+INT8_MIN, INT8_MAX = -128, 127
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+RELU6_SCALE = 6.0 / 255.0
+
+
+class Rule(enum.Enum):
+    """How an op is annotated; one annotator per rule."""
+
+    WEIGHTED = "weighted"  # conv / linear: input + weight + int32 bias, output (or fused activation)
+    BINARY = "binary"  # add / mul / sub: every tensor input + output (or fused activation)
+    SHARED = "shared"  # output shares the input's parameters (data movement, max/avg pooling, concat)
+    SPLIT = "split"  # multi-output data movement: each getitem output shares the input's parameters
+    FIXED = "fixed"  # output has fixed parameters (FIXED_QPARAMS)
+    OWN = "own"  # input + own calibrated output
+
+
+OP_RULES: dict[torch._ops.OpOverload, Rule] = {
+    **{op: Rule.WEIGHTED for op in (*CONV_OPS, aten.linear.default)},
+    **{
+        op: Rule.BINARY
+        for op in (aten.add.Tensor, aten.add_.Tensor, aten.mul.Tensor, aten.mul_.Tensor, aten.sub.Tensor)
+    },
+    **{
+        op: Rule.SHARED
+        for op in (
+            aten.cat.default,
+            aten.max_pool2d.default,
+            aten.avg_pool2d.default,
+            aten.reshape.default,
+            aten.view.default,
+            aten._unsafe_view.default,
+            aten.transpose.int,
+            aten.permute.default,
+            aten.flatten.using_ints,
+            aten.pad.default,
+            aten.constant_pad_nd.default,
+            aten.dropout.default,
+            aten.clone.default,
+            aten.contiguous.default,
+            aten.alias.default,
+            aten.slice.Tensor,
+            aten.narrow.default,
+            aten.select.int,
+            aten.squeeze.dim,
+            aten.squeeze.dims,
+            aten.unsqueeze.default,
+            aten.pixel_shuffle.default,
+        )
+    },
+    **{
+        op: Rule.SPLIT
+        for op in (aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int)
+    },
+    **{
+        op: Rule.FIXED
+        for op in (
+            aten.hardsigmoid.default,
+            aten.hardsigmoid_.default,
+            aten.sigmoid.default,
+            aten.sigmoid_.default,
+            aten.softmax.int,
+            aten._softmax.default,
+            aten.tanh.default,
+        )
+    },
+    **{
+        op: Rule.OWN
+        for op in (
+            aten.hardswish.default,
+            aten.hardswish_.default,
+            aten.mean.dim,
+            aten.adaptive_avg_pool2d.default,
+            aten.relu.default,
+            aten.relu_.default,
+            aten.hardtanh.default,
+            aten.hardtanh_.default,
+            aten.clamp.default,
+            aten.leaky_relu.default,
+            aten.leaky_relu_.default,
+        )
+    },
+}
+
+# TFLite's fixed output parameters (scale, zero point) for int8.
+FIXED_QPARAMS: dict[str, tuple[float, int]] = {
+    "hardsigmoid": (1.0 / 256.0, -128),
+    "sigmoid": (1.0 / 256.0, -128),
+    "softmax": (1.0 / 256.0, -128),
+    "tanh": (1.0 / 128.0, 0),
+}
+
+
+def _observers_module():
+    if importlib.util.find_spec("mobilequant.quant.observers") is None:
+        return None
+    from . import observers
+
+    return observers
+
+
+def activation_observer(config: QuantConfig, relu6: str | None = None):
+    """Observer constructor for int8 asymmetric per-tensor activations.
+
+    ``relu6``: ``None`` (ordinary tensor), ``"clamped"`` ([0, min(6, calibrated max)]) or ``"fixed"``
+    (exactly [0, 6], no calibration).
+    """
+    obs = _observers_module()
+    if obs is not None:
+        opts = {"percentile": config.percentile} if config.calibration == "percentile" else {}
+        return obs.make_activation_observer(config.calibration, relu6=relu6, **opts)
+    # Fallback until mobilequant.quant.observers lands: min/max only. A ReLU6 output observed with
+    # min/max already lies in [0, min(6, max)] and has zero point −128; "fixed" needs no data.
+    if config.calibration != "minmax":
+        raise UsageError(
+            f"QuantConfig.calibration={config.calibration!r} needs mobilequant.quant.observers, "
+            "which is not installed; use calibration='minmax'"
+        )
+    if relu6 == "fixed":
+        return FixedQParamsObserver.with_args(scale=RELU6_SCALE, zero_point=INT8_MIN)
+    return MinMaxObserver
+
+
+def weight_observer(config: QuantConfig):
+    """Observer constructor for symmetric int8 weights (zero point 0), per output channel or per tensor."""
+    obs = _observers_module()
+    if obs is not None:
+        return obs.make_weight_observer(config.per_channel, 0)
+    return PerChannelMinMaxObserver if config.per_channel else MinMaxObserver
+
+
+def _derive_bias_qparams(obs_or_fqs) -> tuple[torch.Tensor, torch.Tensor]:
+    """TFLite bias parameters: scale = input scale × weight scale (per channel), zero point 0."""
+    act_obs, w_obs = obs_or_fqs
+    act_scale, _ = act_obs.calculate_qparams()
+    w_scale, _ = w_obs.calculate_qparams()
+    scale = (act_scale.to(torch.float64) * w_scale.to(torch.float64)).to(torch.float32)
+    return scale, torch.zeros_like(scale, dtype=torch.int32)
+
+
+@dataclass(frozen=True)
+class _StaticGlobalConfig:
+    """What ``litert_torch.quantize.quant_config.QuantConfig`` reads from a quantizer: static, not dynamic."""
+
+    is_dynamic: bool = False
+    is_qat: bool = False
+
+
+class MobileQuantizer(Quantizer):
+    """PT2E quantizer for the TFLite int8 scheme, configured by a :class:`QuantConfig`."""
+
+    def __init__(self, config: QuantConfig | None = None):
+        super().__init__()
+        self.config = config or QuantConfig()
+        cfg = self.config
+        self.act_spec = QuantizationSpec(
+            dtype=torch.int8,
+            observer_or_fake_quant_ctr=activation_observer(cfg),
+            quant_min=INT8_MIN,
+            quant_max=INT8_MAX,
+            qscheme=torch.per_tensor_affine,
+        )
+        self.relu6_spec = QuantizationSpec(
+            dtype=torch.int8,
+            observer_or_fake_quant_ctr=activation_observer(cfg, relu6=cfg.relu6),
+            quant_min=INT8_MIN,
+            quant_max=INT8_MAX,
+            qscheme=torch.per_tensor_affine,
+        )
+        self.weight_spec = QuantizationSpec(
+            dtype=torch.int8,
+            observer_or_fake_quant_ctr=weight_observer(cfg),
+            quant_min=-cfg.weight_qmax,
+            quant_max=cfg.weight_qmax,
+            qscheme=torch.per_channel_symmetric if cfg.per_channel else torch.per_tensor_symmetric,
+            ch_axis=0 if cfg.per_channel else None,
+        )
+        self._annotators = {
+            Rule.WEIGHTED: self._annotate_weighted,
+            Rule.BINARY: self._annotate_binary,
+            Rule.SHARED: self._annotate_shared,
+            Rule.SPLIT: self._annotate_split,
+            Rule.FIXED: self._annotate_fixed,
+            Rule.OWN: self._annotate_own,
+        }
+
+    # litert_torch's QuantConfig(pt2e_quantizer=...) reads ``global_config.is_dynamic``.
+    global_config = _StaticGlobalConfig()
+
+    @staticmethod
+    def supported_ops() -> frozenset:
+        return frozenset(OP_RULES)
+
+    # ------------------------------------------------------------------------------------ Quantizer API
+
+    def annotate(self, model: GraphModule) -> GraphModule:
+        for node in model.graph.nodes:
+            if node.op != "call_function" or is_structural(node) or _is_annotated(node):
+                continue
+            rule = OP_RULES.get(node.target)
+            if rule is not None:
+                self._annotators[rule](node)
+        return model
+
+    def validate(self, model: GraphModule) -> None:
+        if self.config.float_fallback:
+            return
+        bad = find_unsupported_ops(model, self.supported_ops())
+        if bad:
+            listed = ", ".join(f"{name} ({op})" for name, op in bad[:5])
+            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+            raise InputError(
+                f"{len(bad)} op(s) have no TFLite int8 kernel rule: {listed}{more}; "
+                "use float_fallback=True to keep them in float"
+            )
+
+    # ------------------------------------------------------------------------------------- helpers
+
+    def _input_spec(self, arg: Node) -> QuantizationSpecBase:
+        """An input edge reuses its producer's output parameters when the producer is quantized."""
+        ann = arg.meta.get(Q_KEY)
+        if ann is not None and ann.output_qspec is not None:
+            return SharedQuantizationSpec(arg)
+        return self.act_spec
+
+    def _bias_spec(self, x: Node, w: Node, node: Node) -> DerivedQuantizationSpec:
+        per_channel = self.config.per_channel
+        return DerivedQuantizationSpec(
+            derived_from=[(x, node), (w, node)],
+            derive_qparams_fn=_derive_bias_qparams,
+            dtype=torch.int32,
+            quant_min=INT32_MIN,
+            quant_max=INT32_MAX,
+            qscheme=torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric,
+            ch_axis=0 if per_channel else None,
+        )
+
+    def _output_or_fused_activation(self, node: Node) -> QuantizationSpecBase | None:
+        """Annotate a fusible ReLU / ReLU6 after ``node`` and return None, or return ``node``'s spec."""
+        users = list(node.users)
+        if len(users) == 1 and not _is_annotated(users[0]):
+            kind = activation_kind(users[0])
+            if kind is not None and users[0].args[0] is node:
+                act = users[0]
+                _annotate(act, {}, self.relu6_spec if kind == "relu6" else self.act_spec)
+                act.meta[FUSED_INTO] = layer_name(node)
+                return None
+        return self.act_spec
+
+    def _tensor_inputs(self, node: Node) -> dict[Node, QuantizationSpecBase]:
+        return {a: self._input_spec(a) for a in node.args if isinstance(a, Node)}
+
+    # ----------------------------------------------------------------------------------- annotators
+
+    def _annotate_weighted(self, node: Node) -> None:
+        x, w = node.args[0], node.args[1]
+        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        inputs = {x: self._input_spec(x), w: self.weight_spec}
+        if isinstance(b, Node):
+            inputs[b] = self._bias_spec(x, w, node)
+        _annotate(node, inputs, self._output_or_fused_activation(node))
+
+    def _annotate_binary(self, node: Node) -> None:
+        _annotate(node, self._tensor_inputs(node), self._output_or_fused_activation(node))
+
+    def _annotate_shared(self, node: Node) -> None:
+        first = node.args[0]
+        if node.target == aten.cat.default:
+            tensors = [t for t in first if isinstance(t, Node)]
+            first = tensors[0]
+            self._unmix_relu6(tensors)
+            inputs = {first: self._input_spec(first)}
+            for t in tensors[1:]:
+                inputs.setdefault(t, SharedQuantizationSpec((first, node)))
+        else:
+            inputs = {first: self._input_spec(first)}
+        _annotate(node, inputs, SharedQuantizationSpec((first, node)))
+
+    def _annotate_split(self, node: Node) -> None:
+        x = node.args[0]
+        _annotate(node, {x: self._input_spec(x)}, None)
+        for user in node.users:
+            if user.target is operator.getitem:
+                _annotate(user, {}, SharedQuantizationSpec((x, node)))
+
+    def _annotate_fixed(self, node: Node) -> None:
+        scale, zero_point = FIXED_QPARAMS[_short(node)]
+        spec = FixedQParamsQuantizationSpec(
+            dtype=torch.int8,
+            scale=scale,
+            zero_point=zero_point,
+            quant_min=INT8_MIN,
+            quant_max=INT8_MAX,
+            qscheme=torch.per_tensor_affine,
+        )
+        x = node.args[0]
+        _annotate(node, {x: self._input_spec(x)}, spec)
+
+    def _annotate_own(self, node: Node) -> None:
+        x = node.args[0]
+        spec = self.relu6_spec if activation_kind(node) == "relu6" else self.act_spec
+        _annotate(node, {x: self._input_spec(x)}, spec)
+
+    def _unmix_relu6(self, tensors: list[Node]) -> None:
+        """A concat shares one range across its inputs: a ReLU6 range there only holds if all are ReLU6.
+
+        Otherwise the ReLU6 producers get the ordinary activation spec (their values still lie in
+        [0, 6]; the group range is then calibrated over all inputs).
+        """
+        roots = [_root_producer(t) for t in tensors]
+        specs = [r.meta[Q_KEY].output_qspec if r is not None else None for r in roots]
+        if any(s is self.relu6_spec for s in specs) and not all(s is self.relu6_spec for s in specs):
+            for r, s in zip(roots, specs):
+                if s is self.relu6_spec:
+                    r.meta[Q_KEY].output_qspec = self.act_spec
+
+
+def _annotate(node: Node, inputs: dict, output: QuantizationSpecBase | None) -> None:
+    node.meta[Q_KEY] = QuantizationAnnotation(input_qspec_map=inputs, output_qspec=output, _annotated=True)
+
+
+def _is_annotated(node: Node) -> bool:
+    ann = node.meta.get(Q_KEY)
+    return ann is not None and ann._annotated
+
+
+def _short(node: Node) -> str:
+    name = node.target._schema.name.split("::")[-1].rstrip("_")
+    return name.lstrip("_")
+
+
+def _root_producer(node: Node) -> Node | None:
+    """Follow shared output specs back to the node whose output spec owns the parameters."""
+    seen = set()
+    while node is not None and node not in seen:
+        seen.add(node)
+        ann = node.meta.get(Q_KEY)
+        if ann is None or ann.output_qspec is None:
+            return None
+        spec = ann.output_qspec
+        if not isinstance(spec, SharedQuantizationSpec):
+            return node
+        target = spec.edge_or_node
+        node = target[0] if isinstance(target, tuple) else target
+    return None
+
+
+def op_table() -> list[tuple[str, str]]:
+    """(op, rule) rows of :data:`OP_RULES`, sorted, for documentation."""
+    return sorted((str(op), rule.value) for op, rule in OP_RULES.items())
+
