@@ -28,3 +28,4 @@ from . import squeezenext  # noqa: F401,E402
 from . import effnet  # noqa: F401,E402
 from . import xception  # noqa: F401,E402
 from .complexity import count_madds, count_params  # noqa: F401,E402
+from .loading import load_checkpoint, load_model  # noqa: F401,E402

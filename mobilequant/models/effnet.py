@@ -75,8 +75,15 @@ class EffNet(nn.Module):
 
 
 @register_model("effnet", PAPER, resolution=32, num_classes=10)
-def effnet(num_classes=1000, in_chans=3, width_mult=1.0, resolution=32, preprocess=None, **kw):
-    """EffNet for small images (default 32×32; the classifier is sized for ``resolution``)."""
-    model = EffNet(num_classes=num_classes, in_chans=in_chans, width_mult=width_mult, resolution=resolution, **kw)
-    model.preprocess = make_preprocess(in_chans, resolution, preprocess)
+def effnet(num_classes=1000, in_chans=3, width_mult=1.0, resolution=None, preprocess=None, **kw):
+    """EffNet for small images: 32×32 unless ``resolution`` or ``preprocess`` says otherwise (the classifier
+    is sized for it)."""
+    if resolution is None and preprocess is None:
+        resolution = 32
+    preprocess = make_preprocess(in_chans, resolution, preprocess)
+    _, height, width = preprocess.input_size
+    if height != width:
+        raise UsageError(f"EffNet is built for square inputs, got {height}×{width}")
+    model = EffNet(num_classes=num_classes, in_chans=in_chans, width_mult=width_mult, resolution=height, **kw)
+    model.preprocess = preprocess
     return model

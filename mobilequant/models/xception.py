@@ -109,9 +109,11 @@ def _gen_xception(num_classes: int, in_chans: int, width_mult: float, resolution
 
 # The paper's Table 3: 22,855,952 parameters (it reports no multiply-adds).
 @register_model("xception", PAPER, params_m=22.855952, resolution=299)
-def xception_100(num_classes=1000, in_chans=3, width_mult=1.0, resolution=299, **kw):
-    """The paper's Xception (299×299)."""
-    return _gen_xception(num_classes, in_chans, width_mult, resolution, **kw)
+def xception_100(num_classes=1000, in_chans=3, width_mult=1.0, resolution=None, preprocess=None, **kw):
+    """The paper's Xception (299×299 unless ``resolution`` or ``preprocess`` says otherwise)."""
+    if resolution is None and preprocess is None:
+        resolution = 299
+    return _gen_xception(num_classes, in_chans, width_mult, resolution, preprocess, **kw)
 
 
 @register_model("xception", PAPER)

@@ -1,0 +1,207 @@
+"""Users' own models and checkpoints.
+
+``load_model(spec, checkpoint=None, **kw)`` accepts
+
+* a registered name (``"mobilenetv2_100"``): :func:`create_model`;
+* ``"pkg.module:factory"``: imports the module and calls ``factory(**kw)``;
+* ``"path/to/file.py:factory"``: loads the file as a module and calls ``factory(**kw)``.
+
+``load_checkpoint(model, path)`` reads weights with ``torch.load(..., weights_only=True)`` only: a file
+that pickles code (a whole ``nn.Module``, a custom class, an ``os.system`` call) is refused, never run.
+Every failure is a :class:`~mobilequant.errors.MobileQuantError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import pickle
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..errors import InputError, UsageError, did_you_mean
+from ._layers import make_preprocess
+from ._registry import _model_entrypoints, create_model, model_info
+
+__all__ = ["load_model", "load_checkpoint", "read_state_dict"]
+
+_SHOW = 3  # how many key names an error message lists
+
+
+def load_model(spec: str, checkpoint: str | Path | None = None, **kwargs) -> nn.Module:
+    """Build a model from a registered name or a ``module:factory`` / ``file.py:factory`` spec.
+
+    ``kwargs`` go to the factory. A model without a ``preprocess`` attribute gets ImageNet's
+    preprocessing at 224×224 with as many channels as its first convolution takes (set ``model.preprocess``
+    in the factory to choose). ``checkpoint`` is then loaded with :func:`load_checkpoint` (strict).
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise UsageError(f"model spec must be a model name or 'module:factory', got {spec!r}")
+    spec = spec.strip()
+    if spec in _model_entrypoints or ":" not in spec:
+        model_info(spec)  # unknown names: UsageError with close matches
+        model = create_model(spec, **kwargs)
+    else:
+        model = _call_factory(spec, kwargs)
+        if not hasattr(model, "preprocess"):
+            model.preprocess = make_preprocess(_first_conv_channels(model))
+        model.model_name = spec
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    return model
+
+
+def _call_factory(spec: str, kwargs: dict) -> nn.Module:
+    source, _, attr = spec.rpartition(":")  # rpartition: a Windows drive letter keeps its colon
+    if not source or not attr:
+        raise UsageError(f"model spec {spec!r}: expected 'package.module:factory' or 'path/to/file.py:factory'")
+    module = _import_source(source)
+    factory = module
+    for part in attr.split("."):
+        if not hasattr(factory, part):
+            names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n, None))]
+            raise UsageError(f"model spec {spec!r}: {source} has no {attr!r}{did_you_mean(part, names)}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise UsageError(f"model spec {spec!r}: {attr!r} is not callable")
+    try:
+        model = factory(**kwargs)
+    except TypeError as e:
+        raise UsageError(f"model spec {spec!r}: calling {attr}({_fmt_kwargs(kwargs)}) failed: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model spec {spec!r}: {attr}() returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _import_source(source: str):
+    looks_like_file = source.endswith(".py") or "/" in source or "\\" in source
+    if not looks_like_file:
+        try:
+            return importlib.import_module(source)
+        except ModuleNotFoundError as e:
+            if e.name is not None and source.startswith(e.name):
+                raise InputError(f"cannot import module {source!r}: {e}") from e
+            raise InputError(f"importing module {source!r} failed: {type(e).__name__}: {e}") from e
+        except Exception as e:  # the user's module raised while importing
+            raise InputError(f"importing module {source!r} failed: {type(e).__name__}: {e}") from e
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise InputError(f"model file {path}: no such file")
+    resolved = path.resolve()
+    digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:10]
+    name = f"mobilequant_user_{re.sub(r'[^0-9a-zA-Z_]', '_', path.stem)}_{digest}"
+    module_spec = importlib.util.spec_from_file_location(name, resolved)
+    if module_spec is None or module_spec.loader is None:
+        raise InputError(f"model file {path}: cannot be loaded as a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module  # so dataclasses / pickling inside the file can find their module
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise InputError(f"model file {path} failed to import: {type(e).__name__}: {e}") from e
+    return module
+
+
+def _fmt_kwargs(kwargs: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
+def _first_conv_channels(model: nn.Module) -> int:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    return 3
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state_dict in a checkpoint file: a raw state_dict, or a dict holding one under
+    ``"state_dict"`` or ``"model"``. Read with ``weights_only=True``; code-carrying pickles are refused."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise InputError(f"checkpoint {path}: no such file")
+    if not path.is_file():
+        raise InputError(f"checkpoint {path}: not a file")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
+            raise InputError(
+                f"checkpoint {path} was refused because it carries code (it pickles {found.group(1)}), which "
+                "weights-only loading never runs; save and share model.state_dict() instead"
+            ) from None
+        reason = str(e).partition("WeightsUnpickler error:")[2].strip() or str(e)
+        raise InputError(f"checkpoint {path} is not a PyTorch weights file that loads safely "
+                         f"(weights-only unpickling stopped: {_first_line(reason)})") from None
+    except EOFError:
+        raise InputError(f"checkpoint {path} is empty or truncated") from None
+    except (RuntimeError, OSError, ValueError) as e:
+        raise InputError(f"checkpoint {path} could not be read: {type(e).__name__}: {_first_line(e)}") from None
+    state = obj
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                state = obj[key]
+                break
+    if not isinstance(state, dict):
+        raise InputError(f"checkpoint {path} holds a {type(state).__name__}, not a state_dict "
+                         "(a dict of tensors, optionally under 'state_dict' or 'model')")
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise InputError(f"checkpoint {path}: {len(not_tensors)} entries are not tensors "
+                         f"({_names(not_tensors)}); expected a state_dict, optionally under 'state_dict' or 'model'")
+    return state
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
+    """Load a checkpoint into ``model`` (in place) and return the model.
+
+    A ``module.`` prefix on every key (``DataParallel``) is removed when the model's keys lack it. A
+    mismatch raises :class:`InputError` naming the file, the first missing / unexpected keys and any
+    shape mismatches; with ``strict=False`` missing / unexpected keys only warn (shapes must still fit).
+    """
+    state = read_state_dict(path)
+    own = model.state_dict()
+    if state and all(k.startswith("module.") for k in state) and not any(k.startswith("module.") for k in own):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys ({_names(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys ({_names(unexpected)})")
+    if mismatched:
+        shown = ", ".join(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                          for k in mismatched[:_SHOW])
+        more = f", … {len(mismatched) - _SHOW} more" if len(mismatched) > _SHOW else ""
+        problems.append(f"{len(mismatched)} shape mismatches ({shown}{more})")
+    name = getattr(model, "model_name", type(model).__name__)
+    if mismatched or (strict and problems):
+        raise InputError(f"checkpoint {path} does not fit {name}: " + "; ".join(problems))
+    if problems:
+        warnings.warn(f"checkpoint {path} loaded into {name} non-strictly: " + "; ".join(problems), stacklevel=2)
+    model.load_state_dict(state, strict=strict)
+    return model
+
+
+def _names(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_SHOW])
+    return shown + (f", … {len(keys) - _SHOW} more" if len(keys) > _SHOW else "")
+
+
+def _first_line(e: BaseException | str) -> str:
+    text = str(e).strip()
+    if not text:
+        return type(e).__name__
+    return text.splitlines()[0]
