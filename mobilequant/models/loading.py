@@ -144,7 +144,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                          f"(weights-only unpickling stopped: {_first_line(reason)})") from None
     except EOFError:
         raise InputError(f"checkpoint {path} is empty or truncated") from None
-    except (RuntimeError, OSError, ValueError) as e:
+    except Exception as e:  # a malformed file can break the unpickler in many ways
         raise InputError(f"checkpoint {path} could not be read: {type(e).__name__}: {_first_line(e)}") from None
     state = obj
     if isinstance(obj, dict):
