@@ -148,6 +148,7 @@ def _free_target(gm: GraphModule, wanted: str) -> str:
 def fold_conv_bn(gm: GraphModule) -> FusionReport:
     """Fold every ``conv → batch_norm`` chain of ``gm`` in place; report what was folded or left."""
     folded, skipped = [], []
+    obsolete: set[str] = set()
     for bn in list(gm.graph.nodes):
         if bn.op != "call_function" or bn.target not in BN_OPS:
             continue
@@ -205,9 +206,29 @@ def fold_conv_bn(gm: GraphModule) -> FusionReport:
         if not bn.users:
             gm.graph.erase_node(bn)
         folded.append(FoldedConvBN(layer_name(conv), layer_name(bn), _follower_kind(conv)))
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            if isinstance(args.get(name), Node):
+                obsolete.add(str(args[name].target))
+        obsolete.add(str(w_node.target))
     gm.graph.eliminate_dead_code()
+    _delete_unreferenced(gm, obsolete)
     gm.recompile()
     return FusionReport(tuple(folded), tuple(skipped))
+
+
+def _delete_unreferenced(gm: GraphModule, targets: set[str]) -> None:
+    """Drop the folded BN tensors (and BN counters) no graph node reads any more."""
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    prefixes = {t.rsplit(".", 1)[0] for t in targets if "." in t}
+    targets |= {f"{p}.num_batches_tracked" for p in prefixes}
+    for target in targets - used:
+        *path, leaf = target.split(".")
+        try:
+            mod = gm.get_submodule(".".join(path)) if path else gm
+        except AttributeError:
+            continue
+        for store in (mod._parameters, mod._buffers):
+            store.pop(leaf, None)
 
 
 def _why_not_foldable(conv, bn: Node) -> str | None:

@@ -66,6 +66,7 @@ def store_constants_fp16(gm: GraphModule) -> int:
         *path, leaf = str(node.target).split(".")
         owner = gm.get_submodule(".".join(path)) if path else gm
         value = getattr(owner, leaf)
+        value = value.detach() if isinstance(value, torch.Tensor) else value
         if not isinstance(value, torch.Tensor) or value.dtype != torch.float32:
             continue
         if value.numel() and float(value.abs().max()) > FP16_MAX:

@@ -1,0 +1,158 @@
+"""Capture (stable layer names, one-line errors, unsupported-op listing) and conv-BN folding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mobilequant.capture import capture, find_unsupported_ops
+from mobilequant.errors import InputError
+from mobilequant.fusion import BN_OPS, fold_conv_bn
+from mobilequant.models import create_model, list_models
+
+
+def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BN statistics so folding is actually exercised."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
+    return model.eval()
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU6())
+        self.proj = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8))  # linear bottleneck
+
+    def forward(self, x):
+        y = self.proj(self.conv(x))
+        a, b = y.chunk(2, dim=1)
+        return x + torch.cat([b, a], 1)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = Block()
+        self.relu = nn.ReLU()  # reused: second call is "relu@1"
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.relu(self.block(self.stem(x)))
+        x = self.relu(x - 0.5)
+        return self.fc(torch.flatten(x.mean((2, 3), keepdim=True), 1))
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return _randomize_bn(Net())
+
+
+def _names(gm):
+    return [n.meta["mq_name"] for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def test_layer_names_are_module_paths_and_stable(net):
+    x = torch.randn(2, 3, 8, 8)
+    gm = capture(net, x)
+    names = _names(gm)
+    assert len(names) == len(set(names)), "layer names must be unique"
+    for expected in ("stem.0", "stem.1", "stem.2", "block.conv.0", "block.conv.2", "block.proj.1",
+                     "block.chunk_0", "block.chunk_0[0]", "block.chunk_0[1]", "block.cat_0", "block.add_0",
+                     "relu", "relu@1", "sub_0", "mean_0", "flatten_0", "fc"):
+        assert expected in names, expected
+    assert _names(capture(net, x)) == names  # deterministic
+    with torch.no_grad():
+        torch.testing.assert_close(gm(torch.ones(5, 3, 8, 8)), net(torch.ones(5, 3, 8, 8)))  # dynamic batch
+
+
+def test_capture_error_names_the_module():
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Sequential(nn.Identity(), DataDependent())
+
+        def forward(self, x):
+            return self.inner(x)
+
+    with pytest.raises(InputError) as e:
+        capture(Outer(), torch.randn(2, 3))
+    msg = str(e.value)
+    assert "\n" not in msg and "inner.1" in msg
+
+
+def test_find_unsupported_ops_lists_every_op(net):
+    gm = capture(net, torch.randn(2, 3, 8, 8))
+    supported = {n.target for n in gm.graph.nodes if n.op == "call_function"} - set(BN_OPS)
+    bad = find_unsupported_ops(gm, supported)
+    assert sorted(name for name, _ in bad) == ["block.conv.1", "block.proj.1", "stem.1"]
+    assert all("batch_norm" in op for _, op in bad)
+
+
+def test_fold_conv_bn_matches_unfused_and_records_activation(net):
+    x = torch.randn(2, 3, 8, 8)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    gm = capture(net, x)
+    report = fold_conv_bn(gm)
+    kinds = {f.conv: f.activation for f in report.folded}
+    assert kinds == {"stem.0": "relu", "block.conv.0": "relu6", "block.proj.0": "none"}
+    assert not any(n.target in BN_OPS for n in gm.graph.nodes)
+    with torch.no_grad():
+        assert _rel_err(net(x), gm(x)) < 1e-5
+    for k, v in net.state_dict().items():  # the user's model is untouched
+        assert torch.equal(v, before[k]), k
+
+
+def test_conv_with_other_users_is_not_folded():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    m = _randomize_bn(Shared())
+    x = torch.randn(2, 3, 4, 4)
+    gm = capture(m, x)
+    report = fold_conv_bn(gm)
+    assert not report.folded and report.skipped == (("bn", "convolution output has other users"),)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), m(x))
+
+
+def _zoo_input(name: str) -> torch.Tensor:
+    model = create_model(name, num_classes=10)
+    c, h, _ = model.preprocess.input_size
+    side = min(64, h)
+    return model, torch.randn(1, c, side, side, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list_models())
+def test_zoo_fused_equals_unfused(name):
+    model, x = _zoo_input(name)
+    model = _randomize_bn(model)
+    gm = capture(model, x)
+    fold_conv_bn(gm)
+    assert not any(n.target in BN_OPS for n in gm.graph.nodes), "every BN follows a conv in the zoo"
+    with torch.no_grad():
+        assert _rel_err(model(x), gm(x)) < 1e-5

@@ -1,0 +1,245 @@
+"""PTQ pipeline: round trips, ReLU6 ranges, degenerate ranges, data errors, zoo families, fp16."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mobilequant.errors import InputError
+from mobilequant.models import create_model, list_models, model_info
+from mobilequant.quant import QuantConfig, quantize, to_float16
+
+qd = torch.ops.quantized_decomposed
+
+
+def _batches(n=2, shape=(4, 3, 8, 8), seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g) * scale for _ in range(n)]
+
+
+class ReLU6Net(nn.Module):
+    """Two ReLU6 layers: one saturates (range hits 6), one stays small; a linear bottleneck; a residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.big = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6())
+        self.small = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU6())
+        self.project = nn.Sequential(nn.Conv2d(8, 3, 1, bias=False), nn.BatchNorm2d(3))
+        self.fc = nn.Linear(3, 5)
+        with torch.no_grad():
+            self.big[0].weight.mul_(20.0)  # pre-activations far beyond 6
+            self.small[0].weight.mul_(0.01)  # stays well below 6
+
+    def forward(self, x):
+        y = x + self.project(self.small(self.big(x)))
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def relu6_results():
+    torch.manual_seed(0)
+    model = ReLU6Net().eval()
+    batches = _batches()
+    return model, {mode: quantize(model, batches, QuantConfig(relu6=mode)) for mode in ("clamped", "fixed")}
+
+
+def test_quantize_dequantize_round_trip(relu6_results):
+    model, results = relu6_results
+    r = results["clamped"]
+    for e in r.table:
+        if e.per_channel or e.dtype != "int8":
+            continue
+        lo = (e.qmin - e.zero_point[0]) * e.scale[0]
+        hi = (e.qmax - e.zero_point[0]) * e.scale[0]
+        x = torch.linspace(lo, hi, 1001)
+        q = qd.quantize_per_tensor.default(x, e.scale[0], e.zero_point[0], e.qmin, e.qmax, torch.int8)
+        back = qd.dequantize_per_tensor.default(q, e.scale[0], e.zero_point[0], e.qmin, e.qmax, torch.int8)
+        assert float((back - x).abs().max()) <= e.scale[0] / 2 * (1 + 1e-5), e.key
+        if lo <= 0 <= hi:
+            zero = qd.quantize_per_tensor.default(torch.zeros(1), e.scale[0], e.zero_point[0], e.qmin, e.qmax,
+                                                  torch.int8)
+            assert float(qd.dequantize_per_tensor.default(zero, e.scale[0], e.zero_point[0], e.qmin, e.qmax,
+                                                          torch.int8)) == 0.0
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+        err = (r.graph(x) - ref).abs().max() / ref.abs().max()
+    assert float(err) < 0.05
+
+
+def test_relu6_outputs_have_zero_point_minus_128(relu6_results):
+    _, results = relu6_results
+    for mode, r in results.items():
+        relu6_convs = [f.conv for f in r.fusion.folded if f.activation == "relu6"]
+        assert relu6_convs == ["big.0", "small.0"]
+        for conv in relu6_convs:
+            e = r.table.get(conv, "output")
+            assert e.zero_point == (-128,), (mode, conv)
+            if mode == "fixed":
+                assert e.scale[0] == pytest.approx(6 / 255, rel=1e-7)
+            else:
+                assert e.scale[0] <= 6 / 255 * (1 + 1e-7)
+    clamped = results["clamped"].table
+    assert clamped.get("big.0", "output").scale[0] == pytest.approx(6 / 255, rel=1e-6)  # saturated: max = 6
+    assert clamped.get("small.0", "output").scale[0] < 0.5 * 6 / 255  # min(6, calibrated max)
+    bottleneck = clamped.get("project.0", "output")
+    assert bottleneck.zero_point[0] > -128  # linear bottleneck: calibrated asymmetric range around 0
+
+
+def test_export_graph_has_int8_ops_and_bias_on_the_int32_grid(relu6_results):
+    model, results = relu6_results
+    r = results["clamped"]
+    targets = lambda gm: [n.args[-1] for n in gm.graph.nodes if n.op == "call_function" and "quantize_per" in str(n.target) and "dequantize" not in str(n.target)]  # noqa: E731
+    assert torch.int32 in targets(r.qdq_graph)
+    assert torch.int32 not in targets(r.export_graph) and torch.int8 in targets(r.export_graph)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(r.export_graph(x), r.graph(x), rtol=0, atol=1e-6)
+
+
+class DeadNet(nn.Module):
+    """A depthwise conv with dead channels (all-zero weights, non-zero bias), a layer whose output is all
+    zero, and one whose output is constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.zero = nn.Conv2d(8, 8, 1)
+        self.const = nn.Conv2d(8, 8, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+        with torch.no_grad():
+            self.dw[0].weight[[2, 5]] = 0.0
+            self.dw[1].bias.fill_(0.3)
+            self.zero.weight.zero_(), self.zero.bias.zero_()
+            self.const.weight.zero_(), self.const.bias.fill_(1.5)
+
+    def forward(self, x):
+        y = self.dw(self.stem(x))
+        z = torch.relu(self.zero(y))  # all zero (fused conv+ReLU: the "zero" layer's output)
+        return self.head((y + z) * self.const(y))
+
+
+@pytest.fixture(scope="module")
+def dead_result():
+    torch.manual_seed(0)
+    return DeadNet().eval(), quantize(DeadNet().eval(), _batches(), QuantConfig())
+
+
+def test_degenerate_ranges_get_positive_scales_and_findings(dead_result):
+    _, r = dead_result
+    for e in r.table:
+        assert all(s > 0 and s == s and s != float("inf") for s in e.scale), e.key
+    kinds = {(f.kind, f.layer) for f in r.findings}
+    assert ("dead_weight_channels", "dw.0") in kinds
+    assert ("dead_weight_channels", "zero") in kinds and ("dead_weight_channels", "const") in kinds
+    assert ("degenerate_activation", "zero") in kinds  # the all-zero ReLU output
+    assert ("constant_activation", "const") in kinds
+    w = r.table.get("dw.0", "weight")
+    healthy = sorted(s for i, s in enumerate(w.scale) if i not in (2, 5))
+    assert w.scale[2] == w.scale[5] >= healthy[len(healthy) // 2 - 1]  # median of the other channels
+    b, x = r.table.get("dw.0", "bias"), r.table.get("stem.0", "output")
+    assert b.scale[2] == pytest.approx(x.scale[0] * w.scale[2], rel=1e-6)
+    assert 0.3 / b.scale[2] < 2**31  # the dead channel's bias is representable
+    assert r.table.get("zero", "output").scale == (pytest.approx(1 / 255),)
+    assert r.table.get("zero", "output").zero_point == (-128,)
+    out = r(torch.randn(2, 3, 8, 8))
+    assert bool(torch.isfinite(out).all())
+
+
+def test_nan_batch_is_refused_by_index():
+    batches = _batches(3)
+    batches[2][0, 0, 0, 0] = float("nan")
+    with pytest.raises(InputError, match="calibration batch 2 contains NaN"):
+        quantize(ReLU6Net().eval(), batches)
+
+
+def test_empty_calibration_set_is_refused():
+    with pytest.raises(InputError, match="empty"):
+        quantize(ReLU6Net().eval(), [])
+
+
+def test_wrong_shape_names_expected_and_got():
+    batches = _batches(2) + [torch.randn(4, 3, 9, 8)]
+    with pytest.raises(InputError, match=r"batch 2 has shape \(4, 3, 9, 8\); expected \(N, 3, 8, 8\)"):
+        quantize(ReLU6Net().eval(), batches)
+
+
+def test_num_calibration_caps_the_images_used():
+    labelled = [(x, torch.zeros(4, dtype=torch.long)) for x in _batches(4)]
+    r = quantize(ReLU6Net().eval(), labelled, QuantConfig(num_calibration=5))
+    assert r.num_calibration_samples == 5
+
+
+def test_float16_stores_weights_in_half():
+    torch.manual_seed(0)
+    model = ReLU6Net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    r = to_float16(model, x)
+    assert r.graph.meta["mq_precision"] == "float16" and r.num_constants >= 6
+    params = dict(r.graph.named_parameters())
+    assert params and all(p.dtype == torch.float16 for p in params.values())
+    with torch.no_grad():
+        out, ref = r(x), model(x)
+    assert out.dtype == torch.float32
+    assert float((out - ref).abs().max() / ref.abs().max()) < 1e-2
+
+
+def _family_representatives() -> list[str]:
+    seen: dict[str, str] = {}
+    for name in list_models():
+        seen.setdefault(model_info(name).family, name)
+    return sorted(seen.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _family_representatives())
+def test_zoo_family_quantizes(name):
+    model = create_model(name, num_classes=10).eval()
+    c, h, _ = model.preprocess.input_size
+    side = min(32, h)
+    batches = _batches(2, (4, c, side, side))
+    r = quantize(model, batches, QuantConfig())
+    assert not any(f.kind == "float_fallback" for f in r.findings)
+    x = batches[0]
+    with torch.no_grad():
+        ref, out = model(x), r(x)
+    assert out.shape == ref.shape and bool(torch.isfinite(out).all())
+    cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
+    assert float(cos) > 0.9
+
+
+def _trained_default():
+    if importlib.util.find_spec("mobilequant.weights") is None:
+        return None
+    try:
+        from mobilequant.weights import default_model
+
+        return default_model()
+    except Exception:  # weights not shipped yet
+        return None
+
+
+@pytest.mark.slow
+def test_trained_default_model_keeps_its_accuracy():
+    model = _trained_default()
+    if model is None:
+        pytest.skip("shipped Fashion-MNIST weights are not installed")
+    from mobilequant.data import builtin_dataset, calibration_set
+
+    try:
+        test = builtin_dataset("fashion-mnist", "test", model.preprocess)
+    except Exception as e:  # the full split comes from a system package
+        pytest.skip(f"Fashion-MNIST test split not available: {e}")
+    calib = calibration_set("fashion-mnist", model.preprocess)
+    r = quantize(model, [calib.images[i:i + 128] for i in range(0, len(calib.images), 128)], QuantConfig())
+    x, y = test.images[:1000], test.labels[:1000]
+    with torch.no_grad():
+        f = torch.cat([model(x[i:i + 250]).argmax(1) for i in range(0, 1000, 250)])
+        q = torch.cat([r(x[i:i + 250]).argmax(1) for i in range(0, 1000, 250)])
+    float_acc, int8_acc = float((f == y).float().mean()), float((q == y).float().mean())
+    assert float((f == q).float().mean()) >= 0.98
+    assert int8_acc >= float_acc - 0.01

@@ -1,0 +1,195 @@
+"""MobileQuantizer annotations follow the TFLite int8 rules; QuantConfig validates its options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+from torchao.quantization.pt2e.quantizer import (
+    DerivedQuantizationSpec,
+    FixedQParamsQuantizationSpec,
+    SharedQuantizationSpec,
+)
+
+from mobilequant.capture import capture
+from mobilequant.errors import InputError, UsageError
+from mobilequant.fusion import fold_conv_bn
+from mobilequant.quant import MobileQuantizer, QuantConfig
+from mobilequant.quant.quantizer import FUSED_INTO, OP_RULES, Q_KEY, Rule, op_table
+
+
+class SE(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1, self.relu, self.fc2, self.gate = nn.Conv2d(c, 4, 1), nn.ReLU(), nn.Conv2d(4, c, 1), nn.Hardsigmoid()
+
+    def forward(self, x):
+        return x * self.gate(self.fc2(self.relu(self.fc1(self.avgpool(x)))))
+
+
+class Shuffle(nn.Module):
+    def forward(self, x):
+        n, c, h, w = x.shape
+        return x.reshape(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class Net(nn.Module):
+    """Every rule once: conv+ReLU6, depthwise+ReLU6, linear bottleneck, residual add+ReLU, hardswish,
+    squeeze-excite (mean, hardsigmoid, mul), channel shuffle, concat, max pool, mean, linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
+        self.project = nn.Sequential(nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.act = nn.ReLU()
+        self.hs = nn.Hardswish()
+        self.se = SE(8)
+        self.shuffle = Shuffle()
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        y = self.act(x + self.project(self.dw(self.expand(x))))
+        y = self.shuffle(self.se(self.hs(y)))
+        y = self.pool(torch.cat([y, x], 1))
+        return self.fc(y.mean((2, 3)))
+
+
+def _graph(model=None, x=None):
+    torch.manual_seed(0)
+    model = (model or Net()).eval()
+    gm = capture(model, torch.randn(2, 8, 8, 8) if x is None else x)
+    fold_conv_bn(gm)
+    return gm
+
+
+def _by_name(gm):
+    return {n.meta["mq_name"]: n for n in gm.graph.nodes if n.op == "call_function"}
+
+
+@pytest.fixture(scope="module")
+def annotated():
+    gm = _graph()
+    q = MobileQuantizer(QuantConfig())
+    q.annotate(gm)
+    return gm, q, _by_name(gm)
+
+
+def _ann(node):
+    return node.meta[Q_KEY]
+
+
+def test_conv_relu6_output_is_on_the_activation(annotated):
+    gm, q, nodes = annotated
+    for conv, act in (("expand.0", "expand.2"), ("dw.0", "dw.2")):
+        ca, aa = _ann(nodes[conv]), _ann(nodes[act])
+        assert ca.output_qspec is None, "the pair lowers to one fused int8 conv"
+        assert aa.output_qspec is q.relu6_spec and not aa.input_qspec_map
+        assert nodes[act].meta[FUSED_INTO] == conv
+        x, w, b = nodes[conv].args[:3]
+        assert ca.input_qspec_map[w] is q.weight_spec
+        bias = ca.input_qspec_map[b]
+        assert isinstance(bias, DerivedQuantizationSpec) and bias.dtype == torch.int32
+        assert bias.derived_from == [(x, nodes[conv]), (w, nodes[conv])]
+    spec = q.weight_spec
+    assert (spec.quant_min, spec.quant_max, spec.qscheme, spec.ch_axis) == (-127, 127, torch.per_channel_symmetric, 0)
+
+
+def test_linear_bottleneck_and_add_relu(annotated):
+    gm, q, nodes = annotated
+    assert _ann(nodes["project.0"]).output_qspec is q.act_spec  # calibrated asymmetric range
+    add = nodes["add_0"]
+    assert _ann(add).output_qspec is None and _ann(nodes["act"]).output_qspec is q.act_spec  # ADD+ReLU fused
+    assert set(_ann(add).input_qspec_map) == {a for a in add.args if isinstance(a, torch.fx.Node)}
+
+
+def test_shared_fixed_and_own_parameters(annotated):
+    gm, q, nodes = annotated
+    fixed = _ann(nodes["se.gate"]).output_qspec
+    assert isinstance(fixed, FixedQParamsQuantizationSpec)
+    assert (fixed.scale, fixed.zero_point, fixed.quant_min, fixed.quant_max) == (1 / 256, -128, -128, 127)
+    for name in ("shuffle.reshape_0", "shuffle.transpose_0", "shuffle.reshape_1", "pool", "cat_0"):
+        assert isinstance(_ann(nodes[name]).output_qspec, SharedQuantizationSpec), name
+    cat = nodes["cat_0"]
+    first, second = cat.args[0]
+    assert _ann(cat).input_qspec_map[second] == SharedQuantizationSpec((first, cat))
+    for name in ("hs", "se.avgpool", "mean_0", "fc", "se"):
+        assert _ann(nodes[name]).output_qspec is q.act_spec, name
+
+
+def test_prepared_graph_shares_observers_where_tflite_requires(annotated):
+    gm = _graph()
+    prepared = prepare_pt2e(gm, MobileQuantizer(QuantConfig()))
+    obs_after = {}
+    for n in prepared.graph.nodes:
+        if n.op == "call_module" and isinstance(n.args[0], torch.fx.Node):
+            obs_after[n.args[0].meta.get("mq_name")] = prepared.get_submodule(n.target)
+    chain = ["se", "shuffle.reshape_0", "shuffle.transpose_0", "shuffle.reshape_1", "cat_0", "pool"]
+    assert len({id(obs_after[c]) for c in chain}) == 1, "channel shuffle / concat / pool keep one range"
+    assert obs_after["hs"] is not obs_after["se"]
+
+
+def test_relu6_fixed_mode_uses_exact_range():
+    q = MobileQuantizer(QuantConfig(relu6="fixed"))
+    obs = q.relu6_spec.observer_or_fake_quant_ctr(dtype=torch.int8, quant_min=-128, quant_max=127)
+    obs(torch.tensor([0.0, 1.0]))  # data is ignored
+    scale, zp = obs.calculate_qparams()
+    assert float(scale) == pytest.approx(6 / 255, rel=1e-7) and int(zp) == -128
+
+
+def test_per_tensor_weights():
+    spec = MobileQuantizer(QuantConfig(per_channel=False, weight_bits=4)).weight_spec
+    assert (spec.qscheme, spec.ch_axis, spec.quant_min, spec.quant_max) == (torch.per_tensor_symmetric, None, -7, 7)
+
+
+def test_validate_lists_unsupported_ops_and_float_fallback():
+    class WithGelu(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.act = nn.Conv2d(3, 4, 1), nn.GELU()
+
+        def forward(self, x):
+            return self.act(self.conv(x))
+
+    gm = _graph(WithGelu(), torch.randn(2, 3, 4, 4))
+    with pytest.raises(InputError, match=r"act \(aten\.gelu\.default\).*float_fallback"):
+        MobileQuantizer(QuantConfig()).validate(gm)
+    MobileQuantizer(QuantConfig(float_fallback=True)).validate(gm)  # no error
+
+
+def test_litert_reads_a_static_global_config():
+    assert MobileQuantizer().global_config.is_dynamic is False
+
+
+def test_op_table_has_one_rule_per_op():
+    rows = op_table()
+    assert len(rows) == len(OP_RULES) and ("aten.hardtanh.default", "own") in rows
+    assert OP_RULES[torch.ops.aten.cat.default] is Rule.SHARED
+
+
+@pytest.mark.parametrize(
+    "kwargs, option",
+    [
+        ({"calibration": "minmx"}, "calibration"),
+        ({"relu6": "clamp"}, "relu6"),
+        ({"weight_bits": 9}, "weight_bits"),
+        ({"percentile": 20.0}, "percentile"),
+        ({"num_calibration": 0}, "num_calibration"),
+        ({"per_channel": "yes"}, "per_channel"),
+    ],
+)
+def test_config_rejects_bad_values_naming_the_option(kwargs, option):
+    with pytest.raises(UsageError) as e:
+        QuantConfig(**kwargs)
+    assert f"QuantConfig.{option}" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_config_suggests_close_names():
+    with pytest.raises(UsageError, match="did you mean 'minmax'"):
+        QuantConfig(calibration="minmx")
+    with pytest.raises(UsageError, match="did you mean 'per_channel'"):
+        QuantConfig().replace(per_chanel=False)
+    assert QuantConfig.from_dict(QuantConfig(cle=True).to_dict()) == QuantConfig(cle=True)
