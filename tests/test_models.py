@@ -52,6 +52,15 @@ def test_every_family_registered():
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)
+def test_variant_signature(name):
+    params = inspect.signature(model_info(name).fn).parameters
+    assert list(params)[:3] == ["num_classes", "in_chans", "width_mult"]
+    assert params["num_classes"].default == 1000 and params["in_chans"].default == 3
+    assert isinstance(params["width_mult"].default, float)
+    assert any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
 def test_builds_and_runs(name):
     torch.manual_seed(0)
     model = create_model(name, num_classes=7, resolution=64).eval()

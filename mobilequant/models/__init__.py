@@ -1,7 +1,11 @@
 """The model zoo of the mobile-network literature.
 
 ``create_model(name, num_classes=..., in_chans=..., width_mult=..., **kw)``, ``list_models(pattern)``,
-``model_info(name)``; users' own models via ``load_model("pkg.module:factory")``.
+``model_info(name)``. Every variant also takes ``resolution=`` (sets ``model.preprocess`` via
+``with_resolution``) and ``preprocess=`` (a :class:`PreprocessConfig` to attach, e.g. ``FASHION_MNIST``).
+Users' own models: ``load_model("pkg.module:factory")`` / ``load_model("file.py:factory")``; weights:
+``load_checkpoint(model, path)`` (weights only). Complexity: ``count_params``, ``count_madds``
+(torch's ``FlopCounterMode``). torchvision's ImageNet MobileNetV2: :mod:`mobilequant.models.pretrained`.
 """
 
 from ._registry import (  # noqa: F401
