@@ -1,0 +1,35 @@
+"""End-to-end comparison of the artifact with the float model: accuracy with labels, agreement without."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .metrics import ErrorStats, sqnr_db
+from .report import EndToEnd
+
+__all__ = ["end_to_end"]
+
+
+def end_to_end(float_logits: np.ndarray, quant_logits: np.ndarray, labels: np.ndarray | None, k: int = 5) -> EndToEnd:
+    """Top-1 accuracy of both (with ``labels``), top-1 agreement, top-``k`` containment, logits SQNR.
+
+    Top-``k`` containment: the share of images whose float top-1 class is among the artifact's top ``k``
+    (``k`` is clipped to the number of classes).
+    """
+    if float_logits.shape != quant_logits.shape:
+        raise ValueError(f"logits shapes differ: float {float_logits.shape}, artifact {quant_logits.shape}")
+    n, classes = float_logits.shape
+    f_top1 = float_logits.argmax(axis=1)
+    q_top1 = quant_logits.argmax(axis=1)
+    k = min(k, classes)
+    q_topk = np.argsort(-quant_logits, axis=1, kind="stable")[:, :k]
+    containment = float((q_topk == f_top1[:, None]).any(axis=1).mean()) if n else float("nan")
+    agreement = float((f_top1 == q_top1).mean()) if n else float("nan")
+    sq = sqnr_db(ErrorStats().update(float_logits, quant_logits))
+    if labels is None:
+        return EndToEnd(n, False, None, None, agreement, containment, sq,
+                        "no labels: accuracy cannot be measured; reporting agreement with the float model "
+                        "(the accuracy drop is at most the disagreement)")
+    labels = np.asarray(labels)
+    return EndToEnd(n, True, float((f_top1 == labels).mean()), float((q_top1 == labels).mean()),
+                    agreement, containment, sq)

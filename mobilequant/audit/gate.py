@@ -1,0 +1,54 @@
+"""The release gate: accuracy drop, per-layer SQNR, dead kernels → a list of failures (empty = pass).
+
+* ``max_drop`` (pp): with labels, ``(float top-1 − artifact top-1) × 100``. Without labels the top-1
+  *disagreement* is gated instead: the accuracy drop can never exceed it (the two models can only
+  differ in accuracy on images where they disagree), so it is a conservative stand-in, and the failure
+  says so.
+* ``min_sqnr`` (dB): every layer's **isolated** SQNR, i.e. the error the layer itself adds. The
+  accumulated SQNR falls along any network and is shown, not gated: a layer that only inherits error
+  is not the one to fix.
+* ``fail_on_dead_kernels``: every ``error``-severity finding of :mod:`mobilequant.audit.health`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from .health import Finding
+from .report import EndToEnd, Gate, GateFailure, LayerResult
+
+__all__ = ["evaluate_gate"]
+
+
+def evaluate_gate(gate: Gate, e2e: EndToEnd, layers: Iterable[LayerResult], findings: Iterable[Finding]) -> list[GateFailure]:
+    out: list[GateFailure] = []
+    if gate.max_drop is not None:
+        if e2e.labels_used and e2e.drop_pp is not None:
+            if e2e.drop_pp > gate.max_drop:
+                out.append(GateFailure(
+                    "accuracy_drop", "model",
+                    f"top-1 accuracy drop {e2e.drop_pp:.2f} pp > {gate.max_drop:g} pp "
+                    f"(float {100 * e2e.float_top1:.2f} %, artifact {100 * e2e.quant_top1:.2f} %)",
+                    e2e.drop_pp, gate.max_drop))
+        elif e2e.disagreement_pp > gate.max_drop:
+            out.append(GateFailure(
+                "disagreement", "model",
+                f"top-1 disagreement with the float model {e2e.disagreement_pp:.2f} pp > {gate.max_drop:g} pp "
+                "(no labels: the disagreement bounds the accuracy drop from above)",
+                e2e.disagreement_pp, gate.max_drop))
+    if gate.min_sqnr is not None:
+        bad = [l for l in layers if l.isolated is not None and not math.isnan(l.iso_sqnr) and l.iso_sqnr < gate.min_sqnr]
+        for l in sorted(bad, key=lambda l: (l.iso_sqnr, l.index)):
+            out.append(GateFailure(
+                "layer_sqnr", l.name,
+                f"layer {l.name} ({l.kind}): isolated SQNR {l.iso_sqnr:.1f} dB < {gate.min_sqnr:g} dB "
+                f"(accumulated {l.acc_sqnr:.1f} dB)", l.iso_sqnr, gate.min_sqnr))
+    if gate.fail_on_dead_kernels:
+        for f in sorted((f for f in findings if f.severity == "error"), key=lambda f: f.sort_key):
+            chans = ", ".join(str(c) for c in f.channels[:10]) + (" …" if len(f.channels) > 10 else "")
+            out.append(GateFailure(
+                "dead_kernels", f.layer,
+                f"{f.check.replace('_', ' ')} in {f.layer} ({f.layer_kind}, {f.stage}): channels [{chans}] — {f.remedy}",
+                float(len(f.channels)), 0.0))
+    return out

@@ -1,0 +1,221 @@
+"""Weight and channel health: dead depthwise kernels and what ruins int8, before and after quantization.
+
+Checks (``Finding.check``), per output channel of every depthwise and pointwise layer (range spread:
+every conv / linear layer):
+
+``dead_kernel``
+    float: the kernel is exactly zero. quantized: every code of the channel is the zero point in the
+    artifact (a kernel alive in float but dead in the file was killed by quantization). The channel then
+    outputs a constant (the folded BN bias): compute spent on nothing.
+``weak_kernel``
+    float: L2 norm below ``weak_kernel_rel`` × the layer's median norm. With per-tensor weights it rounds
+    to zero or to a handful of codes.
+``bn_gamma_zero``
+    float: ``|γ|`` below ``bn_gamma_rel`` × the layer's median ``|γ|`` (or exactly 0): after folding the
+    kernel is ~0 whatever the conv weights are.
+``dead_activation``
+    the channel's post-ReLU/ReLU6 output is 0 on every image of the evaluation set (float: the torch
+    reference; quantized: the artifact's tensor).
+``range_spread``
+    max / median of the per-channel weight range (folded kernel, as quantized). Per-tensor int8 gives the
+    median channel only ~127 / spread codes.
+``single_code``
+    quantized: every weight of the channel has the same code, the kernel is a constant.
+
+Severities: ``error`` fails the gate when ``fail_on_dead_kernels`` is set (dead kernels and zero γ in
+depthwise layers, and kernels killed by quantization anywhere); ``warning`` is reported; ``info`` is
+context (e.g. a range spread that per-channel quantization already absorbs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .layers import FusedLayer
+from .weights import QuantizedWeights
+
+__all__ = ["Finding", "HealthThresholds", "DEAD_CHECKS", "float_weight_findings", "quantized_weight_findings",
+           "dead_activation_findings", "kernel_norms", "REMEDY"]
+
+DEAD_CHECKS = ("dead_kernel", "bn_gamma_zero", "dead_activation")
+_KERNEL_KINDS = ("depthwise", "pointwise")
+_SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
+
+REMEDY = {
+    "remove": "remove the dead channels (prune this output channel and the matching input of the next layer; "
+              "its constant output can be folded into the next layer's bias)",
+    "per_channel": "quantize the weights per channel (QuantConfig(per_channel=True))",
+    "cle": "apply cross-layer equalization (QuantConfig(cle=True)) to even out the channel ranges",
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One health problem: which layer and channels, why it matters, what to do."""
+
+    check: str
+    layer: str
+    layer_kind: str
+    stage: str  # "float" (the torch model) | "quantized" (the artifact)
+    severity: str  # "error" | "warning" | "info"
+    channels: tuple[int, ...]
+    why: str
+    remedy: str
+    value: float | None = None  # the measured quantity (spread ratio, smallest relative norm, ...)
+    channel_count: int = 0  # channels in the layer
+
+    @property
+    def sort_key(self):
+        return (_SEVERITY_ORDER.get(self.severity, 9), self.check, self.layer, self.stage)
+
+    def to_dict(self) -> dict:
+        return {"check": self.check, "layer": self.layer, "layer_kind": self.layer_kind, "stage": self.stage,
+                "severity": self.severity, "channels": list(self.channels), "channel_count": self.channel_count,
+                "value": self.value, "why": self.why, "remedy": self.remedy}
+
+
+@dataclass(frozen=True)
+class HealthThresholds:
+    """Thresholds of the health checks (all relative, so they hold for any weight scale)."""
+
+    weak_kernel_rel: float = 0.01  # kernel norm < this × the layer's median norm
+    bn_gamma_rel: float = 1e-3  # |γ| < this × the layer's median |γ|
+    range_spread: float = 10.0  # max / median per-channel weight range
+    kinds: tuple[str, ...] = field(default=_KERNEL_KINDS)  # layer kinds whose kernels are checked per channel
+
+
+def _channel_norms(w: np.ndarray) -> np.ndarray:
+    return np.sqrt((w.reshape(w.shape[0], -1).astype(np.float64) ** 2).sum(axis=1))
+
+
+def kernel_norms(layers: Iterable[FusedLayer], kinds: tuple[str, ...] = _KERNEL_KINDS) -> dict[str, np.ndarray]:
+    """Per-channel L2 norm of each float kernel of ``kinds``, divided by the layer's median norm."""
+    out = {}
+    for layer in layers:
+        if layer.kind in kinds and layer.weight is not None:
+            n = _channel_norms(layer.weight)
+            med = float(np.median(n))
+            out[layer.name] = n / med if med > 0 else n
+    return out
+
+
+def _ch(mask: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.flatnonzero(mask))
+
+
+def _dead_severity(kind: str) -> str:
+    return "error" if kind == "depthwise" else "warning"
+
+
+def float_weight_findings(layers: Iterable[FusedLayer], th: HealthThresholds = HealthThresholds()) -> list[Finding]:
+    """Health of the float model's kernels and BN scales (stage ``float``)."""
+    out: list[Finding] = []
+    for layer in layers:
+        if layer.weight is None:
+            continue
+        c = layer.channels
+        if layer.kind in th.kinds:
+            norms = _channel_norms(layer.weight)
+            med = float(np.median(norms))
+            dead = norms == 0
+            if dead.any():
+                out.append(Finding(
+                    "dead_kernel", layer.name, layer.kind, "float", _dead_severity(layer.kind), _ch(dead),
+                    f"{dead.sum()} of {c} {layer.kind} kernels are all zero: those channels output a constant "
+                    "(the BN bias) and waste compute", REMEDY["remove"], 0.0, c))
+            weak = (norms > 0) & (norms < th.weak_kernel_rel * med)
+            if weak.any():
+                rel = float((norms[weak] / med).min())
+                out.append(Finding(
+                    "weak_kernel", layer.name, layer.kind, "float", "warning", _ch(weak),
+                    f"{weak.sum()} kernels have a norm below {th.weak_kernel_rel:g} × the layer median "
+                    f"(smallest {rel:.2g}×): per-tensor int8 rounds them to zero or a few codes",
+                    f"{REMEDY['per_channel']}; or {REMEDY['cle']}; if they carry nothing, {REMEDY['remove']}", rel, c))
+            if layer.bn_gamma is not None:
+                g = np.abs(layer.bn_gamma)
+                gmed = float(np.median(g))
+                low = (g == 0) | (g < th.bn_gamma_rel * gmed)
+                if low.any():
+                    out.append(Finding(
+                        "bn_gamma_zero", layer.name, layer.kind, "float", _dead_severity(layer.kind), _ch(low),
+                        f"BatchNorm {layer.bn}: γ ≈ 0 on {low.sum()} of {c} channels (below {th.bn_gamma_rel:g} × "
+                        "median |γ|): after folding the kernel is ~0 and the channel is a constant",
+                        REMEDY["remove"], float(g[low].max() / gmed) if gmed > 0 else 0.0, c))
+        folded = layer.folded_weight()
+        if layer.kind in ("depthwise", "pointwise", "conv", "linear") and c > 1:
+            rng = np.abs(folded.reshape(c, -1)).max(axis=1)
+            med = float(np.median(rng))
+            if med > 0:
+                spread = float(rng.max() / med)
+                if spread > th.range_spread:
+                    wide = rng > th.range_spread * med
+                    out.append(Finding(
+                        "range_spread", layer.name, layer.kind, "float", "info", _ch(wide),
+                        f"per-channel weight ranges (BN folded) spread {spread:.1f}× (max / median): with one scale "
+                        f"per tensor the median channel gets ~{127 / spread:.0f} of 127 codes",
+                        f"{REMEDY['per_channel']}; or {REMEDY['cle']}", spread, c))
+    return out
+
+
+def quantized_weight_findings(layers: Iterable[FusedLayer], qweights: Mapping[str, QuantizedWeights],
+                              float_findings: Iterable[Finding] = (),
+                              th: HealthThresholds = HealthThresholds()) -> list[Finding]:
+    """Health of the artifact's int8 kernels (stage ``quantized``), next to the float model's."""
+    out: list[Finding] = []
+    spread_float = {f.layer: f for f in float_findings if f.check == "range_spread"}
+    for layer in layers:
+        q = qweights.get(layer.name)
+        if q is None or layer.weight is None:
+            continue
+        codes = q.channel_codes()
+        if codes.shape[0] != layer.channels:
+            continue  # shape mismatch is reported by the layer matching, not here
+        c = layer.channels
+        zp = q.zero_points().reshape(-1, 1)
+        all_zp = (codes == zp).all(axis=1)
+        float_dead = _channel_norms(layer.weight) == 0
+        if layer.kind in th.kinds and all_zp.any():
+            killed = all_zp & ~float_dead
+            why = f"{all_zp.sum()} of {c} kernels are all zero-point codes in the artifact"
+            if killed.any():
+                why += (f" ({killed.sum()} of them are non-zero in float: quantization killed them"
+                        f"{', scale per tensor' if not q.per_channel else ''})")
+            out.append(Finding(
+                "dead_kernel", layer.name, layer.kind, "quantized",
+                "error" if killed.any() else _dead_severity(layer.kind), _ch(all_zp), why,
+                (f"{REMEDY['per_channel']}; or {REMEDY['cle']}" if killed.any() else REMEDY["remove"]), 0.0, c))
+        if layer.kind in th.kinds and codes.shape[1] > 1:
+            single = (codes == codes[:, :1]).all(axis=1) & ~all_zp
+            if single.any():
+                out.append(Finding(
+                    "single_code", layer.name, layer.kind, "quantized", "warning", _ch(single),
+                    f"{single.sum()} of {c} kernels quantize to a single code: the kernel became a constant "
+                    "(its spatial / input pattern is lost)", f"{REMEDY['per_channel']}; or {REMEDY['cle']}", None, c))
+        if layer.name in spread_float and not q.per_channel:
+            f = spread_float[layer.name]
+            out.append(Finding(
+                "range_spread", layer.name, layer.kind, "quantized", "warning", f.channels,
+                f.why.replace("with one scale per tensor", "the artifact has one scale per tensor, so"),
+                f.remedy, f.value, c))
+    return out
+
+
+def dead_activation_findings(layers: Iterable[FusedLayer], channel_max: Mapping[str, np.ndarray], stage: str,
+                             images: int) -> list[Finding]:
+    """Channels whose post-ReLU/ReLU6 output is 0 on all ``images`` (``channel_max``: max over the set)."""
+    out = []
+    for layer in layers:
+        if layer.activation not in ("relu", "relu6") or layer.name not in channel_max:
+            continue
+        m = np.asarray(channel_max[layer.name])
+        dead = m <= 0
+        if dead.any():
+            out.append(Finding(
+                "dead_activation", layer.name, layer.kind, stage, _dead_severity(layer.kind), _ch(dead),
+                f"{dead.sum()} of {m.size} channels are 0 after the {layer.activation.upper()} on all {images} "
+                f"evaluation images ({'torch float model' if stage == 'float' else 'artifact'}): dead channels",
+                REMEDY["remove"], None, int(m.size)))
+    return out

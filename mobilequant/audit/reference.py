@@ -1,0 +1,80 @@
+"""The float reference: every fused layer's output of the torch model on a batch, by stable name.
+
+Like onnxruntime's ``augment_graph`` for ONNX, the float graph is *augmented*: a copy of the captured
+(unfused, float) graph whose output is the model output plus the output node of every fused group
+(post BN and activation, see :mod:`mobilequant.audit.layers`). The copy runs as compiled fx code —
+several times faster than a node-by-node ``torch.fx.Interpreter``. In-place activations
+(``hardtanh_``, ``relu_``) become their out-of-place versions in the copy, so a returned tensor can
+never be overwritten by a later op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch.fx import Graph, GraphModule
+
+from .layers import FusedLayer
+
+__all__ = ["FloatReference"]
+
+_aten = torch.ops.aten
+_OUT_OF_PLACE = {
+    _aten.hardtanh_.default: _aten.hardtanh.default,
+    _aten.relu_.default: _aten.relu.default,
+    _aten.clamp_.default: _aten.clamp.default,
+    _aten.add_.Tensor: _aten.add.Tensor,
+}
+
+
+def _augmented(gm: GraphModule, keep: list[str]) -> GraphModule:
+    """A copy of ``gm`` returning ``(original output, *values of the nodes named in keep)``."""
+    graph = Graph()
+    env: dict = {}
+    old_out = None
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            old_out = node
+            continue
+        if node.op == "call_module" and str(node.target).startswith("_guards"):
+            continue  # torch.export's shape guards: not needed to compute values
+        new = graph.node_copy(node, lambda n: env[n])
+        if new.op == "call_function" and new.target in _OUT_OF_PLACE:
+            new.target = _OUT_OF_PLACE[new.target]
+        env[node] = new
+    result = old_out.args[0]
+    first = result[0] if isinstance(result, (tuple, list)) else result
+    graph.output((env[first], *[env[n] for n in _nodes(gm, keep)]))
+    out = GraphModule(gm, graph)
+    out.eval()
+    return out
+
+
+def _nodes(gm: GraphModule, names: list[str]):
+    by_name = {n.name: n for n in gm.graph.nodes}
+    return [by_name[n] for n in names]
+
+
+class FloatReference:
+    """Runs the float graph and returns ``(output, {layer name: float32 NCHW array})``."""
+
+    def __init__(self, gm: GraphModule, layers: Iterable[FusedLayer], names: Iterable[str] | None = None):
+        wanted = None if names is None else set(names)
+        self.layers = [l for l in layers if wanted is None or l.name in wanted]
+        self.module = _augmented(gm, [l.output_node for l in self.layers])
+
+    def run(self, x: torch.Tensor, num_threads: int | None = 1) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """``num_threads``: torch intra-op threads for this call (restored after). One by default: a batch of
+        small images gains nothing from intra-op threads, and on a shared CPU their spin-waiting made the
+        reference ~10× slower in measurements (docs/audit.md)."""
+        before = torch.get_num_threads()
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        try:
+            with torch.no_grad():
+                out, *values = self.module(x)
+        finally:
+            torch.set_num_threads(before)
+        return out.float().numpy(), {l.name: v.float().numpy() for l, v in zip(self.layers, values)}

@@ -1,0 +1,255 @@
+"""The audit's result: typed records, the JSON report (schema in docs/audit.md) and the terminal summary."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .health import DEAD_CHECKS, Finding
+
+__all__ = ["SCHEMA", "LayerResult", "EndToEnd", "GateFailure", "Gate", "AuditReport", "write_json", "format_terminal"]
+
+SCHEMA = "mobilequant.audit/1"
+
+
+def _num(v):
+    """JSON-safe float: nan / inf → None."""
+    if v is None:
+        return None
+    v = float(v)
+    return None if math.isnan(v) or math.isinf(v) else round(v, 6)
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """Per-layer comparison with the float torch reference on the evaluation batch."""
+
+    index: int  # position along the network (graph order)
+    name: str  # stable layer name
+    kind: str  # depthwise | pointwise | conv | linear | add | ...
+    tensor: str  # tensor name in the artifact
+    accumulated: dict[str, float]  # metrics of the artifact's tensor (all layers before it quantized too)
+    isolated: dict[str, float] | None  # metrics of this layer alone fed the float reference (None: not run)
+    segment_ops: tuple[str, ...] = ()  # artifact ops run for the isolated measurement
+
+    @property
+    def iso_sqnr(self) -> float:
+        return self.isolated["sqnr_db"] if self.isolated else math.nan
+
+    @property
+    def acc_sqnr(self) -> float:
+        return self.accumulated["sqnr_db"]
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "name": self.name, "kind": self.kind, "tensor": self.tensor,
+                "accumulated": {k: _num(v) for k, v in self.accumulated.items()},
+                "isolated": None if self.isolated is None else {k: _num(v) for k, v in self.isolated.items()},
+                "segment_ops": list(self.segment_ops)}
+
+
+@dataclass(frozen=True)
+class EndToEnd:
+    """Whole-model comparison on the evaluation set."""
+
+    images: int
+    labels_used: bool
+    float_top1: float | None  # accuracy in [0, 1] (None without labels)
+    quant_top1: float | None
+    top1_agreement: float  # fraction of images where both predict the same class
+    top5_containment: float  # fraction where the float top-1 class is in the artifact's top 5
+    output_sqnr_db: float  # SQNR of the artifact's logits against the float logits
+    note: str = ""
+
+    @property
+    def drop_pp(self) -> float | None:
+        if self.float_top1 is None or self.quant_top1 is None:
+            return None
+        return (self.float_top1 - self.quant_top1) * 100.0
+
+    @property
+    def disagreement_pp(self) -> float:
+        return (1.0 - self.top1_agreement) * 100.0
+
+    def to_dict(self) -> dict:
+        return {"images": self.images, "labels_used": self.labels_used, "float_top1": _num(self.float_top1),
+                "quant_top1": _num(self.quant_top1), "drop_pp": _num(self.drop_pp),
+                "top1_agreement": _num(self.top1_agreement), "top5_containment": _num(self.top5_containment),
+                "disagreement_pp": _num(self.disagreement_pp), "output_sqnr_db": _num(self.output_sqnr_db),
+                "note": self.note}
+
+
+@dataclass(frozen=True)
+class GateFailure:
+    check: str  # "accuracy_drop" | "disagreement" | "layer_sqnr" | "dead_kernels"
+    subject: str  # what failed: "model" or a layer name
+    message: str
+    value: float | None = None
+    limit: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"check": self.check, "subject": self.subject, "message": self.message,
+                "value": _num(self.value), "limit": _num(self.limit)}
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The release gate's settings; ``None`` switches a check off."""
+
+    max_drop: float | None = 0.5  # pp of top-1 accuracy (without labels: pp of top-1 disagreement)
+    min_sqnr: float | None = None  # dB, every layer's isolated SQNR
+    fail_on_dead_kernels: bool = True  # error-severity health findings fail the gate
+
+    def to_dict(self) -> dict:
+        return {"max_drop_pp": self.max_drop, "min_sqnr_db": self.min_sqnr,
+                "fail_on_dead_kernels": self.fail_on_dead_kernels}
+
+
+@dataclass
+class AuditReport:
+    """Everything the audit found; ``passed`` is the gate's verdict (the CLI exits 0 / 1 on it)."""
+
+    artifact: dict  # path, target, sha256, model_name, quant_table_sha256
+    data: dict  # source, images, labels
+    gate: Gate
+    end_to_end: EndToEnd
+    layers: list[LayerResult]
+    findings: list[Finding]
+    failures: list[GateFailure]
+    unmapped_layers: list[str] = field(default_factory=list)  # float layers with no tensor in the artifact
+    kernel_norms: dict[str, list[float]] = field(default_factory=dict)  # depthwise: per-channel norm / median
+    warnings: list[str] = field(default_factory=list)
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def verdict(self) -> str:
+        return "pass" if self.passed else "fail"
+
+    def worst_layers(self, n: int | None = None, by: str = "isolated") -> list[LayerResult]:
+        """Layers sorted worst first by SQNR (``isolated``: the layer's own error; ``accumulated``)."""
+        def key(l: LayerResult):
+            v = l.iso_sqnr if by == "isolated" else l.acc_sqnr
+            return (math.inf if math.isnan(v) else v, l.index)
+        out = sorted(self.layers, key=key)
+        return out if n is None else out[:n]
+
+    def dead_findings(self) -> list[Finding]:
+        return [f for f in self.findings if f.check in DEAD_CHECKS]
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "verdict": self.verdict,
+            "failures": [f.to_dict() for f in self.failures],
+            "artifact": self.artifact,
+            "data": self.data,
+            "gate": self.gate.to_dict(),
+            "end_to_end": self.end_to_end.to_dict(),
+            "layers": [l.to_dict() for l in self.layers],
+            "worst_layers": [l.name for l in self.worst_layers(10)],
+            "unmapped_layers": list(self.unmapped_layers),
+            "findings": [f.to_dict() for f in sorted(self.findings, key=lambda f: f.sort_key)],
+            "kernel_norms": {k: [_num(x) for x in v] for k, v in self.kernel_norms.items()},
+            "warnings": list(self.warnings),
+            "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
+        }
+
+    def write_json(self, path: str | os.PathLike) -> Path:
+        return write_json(self, path)
+
+    def write_html(self, path: str | os.PathLike) -> Path:
+        from .html import write_html
+
+        return write_html(self, path)
+
+    def summary(self, top: int = 10) -> str:
+        return format_terminal(self, top)
+
+
+def _atomic_write(path: str | os.PathLike, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(report: AuditReport, path: str | os.PathLike) -> Path:
+    """Write the JSON report atomically (``allow_nan=False``: the file is strict JSON)."""
+    return _atomic_write(path, json.dumps(report.to_dict(), indent=1, allow_nan=False) + "\n")
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f} %"
+
+
+def _db(v: float) -> str:
+    return "  n/a" if v is None or math.isnan(v) else f"{v:5.1f}"
+
+
+def _channels(ch: tuple[int, ...], limit: int = 12) -> str:
+    s = ", ".join(str(c) for c in ch[:limit])
+    return s + (f", … (+{len(ch) - limit})" if len(ch) > limit else "")
+
+
+def format_terminal(report: AuditReport, top: int = 10) -> str:
+    """The terminal summary: verdict, failing items first, end to end, worst layers, dead kernels."""
+    r, e = report, report.end_to_end
+    lines = [f"mobilequant audit: {'PASS' if r.passed else 'FAIL'} — {r.artifact.get('path', '?')} "
+             f"({r.artifact.get('target', '?')}), {e.images} images of {r.data.get('source', '?')}"]
+    if r.failures:
+        lines.append("Failing:")
+        lines += [f"  ✗ {f.message}" for f in r.failures]
+    if e.labels_used:
+        lines.append(f"End to end: top-1 float {_pct(e.float_top1)} → artifact {_pct(e.quant_top1)} "
+                     f"(drop {e.drop_pp:+.2f} pp); agreement {_pct(e.top1_agreement)}; "
+                     f"top-5 containment {_pct(e.top5_containment)}; logits SQNR {e.output_sqnr_db:.1f} dB")
+    else:
+        lines.append(f"End to end (no labels — agreement metrics only): top-1 agreement {_pct(e.top1_agreement)} "
+                     f"(disagreement {e.disagreement_pp:.2f} pp); top-5 containment {_pct(e.top5_containment)}; "
+                     f"logits SQNR {e.output_sqnr_db:.1f} dB")
+    if e.note:
+        lines.append(f"  note: {e.note}")
+    if r.layers:
+        lines.append(f"Worst layers by isolated SQNR (the layer's own error; accumulated = what reaches it):")
+        w = max(len(l.name) for l in r.layers)
+        lines.append(f"  {'#':>3}  {'layer':<{w}}  {'kind':<10} {'iso dB':>6} {'acc dB':>6} {'cos':>7} {'max|err|':>9}")
+        limit = r.gate.min_sqnr
+        for l in r.worst_layers(top):
+            flag = "✗" if limit is not None and not math.isnan(l.iso_sqnr) and l.iso_sqnr < limit else " "
+            lines.append(f"{flag} {l.index:>3}  {l.name:<{w}}  {l.kind:<10} {_db(l.iso_sqnr):>6} {_db(l.acc_sqnr):>6} "
+                         f"{l.accumulated['cosine']:7.4f} {l.accumulated['max_abs_error']:9.4f}")
+    dead = r.dead_findings()
+    if dead:
+        lines.append("Dead kernels / channels:")
+        for f in sorted(dead, key=lambda f: f.sort_key):
+            mark = "!!" if f.severity == "error" else " !"
+            lines.append(f" {mark} {f.layer} ({f.layer_kind}, {f.stage}): {f.check} channels [{_channels(f.channels)}]"
+                         f" — {f.remedy}")
+    other = [f for f in r.findings if f.check not in DEAD_CHECKS and f.severity != "info"]
+    if other:
+        lines.append("Other weight-health findings:")
+        for f in sorted(other, key=lambda f: f.sort_key)[:top]:
+            lines.append(f"   {f.layer} ({f.layer_kind}, {f.stage}): {f.check} [{_channels(f.channels, 6)}] — {f.why}")
+        if len(other) > top:
+            lines.append(f"   … {len(other) - top} more in the report")
+    info = [f for f in r.findings if f.severity == "info"]
+    if info:
+        lines.append(f"  ({len(info)} informational findings in the report)")
+    if r.unmapped_layers:
+        lines.append(f"Layers with no tensor in the artifact (not compared): {', '.join(r.unmapped_layers)}")
+    lines += [f"warning: {w}" for w in r.warnings]
+    return "\n".join(lines)
