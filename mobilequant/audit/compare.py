@@ -107,6 +107,8 @@ def compare_batches(graph, reference: FloatReference, matches: list[LayerMatch],
         x_file = _file_layout(x_np, in_info.shape, False, "the model input")
         q_out, q_vals = graph.run(x_file, [m.tensor for m in matches])
         t0 = res.tick("artifact", t0)
+        for name, v in f_vals.items():
+            _merge_max(res.float_channel_max, name, _channel_max(v))
         res.float_logits.append(f_out.reshape(len(f_out), -1))
         res.quant_logits.append(q_out.reshape(len(q_out), -1))
         for m in matches:
@@ -117,7 +119,6 @@ def compare_batches(graph, reference: FloatReference, matches: list[LayerMatch],
                 raise InputError(f"layer {m.layer.name}: tensor {m.tensor!r}: {e} — do the artifact and the "
                                  "model belong together?") from None
             res.accumulated.setdefault(m.layer.name, ErrorStats()).update(ref, q)
-            _merge_max(res.float_channel_max, m.layer.name, _channel_max(ref))
             _merge_max(res.quant_channel_max, m.layer.name, _channel_max(q))
         t0 = res.tick("compare", t0)
         for m in matches:
@@ -140,6 +141,8 @@ def compare_batches(graph, reference: FloatReference, matches: list[LayerMatch],
 
 
 def _file_layout(a: np.ndarray, shape, prefer_nhwc: bool, what: str) -> np.ndarray:
+    if not shape:  # shape unknown to the file (ONNX without value_info): torch's own layout
+        return a
     try:
         return to_file_layout(a, shape, prefer_nhwc)
     except LayoutMismatch as e:

@@ -49,6 +49,7 @@ def evaluate_gate(gate: Gate, e2e: EndToEnd, layers: Iterable[LayerResult], find
             chans = ", ".join(str(c) for c in f.channels[:10]) + (" …" if len(f.channels) > 10 else "")
             out.append(GateFailure(
                 "dead_kernels", f.layer,
-                f"{f.check.replace('_', ' ')} in {f.layer} ({f.layer_kind}, {f.stage}): channels [{chans}] — {f.remedy}",
+                f"{f.check.replace('_', ' ')} in {f.layer} ({f.layer_kind}, {f.stage}): "
+                f"{len(f.channels)} of {f.channel_count} channels [{chans}]",
                 float(len(f.channels)), 0.0))
     return out

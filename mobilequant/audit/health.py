@@ -30,6 +30,7 @@ context (e.g. a range spread that per-channel quantization already absorbs).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,10 +67,11 @@ class Finding:
     remedy: str
     value: float | None = None  # the measured quantity (spread ratio, smallest relative norm, ...)
     channel_count: int = 0  # channels in the layer
+    layer_index: int = -1  # position of the layer along the network (for ordering)
 
     @property
     def sort_key(self):
-        return (_SEVERITY_ORDER.get(self.severity, 9), self.check, self.layer, self.stage)
+        return (_SEVERITY_ORDER.get(self.severity, 9), self.layer_index, self.check, self.stage)
 
     def to_dict(self) -> dict:
         return {"check": self.check, "layer": self.layer, "layer_kind": self.layer_kind, "stage": self.stage,
@@ -102,6 +104,11 @@ def kernel_norms(layers: Iterable[FusedLayer], kinds: tuple[str, ...] = _KERNEL_
     return out
 
 
+def _indexed(findings: list[Finding], layers) -> list[Finding]:
+    order = {l.name: i for i, l in enumerate(layers)}
+    return [dataclasses.replace(f, layer_index=order.get(f.layer, -1)) for f in findings]
+
+
 def _ch(mask: np.ndarray) -> tuple[int, ...]:
     return tuple(int(i) for i in np.flatnonzero(mask))
 
@@ -112,6 +119,7 @@ def _dead_severity(kind: str) -> str:
 
 def float_weight_findings(layers: Iterable[FusedLayer], th: HealthThresholds = HealthThresholds()) -> list[Finding]:
     """Health of the float model's kernels and BN scales (stage ``float``)."""
+    layers = list(layers)
     out: list[Finding] = []
     for layer in layers:
         if layer.weight is None:
@@ -157,13 +165,14 @@ def float_weight_findings(layers: Iterable[FusedLayer], th: HealthThresholds = H
                         f"per-channel weight ranges (BN folded) spread {spread:.1f}× (max / median): with one scale "
                         f"per tensor the median channel gets ~{127 / spread:.0f} of 127 codes",
                         f"{REMEDY['per_channel']}; or {REMEDY['cle']}", spread, c))
-    return out
+    return _indexed(out, layers)
 
 
 def quantized_weight_findings(layers: Iterable[FusedLayer], qweights: Mapping[str, QuantizedWeights],
                               float_findings: Iterable[Finding] = (),
                               th: HealthThresholds = HealthThresholds()) -> list[Finding]:
     """Health of the artifact's int8 kernels (stage ``quantized``), next to the float model's."""
+    layers = list(layers)
     out: list[Finding] = []
     spread_float = {f.layer: f for f in float_findings if f.check == "range_spread"}
     for layer in layers:
@@ -200,22 +209,33 @@ def quantized_weight_findings(layers: Iterable[FusedLayer], qweights: Mapping[st
                 "range_spread", layer.name, layer.kind, "quantized", "warning", f.channels,
                 f.why.replace("with one scale per tensor", "the artifact has one scale per tensor, so"),
                 f.remedy, f.value, c))
-    return out
+    return _indexed(out, layers)
 
 
 def dead_activation_findings(layers: Iterable[FusedLayer], channel_max: Mapping[str, np.ndarray], stage: str,
-                             images: int) -> list[Finding]:
-    """Channels whose post-ReLU/ReLU6 output is 0 on all ``images`` (``channel_max``: max over the set)."""
+                             images: int, exclude: Mapping[str, set[int]] | None = None,
+                             order: Iterable[FusedLayer] | None = None) -> list[Finding]:
+    """Channels whose post-ReLU/ReLU6 output is 0 on all ``images`` (``channel_max``: max over the set).
+
+    ``exclude``: channels per layer already reported (the float model's dead channels, when checking the
+    artifact: only channels that quantization killed are then reported). ``order``: the network's layers
+    (for ``layer_index``; default ``layers``).
+    """
+    layers = list(layers)
     out = []
     for layer in layers:
         if layer.activation not in ("relu", "relu6") or layer.name not in channel_max:
             continue
         m = np.asarray(channel_max[layer.name])
         dead = m <= 0
+        skip = (exclude or {}).get(layer.name, set())
+        if skip:
+            dead &= ~np.isin(np.arange(m.size), sorted(skip))
         if dead.any():
+            where = ("the torch float model" if stage == "float" else
+                     "the artifact" + (", alive in the float model" if exclude is not None else ""))
             out.append(Finding(
                 "dead_activation", layer.name, layer.kind, stage, _dead_severity(layer.kind), _ch(dead),
                 f"{dead.sum()} of {m.size} channels are 0 after the {layer.activation.upper()} on all {images} "
-                f"evaluation images ({'torch float model' if stage == 'float' else 'artifact'}): dead channels",
-                REMEDY["remove"], None, int(m.size)))
-    return out
+                f"evaluation images ({where}): they carry nothing", REMEDY["remove"], None, int(m.size)))
+    return _indexed(out, list(order) if order is not None else layers)

@@ -232,23 +232,31 @@ def format_terminal(report: AuditReport, top: int = 10) -> str:
             flag = "✗" if limit is not None and not math.isnan(l.iso_sqnr) and l.iso_sqnr < limit else " "
             lines.append(f"{flag} {l.index:>3}  {l.name:<{w}}  {l.kind:<10} {_db(l.iso_sqnr):>6} {_db(l.acc_sqnr):>6} "
                          f"{l.accumulated['cosine']:7.4f} {l.accumulated['max_abs_error']:9.4f}")
-    dead = r.dead_findings()
+    dead = sorted(r.dead_findings(), key=lambda f: f.sort_key)
+    remedies: dict[str, str] = {}
     if dead:
-        lines.append("Dead kernels / channels:")
-        for f in sorted(dead, key=lambda f: f.sort_key):
+        lines.append("Dead kernels / channels (!! fails the gate with fail_on_dead_kernels):")
+        w = max(len(f.layer) for f in dead)
+        for f in dead:
             mark = "!!" if f.severity == "error" else " !"
-            lines.append(f" {mark} {f.layer} ({f.layer_kind}, {f.stage}): {f.check} channels [{_channels(f.channels)}]"
-                         f" — {f.remedy}")
-    other = [f for f in r.findings if f.check not in DEAD_CHECKS and f.severity != "info"]
+            lines.append(f" {mark} {f.layer:<{w}}  {f.layer_kind:<9} {f.check:<15} {f.stage:<9} "
+                         f"{len(f.channels)}/{f.channel_count} ch [{_channels(f.channels, 8)}]")
+            remedies.setdefault(f.check, f.remedy)
+    other = sorted((f for f in r.findings if f.check not in DEAD_CHECKS and f.severity != "info"), key=lambda f: f.sort_key)
     if other:
         lines.append("Other weight-health findings:")
-        for f in sorted(other, key=lambda f: f.sort_key)[:top]:
-            lines.append(f"   {f.layer} ({f.layer_kind}, {f.stage}): {f.check} [{_channels(f.channels, 6)}] — {f.why}")
+        for f in other[:top]:
+            lines.append(f"  {'!!' if f.severity == 'error' else ' !'} {f.layer} ({f.layer_kind}, {f.stage}): {f.why}")
+            remedies.setdefault(f.check, f.remedy)
         if len(other) > top:
             lines.append(f"   … {len(other) - top} more in the report")
+    if remedies:
+        lines.append("Remedies:")
+        lines += [f"  {check}: {remedy}" for check, remedy in remedies.items()]
     info = [f for f in r.findings if f.severity == "info"]
     if info:
-        lines.append(f"  ({len(info)} informational findings in the report)")
+        lines.append(f"({len(info)} informational findings, e.g. range spreads absorbed by per-channel weights, "
+                     "are in the JSON / HTML report)")
     if r.unmapped_layers:
         lines.append(f"Layers with no tensor in the artifact (not compared): {', '.join(r.unmapped_layers)}")
     lines += [f"warning: {w}" for w in r.warnings]

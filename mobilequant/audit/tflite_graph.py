@@ -19,6 +19,7 @@ caller's job (:mod:`mobilequant.audit.layout`).
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -26,11 +27,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError
+from ..runtime.tflite import check_tflite_file, interpreter_class, quantize_array
 from .weights import QuantizedWeights
 
 __all__ = ["TFLiteGraph", "TensorInfo", "Segment"]
 
-TFLITE_MAGIC = b"TFL3"
 _WEIGHT_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"}
 
 
@@ -50,23 +51,28 @@ class TensorInfo:
         return self.scale.size > 0 and np.issubdtype(self.dtype, np.integer)
 
 
-def _interpreter(path: str | None = None, content: bytes | None = None, preserve: bool = False, num_threads=None):
-    from ai_edge_litert.interpreter import Interpreter
+def _interpreter(content: bytes, num_threads: int | None = 1, delegates: bool = True):
+    """A LiteRT interpreter that keeps every tensor.
 
+    ``delegates=True`` keeps the default XNNPACK delegate — the kernels a phone's CPU runs. With
+    ``experimental_preserve_all_tensors`` LiteRT delegates op by op, so intermediates stay readable;
+    :meth:`TFLiteGraph.check_intermediates` compares them with the delegate-free reference kernels once.
+    """
+    cls = interpreter_class()
+    kwargs = {"model_content": content, "num_threads": num_threads, "experimental_preserve_all_tensors": True}
+    if not delegates:
+        kwargs["experimental_op_resolver_type"] = importlib.import_module(cls.__module__).OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     with warnings.catch_warnings():
         # preserve_all_tensors warns that it is meant for debugging: that is exactly what the audit does.
         warnings.simplefilter("ignore", UserWarning)
-        return Interpreter(model_path=path, model_content=content, num_threads=num_threads,
-                           experimental_preserve_all_tensors=preserve)
+        return cls(**kwargs)
 
 
 def quantize(x: np.ndarray, info: TensorInfo) -> np.ndarray:
-    """Float → the tensor's storage type with its scale / zero point (round half to even, like numpy)."""
+    """Float → the tensor's storage type, with the runtime's own arithmetic (``quantize_array``)."""
     if not info.quantized:
         return x.astype(info.dtype, copy=False)
-    lim = np.iinfo(info.dtype)
-    q = np.round(x / info.scale.reshape(-1)[0]) + info.zero_point.reshape(-1)[0]
-    return np.clip(q, lim.min, lim.max).astype(info.dtype)
+    return quantize_array(x, float(info.scale.reshape(-1)[0]), int(info.zero_point.reshape(-1)[0]), info.dtype)
 
 
 def dequantize(q: np.ndarray, info: TensorInfo) -> np.ndarray:
@@ -84,20 +90,17 @@ class TFLiteGraph:
 
     target = "tflite"
 
-    def __init__(self, path: str, num_threads: int | None = None):
+    def __init__(self, path: str, num_threads: int | None = 1):
         from ai_edge_litert.tools import flatbuffer_utils
 
         self.path = str(path)
         self.num_threads = num_threads
+        self.content = check_tflite_file(self.path)
+        self.delegates = True
         try:
-            with open(self.path, "rb") as f:
-                head = f.read(8)
-            if len(head) < 8 or head[4:8] != TFLITE_MAGIC:
-                raise InputError(f"{self.path} is not a TFLite flatbuffer (no 'TFL3' identifier)")
-            self.model = flatbuffer_utils.read_model(self.path)
-            self.interpreter = _interpreter(self.path, preserve=True, num_threads=num_threads)
-        except InputError:
-            raise
+            self.model = flatbuffer_utils.convert_bytearray_to_object(bytearray(self.content))
+            self.interpreter = _interpreter(self.content, num_threads)
+            self.interpreter.allocate_tensors()
         except Exception as e:  # the flatbuffer reader and LiteRT raise RuntimeError, ValueError, IndexError...
             raise InputError(f"{self.path} cannot be loaded as a TFLite model (truncated or corrupt?): "
                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
@@ -178,11 +181,35 @@ class TFLiteGraph:
         named tensors, dequantized, batch first."""
         names = list(names)
         if self._runner is None:
-            self._runner = _BatchRunner(lambda: _interpreter(self.path, preserve=True, num_threads=self.num_threads),
+            self._runner = _BatchRunner(lambda: _interpreter(self.content, self.num_threads, self.delegates),
                                         [self.input_info()])
         fetch = [self.output_info()] + [self.info(n) for n in names]
         out, *inter = self._runner.run([x], fetch)
         return out, dict(zip(names, inter))
+
+    def check_intermediates(self, x: np.ndarray, names: Iterable[str], max_mean_lsb: float = 1.0) -> str | None:
+        """Compare the delegated run's tensors with LiteRT's delegate-free reference kernels on ``x``.
+
+        Kernels may differ by a code here and there; a tensor whose mean difference exceeds
+        ``max_mean_lsb`` codes was not preserved by the delegate. Then the audit switches to the
+        reference kernels (slower, every tensor kept) and returns a warning saying so.
+        """
+        names = list(names)
+        fetch = [self.output_info()] + [self.info(n) for n in names]
+        fast = _BatchRunner(lambda: _interpreter(self.content, self.num_threads, True), [self.input_info()])
+        ref = _BatchRunner(lambda: _interpreter(self.content, self.num_threads, False), [self.input_info()])
+        a, b = fast.run([x], fetch), ref.run([x], fetch)
+        bad = []
+        for info, va, vb in zip(fetch, a, b):
+            step = float(info.scale.reshape(-1)[0]) if info.quantized else max(float(np.abs(vb).max()), 1e-12) * 2.0 ** -10
+            if float(np.abs(va - vb).mean()) / step > max_mean_lsb:
+                bad.append(info.name)
+        if not bad:
+            return None
+        self.delegates = False
+        self._runner = None
+        return (f"the XNNPACK delegate did not keep {len(bad)} intermediate tensor(s) (e.g. {bad[0]!r}); "
+                "per-layer values come from LiteRT's reference kernels instead")
 
     # -- isolation ---------------------------------------------------------------------------------
     def segment(self, output: str, boundary: Iterable[str]) -> Segment:
@@ -228,7 +255,7 @@ class Segment:
             content = bytes(graph._fbu.convert_object_to_bytearray(graph.model))
         finally:
             sg.operators, sg.inputs, sg.outputs, graph.model.signatureDefs = saved
-        self._runner = _BatchRunner(lambda: _interpreter(content=content, num_threads=graph.num_threads),
+        self._runner = _BatchRunner(lambda: _interpreter(content, graph.num_threads, graph.delegates),
                                     [graph.tensors[i] for i in inputs])
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:

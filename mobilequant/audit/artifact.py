@@ -1,0 +1,53 @@
+"""Open an artifact for auditing and read what it says about itself (name map, provenance).
+
+The file type is decided by content, not by suffix: a TFLite flatbuffer carries the ``TFL3``
+identifier; anything else must parse as an ONNX ``ModelProto``. Provenance lives in the file's
+``mobilequant`` metadata entry (TFLite: a metadata buffer; ONNX: ``metadata_props``), a JSON object with
+``model_name``, ``quant_table_sha256``, ``target`` and ``name_map`` (see docs/notes/audit_needs.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..errors import InputError
+
+__all__ = ["open_artifact", "artifact_provenance", "METADATA_KEY"]
+
+METADATA_KEY = "mobilequant"
+
+
+def open_artifact(path: str | os.PathLike, num_threads: int | None = 1):
+    """A :class:`TFLiteGraph` or :class:`OnnxGraph` for ``path``; :class:`InputError` for anything else."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise InputError(f"cannot read artifact {path}: {e.strerror or e}") from None
+    if len(head) >= 8 and head[4:8] == b"TFL3":
+        from .tflite_graph import TFLiteGraph
+
+        return TFLiteGraph(str(path), num_threads=num_threads)
+    if path.suffix.lower() == ".tflite":
+        raise InputError(f"{path} is not a TFLite model (no 'TFL3' flatbuffer identifier)")
+    from .onnx_graph import OnnxGraph
+
+    try:
+        return OnnxGraph(str(path), num_threads=num_threads)
+    except InputError as e:
+        raise InputError(f"{path} is neither a TFLite nor an ONNX model ({e})") from None
+
+
+def artifact_provenance(graph) -> dict:
+    """The ``mobilequant`` metadata JSON of the artifact (``{}`` when it has none or it is unreadable)."""
+    raw = graph.metadata().get(METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw.decode("utf-8").rstrip("\x00"))
+    except (UnicodeDecodeError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}

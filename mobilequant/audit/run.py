@@ -1,0 +1,253 @@
+"""``run_audit``: may this artifact ship, and if not, which layer to fix?
+
+The pipeline (each step a plain function of the one before, see :mod:`mobilequant.audit.compare`)::
+
+    open the artifact  →  check it belongs to the model / fits the data  →  fused float layers
+    →  match them to the artifact's tensors (name map)  →  one-layer segments  →  batches:
+       float reference | artifact intermediates | each layer alone  →  errors per layer
+    →  end-to-end metrics  →  weight / channel health  →  gate  →  AuditReport
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..capture import capture
+from ..errors import InputError, UsageError
+from .artifact import artifact_provenance, open_artifact
+from .compare import build_segments, compare_batches, layer_results, match_layers
+from .endtoend import end_to_end
+from .gate import evaluate_gate
+from .health import (HealthThresholds, dead_activation_findings, float_weight_findings, kernel_norms,
+                     quantized_weight_findings)
+from .layers import fused_layers
+from .metrics import ErrorStats, Metric, sqnr_db
+from .reference import FloatReference
+from .report import AuditReport, Gate
+
+__all__ = ["run_audit", "DEFAULT_IMAGES"]
+
+DEFAULT_IMAGES = 1000
+_WEIGHT_MISMATCH_DB = 10.0  # int8 kernels sit 35-50 dB from their float source; another checkpoint is < 0 dB
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _resolve_artifact(artifact):
+    """(path, name map or None, metadata dict from the Artifact object) for a path or an export.Artifact."""
+    if isinstance(artifact, (str, os.PathLike)):
+        return str(artifact), None, {}
+    path = getattr(artifact, "path", None)
+    if path is None:
+        raise UsageError(f"artifact must be a path or an export Artifact, got {type(artifact).__name__}")
+    return str(path), getattr(artifact, "name_map", None), dict(getattr(artifact, "metadata", None) or {})
+
+
+def _resolve_model(model, quant_result, meta: dict) -> nn.Module:
+    if model is None and quant_result is not None:
+        model = quant_result.float_model
+    if model is None:
+        name = meta.get("model_name")
+        if not name:
+            raise UsageError("no float model given and the artifact does not name one; pass model=...")
+        from ..weights import default_model, list_default_weights
+
+        if name not in list_default_weights():
+            raise UsageError(f"the artifact was made from {name!r}, which has no shipped weights; "
+                             "pass the float model it was exported from (model=...)")
+        model = default_model(name)
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"model must be a torch nn.Module, got {type(model).__name__}")
+    return model.eval()
+
+
+def _resolve_data(data, model: nn.Module, images: int | None):
+    from ..data import ImageData, load_data
+
+    if not isinstance(data, ImageData):
+        cfg = getattr(model, "preprocess", None)
+        if cfg is None:
+            raise UsageError("data given by name needs a model with `preprocess`; pass an ImageData instead")
+        data = load_data(data, cfg, "test")
+    if len(data) == 0:
+        raise InputError(f"no images in {data.source}")
+    if images is not None:
+        if images < 1:
+            raise UsageError(f"images must be at least 1, got {images}")
+        data = data.subset(slice(0, images))
+    return data
+
+
+def _check_belongs(model: nn.Module, meta: dict, quant_result, graph, data) -> list[str]:
+    """Raise InputError when artifact, model and data cannot belong together; return softer warnings."""
+    warnings = []
+    mname, aname = getattr(model, "model_name", None), meta.get("model_name")
+    if aname and mname and aname != mname:
+        raise InputError(f"the artifact was exported from {aname!r} but the model is {mname!r}: "
+                         "they do not belong together")
+    a_sha = meta.get("quant_table_sha256")
+    if quant_result is not None and a_sha:
+        q_sha = quant_result.table.sha256()
+        if q_sha != a_sha:
+            raise InputError(f"the artifact's quantization table (sha256 {a_sha[:12]}…) is not the given "
+                             f"QuantResult's ({q_sha[:12]}…): the artifact was exported from another quantization")
+    want = tuple(getattr(getattr(model, "preprocess", None), "input_size", ()) or ())
+    if want and tuple(data.input_size) != want:
+        raise InputError(f"the data has {'×'.join(map(str, data.input_size))} images but the model takes "
+                         f"{'×'.join(map(str, want))} ({data.source}); preprocess it for this model")
+    shape = graph.input_info().shape
+    c, h, w = data.input_size
+    if shape and tuple(shape[1:]) not in ((c, h, w), (h, w, c)):
+        raise InputError(f"the artifact's input is {tuple(shape)} but the data has {c}×{h}×{w} images: "
+                         "data and artifact do not fit")
+    if not aname:
+        warnings.append("the artifact carries no mobilequant metadata: model and quantization provenance not checked")
+    return warnings
+
+
+def _check_weights(matches, graph, meta: dict) -> tuple[dict, dict[str, float]]:
+    """Artifact kernels per layer, and the SQNR of each dequantized kernel against the model's folded one."""
+    qweights, wsqnr = {}, {}
+    for m in matches:
+        if not m.layer.is_weighted:
+            continue
+        q = graph.weights(m.tensor)
+        if q is None:
+            continue
+        qweights[m.layer.name] = q
+        folded = m.layer.folded_weight()
+        if folded is not None and q.codes.shape == folded.shape:
+            wsqnr[m.layer.name] = sqnr_db(ErrorStats().update(folded[None], q.dequantized()[None]))
+    cle = bool((meta.get("quant_config") or {}).get("cle", False))
+    if wsqnr and not cle:
+        low = [n for n, v in wsqnr.items() if v < _WEIGHT_MISMATCH_DB]
+        if len(low) > len(wsqnr) / 2:
+            raise InputError(f"the artifact's kernels do not match the model's ({len(low)} of {len(wsqnr)} layers "
+                             f"below {_WEIGHT_MISMATCH_DB:g} dB, e.g. {low[0]}): artifact and model do not belong "
+                             "together (different weights?)")
+    return qweights, wsqnr
+
+
+def _labels_fit(data, classes: int) -> None:
+    if data.labels is not None and len(data.labels):
+        lo, hi = int(data.labels.min()), int(data.labels.max())
+        if lo < 0 or hi >= classes:
+            raise InputError(f"labels of {data.source} run from {lo} to {hi} but the model has {classes} classes")
+
+
+def run_audit(
+    artifact,
+    data,
+    *,
+    model: nn.Module | None = None,
+    quant_result=None,
+    name_map: Mapping[str, str] | None = None,
+    max_drop: float | None = 0.5,
+    min_sqnr: float | None = None,
+    fail_on_dead_kernels: bool = True,
+    images: int | None = DEFAULT_IMAGES,
+    batch_size: int = 250,
+    layer_checks: bool = True,
+    thresholds: HealthThresholds = HealthThresholds(),
+    metrics: Mapping[str, Metric] | None = None,
+    progress: bool | None = None,
+    num_threads: int = 1,
+) -> AuditReport:
+    """Audit an exported artifact against its float model on ``data``.
+
+    ``artifact``: a ``.tflite`` / ``.onnx`` path or an ``export.Artifact``. ``data``: an ``ImageData``
+    (labels optional) or a data spec (``"builtin"`` = the Fashion-MNIST test split, a folder, a
+    ``.npz``), preprocessed for the model. ``model``: the float model (default: ``quant_result``'s, else
+    the shipped weights named in the artifact's metadata). ``name_map``: stable layer name → tensor name
+    (default: the Artifact's, else the one embedded in the file). Gate: ``max_drop`` (pp), ``min_sqnr``
+    (dB, isolated, per layer), ``fail_on_dead_kernels``. ``images``: how many images to use (the first
+    ones; ``None``: all). ``layer_checks=False`` skips the per-layer comparison (end to end and weight
+    health only). Raises :class:`~mobilequant.errors.InputError` for a file that is not an artifact,
+    an artifact that does not belong to the model, or data that does not fit.
+    """
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    if batch_size < 1:
+        raise UsageError(f"batch_size must be at least 1, got {batch_size}")
+    path, given_map, given_meta = _resolve_artifact(artifact)
+    graph = open_artifact(path, num_threads=num_threads)
+    meta = {**artifact_provenance(graph), **given_meta}
+    model = _resolve_model(model, quant_result, meta)
+    data = _resolve_data(data, model, images)
+    warnings = _check_belongs(model, meta, quant_result, graph, data)
+    if name_map is None:
+        name_map = given_map if given_map is not None else meta.get("name_map")
+    t = time.perf_counter()
+    timings["load"] = t - t_start
+
+    gm = capture(model, data.images[:2])
+    layers = fused_layers(gm)
+    matches, unmapped, unknown = [], [l.name for l in layers], []
+    if layer_checks and name_map:
+        matches, unmapped, unknown = match_layers(layers, name_map, graph)
+        if unknown:
+            raise InputError(f"{len(unknown)} name-map entries of the artifact are not in the model or the file "
+                             f"(e.g. {unknown[0]}): artifact and model do not belong together")
+    elif layer_checks:
+        warnings.append("the artifact has no name map (stable layer name → tensor): per-layer checks skipped; "
+                        "re-export it with this mobilequant")
+    qweights, wsqnr = _check_weights(matches, graph, meta)
+
+    reference = FloatReference(gm, layers, [m.layer.name for m in matches] +
+                               [l.name for l in layers if l.activation in ("relu", "relu6")])
+    if matches and graph.target == "tflite":
+        note = graph.check_intermediates(data.images[:8].numpy(), [m.tensor for m in matches])
+        if note:
+            warnings.append(note)
+    segments = build_segments(graph, matches) if matches else {}
+    timings["prepare"] = time.perf_counter() - t
+
+    from tqdm.auto import tqdm
+
+    batches = (data.images[s:s + batch_size] for s in range(0, len(data), batch_size))
+    with tqdm(total=len(data), desc="audit", unit="img", disable=(not progress) if progress is not None else None,
+              leave=False) as bar:
+        res = compare_batches(graph, reference, matches, segments, batches, progress=bar)
+    timings.update(res.timings)
+
+    f_logits, q_logits = np.concatenate(res.float_logits), np.concatenate(res.quant_logits)
+    _labels_fit(data, f_logits.shape[1])
+    e2e = end_to_end(f_logits, q_logits, None if data.labels is None else data.labels.numpy())
+    results = layer_results(matches, res, segments, metrics)
+    for r in results:
+        r.accumulated.setdefault("weight_sqnr_db", wsqnr.get(r.name, math.nan))
+
+    float_findings = float_weight_findings(layers, thresholds)
+    findings = float_findings + quantized_weight_findings(layers, qweights, float_findings, thresholds)
+    float_dead = dead_activation_findings(layers, res.float_channel_max, "float", len(data))
+    exclude = {f.layer: set(f.channels) for f in float_dead}
+    findings += float_dead + dead_activation_findings([m.layer for m in matches], res.quant_channel_max,
+                                                      "quantized", len(data), exclude, layers)
+
+    gate = Gate(max_drop, min_sqnr, fail_on_dead_kernels)
+    failures = evaluate_gate(gate, e2e, results, findings)
+    timings["total"] = time.perf_counter() - t_start
+    return AuditReport(
+        artifact={"path": path, "target": meta.get("target", graph.target), "format": graph.target,
+                  "sha256": _sha256(path), "model_name": meta.get("model_name"),
+                  "quant_table_sha256": meta.get("quant_table_sha256")},
+        data={"source": data.source, "images": len(data), "labels": data.labels is not None},
+        gate=gate, end_to_end=e2e, layers=results, findings=findings, failures=failures,
+        unmapped_layers=[n for n in unmapped if n not in {m.layer.name for m in matches}],
+        kernel_norms={k: [float(x) for x in v] for k, v in kernel_norms(layers, ("depthwise",)).items()},
+        warnings=warnings, timings_s=timings)
