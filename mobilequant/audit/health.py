@@ -76,7 +76,7 @@ class Finding:
     def to_dict(self) -> dict:
         return {"check": self.check, "layer": self.layer, "layer_kind": self.layer_kind, "stage": self.stage,
                 "severity": self.severity, "channels": list(self.channels), "channel_count": self.channel_count,
-                "value": self.value, "why": self.why, "remedy": self.remedy}
+                "value": self.value, "why": self.why, "remedy": self.remedy, "layer_index": self.layer_index}
 
 
 @dataclass(frozen=True)
