@@ -1,0 +1,246 @@
+"""The QAT graph: capture → ``prepare_qat_pt2e`` → train / eval switches → trained ranges by layer name.
+
+What torchao gives and what is added here:
+
+* :func:`build_qat_graph` captures the model with :func:`mobilequant.capture.capture` (dynamic batch, stable
+  layer names) and calls torchao's ``prepare_qat_pt2e``, which replaces each conv → BN by its QAT pattern
+  (weights scaled by ``γ / running std``, BN on the conv output with *batch* statistics while training).
+* :func:`set_mode` wraps torchao's ``move_exported_model_to_train/eval`` (an exported graph has no
+  ``.train()``) and re-applies the BN freeze, because moving to train rewrites every BN back to training.
+  Freezing BN sets the ``training`` argument of each ``aten.batch_norm`` node to False — the recipe of
+  torchao's QAT tutorial: the BN then normalises with, and stops updating, its running statistics.
+* :func:`tensor_key` / :func:`trained_qparams` name every fake-quant by the quantization table's
+  ``(layer, role)`` so trained scales can be carried to the converted graph (``mobilequant.qat.convert``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.fx import GraphModule, Node
+from torchao.quantization.pt2e import (
+    FakeQuantizeBase,
+    LearnableFakeQuantize,
+    disable_observer,
+    enable_range_learning,
+    move_exported_model_to_eval,
+    move_exported_model_to_train,
+)
+from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+from torchao.quantization.pt2e.quantizer import Quantizer
+
+from ..capture import capture, layer_name
+from ..fusion import BN_OPS, CONV_OPS
+from ..quant.quantizer import FUSED_INTO
+
+__all__ = [
+    "WeightFakeQuant",
+    "build_qat_graph",
+    "set_mode",
+    "fake_quant_modules",
+    "weight_fake_quants",
+    "freeze_observers",
+    "observers_paused",
+    "enable_scale_learning",
+    "tensor_key",
+    "trained_qparams",
+]
+
+aten = torch.ops.aten
+_TRAINING_ARG = 5  # aten.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, ...)
+
+
+def build_qat_graph(model: nn.Module, example_input: torch.Tensor, quantizer: Quantizer,
+                    dropout: float | None = None) -> GraphModule:
+    """Capture a copy of ``model`` (dynamic batch) and prepare it for QAT with ``quantizer``.
+
+    ``dropout`` overrides the probability of every ``nn.Dropout`` first. The graph comes back in eval
+    mode (BN on running statistics, dropout off); :func:`set_mode` switches it.
+    """
+    model = copy.deepcopy(model).eval()
+    if dropout is not None:
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = float(dropout)
+    gm = capture(model, example_input, dynamic_batch=True)
+    prepared = prepare_qat_pt2e(gm, quantizer)
+    move_exported_model_to_eval(prepared)
+    return prepared
+
+
+def _bn_nodes(gm: GraphModule) -> list[Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in BN_OPS]
+
+
+def set_mode(gm: GraphModule, train: bool, bn_frozen: bool = False) -> None:
+    """Train (dropout on, BN on batch statistics unless ``bn_frozen``) or eval mode, in place."""
+    if train:
+        move_exported_model_to_train(gm)
+        if bn_frozen:
+            changed = False
+            for n in _bn_nodes(gm):
+                if n.target == aten.batch_norm.default and n.args[_TRAINING_ARG] is not False:
+                    args = list(n.args)
+                    args[_TRAINING_ARG] = False
+                    n.args = tuple(args)
+                    changed = True
+            if changed:
+                gm.recompile()
+    else:
+        move_exported_model_to_eval(gm)
+
+
+def fake_quant_modules(gm: GraphModule) -> Iterator[tuple[str, FakeQuantizeBase]]:
+    """Every fake-quant module of a prepared graph, by submodule name (shared ones once)."""
+    seen: set[int] = set()
+    for name, m in gm.named_modules():
+        if isinstance(m, FakeQuantizeBase) and id(m) not in seen:
+            seen.add(id(m))
+            yield name, m
+
+
+@dataclass
+class WeightFakeQuant:
+    """A weight fake-quant of a conv / linear: its module, the layer, the raw parameter it scales."""
+
+    module_name: str
+    module: FakeQuantizeBase
+    layer: str  # stable layer name of the conv / linear
+    weight_param: str | None  # the raw (unfolded) weight parameter, when the graph shows it
+    depthwise: bool
+
+
+def weight_fake_quants(gm: GraphModule) -> list[WeightFakeQuant]:
+    """The weight fake-quants: a fake-quant node feeding argument 1 of a conv / linear."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in (*CONV_OPS, aten.linear.default):
+            continue
+        fq = node.args[1]
+        if not (isinstance(fq, Node) and fq.op == "call_module"):
+            continue
+        mod = gm.get_submodule(str(fq.target))
+        if not isinstance(mod, FakeQuantizeBase):
+            continue
+        src = fq.args[0]
+        param = None
+        if isinstance(src, Node) and src.op == "get_attr":  # linear, or conv without BN
+            param = str(src.target)
+        elif isinstance(src, Node) and src.target == aten.mul.Tensor:  # QAT conv-BN: weight · (γ / σ)
+            w = src.args[0]
+            if isinstance(w, Node) and w.op == "get_attr":
+                param = str(w.target)
+        groups = node.args[6] if node.target in CONV_OPS and len(node.args) > 6 else 1
+        depthwise = False
+        if param is not None and node.target in CONV_OPS and groups > 1:
+            depthwise = gm.get_parameter(param).shape[1] == 1
+        out.append(WeightFakeQuant(str(fq.target), mod, layer_name(node), param, depthwise))
+    return out
+
+
+def freeze_observers(gm: GraphModule) -> None:
+    """Scales and zero points stop following the data (torchao's ``disable_observer`` on every fake-quant)."""
+    gm.apply(disable_observer)
+
+
+class observers_paused:
+    """Context: fake-quant observers off (evaluation must not move the ranges), restored on exit."""
+
+    def __init__(self, gm: GraphModule):
+        self.mods = [m for _, m in fake_quant_modules(gm)]
+
+    def __enter__(self):
+        self.saved = [m.observer_enabled.clone() for m in self.mods]
+        for m in self.mods:
+            m.observer_enabled[0] = 0
+        return self
+
+    def __exit__(self, *exc):
+        for m, s in zip(self.mods, self.saved):
+            m.observer_enabled.copy_(s)
+        return False
+
+
+def enable_scale_learning(gm: GraphModule) -> list[nn.Parameter]:
+    """LSQ: turn on range learning of every ``LearnableFakeQuantize`` and return the learned parameters.
+
+    A ReLU6 output keeps its zero point (−128, so 0.0 stays exact as in PTQ); only its scale learns.
+    Weight zero points are 0 by construction (symmetric).
+    """
+    params: list[nn.Parameter] = []
+    for _, m in fake_quant_modules(gm):
+        if not isinstance(m, LearnableFakeQuantize):
+            continue
+        enable_range_learning(m)
+        params.append(m.scale)
+        relu6 = getattr(m.activation_post_process, "relu6", None)
+        symmetric = m.qscheme in (torch.per_channel_symmetric, torch.per_tensor_symmetric)
+        if relu6 is not None or symmetric:
+            m.zero_point.requires_grad_(False)
+        else:
+            params.append(m.zero_point)
+    return params
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tensors by stable name
+
+
+_WEIGHTED = (*CONV_OPS, aten.linear.default)
+
+
+def tensor_key(node: Node) -> tuple[str, str] | None:
+    """The :class:`~mobilequant.quant.QuantTable` ``(name, role)`` of the tensor an observer / fake-quant
+    node (``call_module``) looks at; None for a bias or another constant.
+
+    A weight is named after the conv / linear that reads it, an activation after the layer it belongs to
+    (``FUSED_INTO`` for a fused activation or a BN output), the graph input by its placeholder name —
+    the table's rules, so PTQ and QAT graphs of one model give the same keys.
+    """
+    for user in node.users:
+        if user.op == "call_function" and user.target in _WEIGHTED and len(user.args) > 1 and user.args[1] is node:
+            return layer_name(user), "weight"
+    src = node.args[0] if node.args else None
+    if not isinstance(src, Node) or src.op == "get_attr":
+        return None
+    if src.op == "placeholder":
+        return str(src.target), "input"
+    if FUSED_INTO not in src.meta and src.target in BN_OPS:
+        conv = _conv_before(src)
+        if conv is not None:
+            return layer_name(conv), "output"
+    return src.meta.get(FUSED_INTO) or layer_name(src), "output"
+
+
+def _conv_before(bn: Node) -> Node | None:
+    """The conv of a QAT conv-BN pattern (``conv → div [→ add bias] → batch_norm``).
+
+    torchao's BN rewrites (conv-BN fusion, train / eval switches) create new BN nodes without the
+    original metadata, so a linear bottleneck's output (a BN with nothing after it) is named by its conv.
+    """
+    node, hops = bn.args[0], 0
+    while isinstance(node, Node) and node.target not in CONV_OPS and hops < 4 and node.args:
+        node, hops = node.args[0], hops + 1
+    return node if isinstance(node, Node) and node.target in CONV_OPS else None
+
+
+def trained_qparams(gm: GraphModule) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]:
+    """``(name, role) → (scale, zero_point)`` of every fake-quant of a prepared QAT graph."""
+    out: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(str(node.target))
+        if not isinstance(mod, FakeQuantizeBase):
+            continue
+        key = tensor_key(node)
+        if key is None or key in out:
+            continue
+        scale, zp = mod.calculate_qparams()
+        out[key] = (scale.detach().reshape(-1).to(torch.float32).cpu().clone(),
+                    zp.detach().reshape(-1).to(torch.int64).cpu().clone())
+    return out

@@ -1,0 +1,542 @@
+"""The QAT job: ``run_qat(QATJobConfig) -> QATResult``.
+
+Reads as the pipeline::
+
+    float model (+ optional PTQ result) → capture → prepare_qat_pt2e (MobileQuantizer, fake-quant)
+      → observe ranges on calib_batches → [ranges from the PTQ table] → train (DDP when under torchrun)
+         checkpoints every ckpt_every steps and every epoch · BN frozen at freeze_bn_step ·
+         observers frozen at freeze_observer_step · optional LSQ scales · depthwise oscillation control
+      → convert_pt2e (+ int32 bias) → QuantTable → QATResult (a QuantResult: the exporter takes it)
+
+Reproducibility: the data order is a function of (seed, epoch), augmentation of (seed, global step), the
+model's own randomness (dropout) comes from the torch RNG whose state is checkpointed; on CPU the job asks
+for deterministic kernels and a fixed thread count, so a run killed at any point and resumed from its last
+checkpoint ends bitwise equal to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import io
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx import GraphModule
+from torchao.quantization.pt2e import FakeQuantizeBase
+
+from ..data import ImageData, load_data, stratified_indices
+from ..errors import InputError, UsageError
+from ..quant.ptq import Finding, QuantResult
+from ..quant.table import QuantTable
+from .checkpoint import (
+    find_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    state_fingerprint,
+)
+from .config import QATJobConfig
+from .distributed import DistContext, all_sum, epoch_indices, setup, shard_plan, teardown
+from .convert import convert_trained
+from .graph import (
+    build_qat_graph,
+    enable_scale_learning,
+    freeze_observers,
+    observers_paused,
+    set_mode,
+    tensor_key,
+)
+from .oscillation import OscillationControl
+from .quantizer import qat_quantizer
+
+__all__ = ["QATResult", "run_qat", "ranges_from_table", "CSV_NAME", "CSV_COLUMNS"]
+
+CSV_NAME = "qat-log.csv"
+CSV_COLUMNS = ("epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s", "seconds",
+               "lr", "bn_frozen", "observers_frozen", "osc_freq", "osc_frozen")
+_CROP_PADDING = 2
+_CONVERT_CALIBRATION = 64  # images observed for tensors without a trained range (normally none)
+
+
+@dataclass
+class QATResult(QuantResult):
+    """A :class:`~mobilequant.quant.QuantResult` (``graph``, ``export_graph``, ``table``, … — the exporter
+    takes it as is) plus what the training job produced."""
+
+    initial_model: nn.Module | None = None  # the float model training started from (float_model: trained)
+    prepared: GraphModule | None = None  # the trained fake-quant graph (eval mode)
+    checkpoint: Path | None = None  # the last checkpoint (the complete job)
+    csv_log: Path | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row per epoch (CSV_COLUMNS)
+    steps: int = 0
+    val_accuracy: float | None = None  # fake-quant graph, last epoch
+    int8_accuracy: float | None = None  # converted graph (simulated int8) on the validation data
+    osc_frozen_weights: int = 0  # depthwise weights frozen by oscillation control and baked
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers
+
+
+@contextlib.contextmanager
+def _reproducible(threads: int | None, device: torch.device) -> Iterator[None]:
+    """Fixed thread count and deterministic kernels (CPU), restored afterwards."""
+    old_threads = torch.get_num_threads()
+    old_det = torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
+        torch.set_num_threads(old_threads)
+
+
+def _data(spec: str, split: str, limit: int | None, seed: int, model: nn.Module, what: str) -> ImageData:
+    data = load_data(spec, model.preprocess, split)
+    if data.labels is None:
+        raise InputError(f"{what} data {data.source} have no labels; QAT needs labelled images")
+    if limit is not None and limit < len(data):
+        data = data.subset(stratified_indices(data.labels.numpy(), limit, seed))
+    return data
+
+
+def _data_fingerprint(data: ImageData) -> str:
+    h = hashlib.sha256()
+    h.update(data.images.contiguous().numpy().tobytes())
+    h.update(data.labels.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _augment(x: torch.Tensor, seed: int, step: int, positions: slice) -> torch.Tensor:
+    """Random translation (replicate padding) + horizontal flip, drawn for the whole global batch.
+
+    The generator depends only on (seed, global step); ``positions`` picks this process's samples out of
+    the global batch, so sharding does not change what any image gets. (Not ``mobilequant.train``'s
+    augmentation: that one draws from one generator per run, which a resumed or sharded run cannot replay.)
+    """
+    n, c, h, w = x.shape
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
+    global_n = positions.stop
+    oy = torch.randint(0, 2 * _CROP_PADDING + 1, (global_n,), generator=gen)[positions]
+    ox = torch.randint(0, 2 * _CROP_PADDING + 1, (global_n,), generator=gen)[positions]
+    flip = (torch.rand(global_n, generator=gen) < 0.5)[positions]
+    padded = F.pad(x, (_CROP_PADDING,) * 4, mode="replicate")
+    rows = (oy[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (ox[:, None] + torch.arange(w))[:, None, None, :]
+    out = padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+    return torch.where(flip[:, None, None, None], out.flip(-1), out)
+
+
+def _param_groups(gm: GraphModule, scale_params: list[nn.Parameter], weight_decay: float) -> list[dict]:
+    """Weight decay on conv / linear weights; none on biases, BN parameters and learned scales."""
+    scales = {id(p) for p in scale_params}
+    params = [p for p in gm.parameters() if p.requires_grad and id(p) not in scales]
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    if scale_params:
+        groups.append({"params": list(scale_params), "weight_decay": 0.0})
+    return groups
+
+
+def _calibrate(gm: GraphModule, data: ImageData, batches: int, batch_size: int, seed: int,
+               device: torch.device) -> None:
+    """Observe ranges on ``batches`` global batches (eval mode, no gradient), the same on every process."""
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    set_mode(gm, train=False)
+    with torch.no_grad():
+        for i in range(batches):
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            if len(idx) == 0:
+                break
+            gm(data.images[idx].to(device))
+
+
+def _shard(n: int, ctx: DistContext) -> slice:
+    return slice(ctx.rank, n, ctx.world_size)
+
+
+@torch.no_grad()
+def _evaluate(gm: GraphModule, data: ImageData, ctx: DistContext, batch_size: int = 500,
+              device: torch.device | None = None) -> tuple[float, float]:
+    """(accuracy, mean loss) on ``data``, sharded over processes, observers paused; run on ``device``
+    (default: the job's)."""
+    device = device or ctx.device
+    images, labels = data.images[_shard(len(data), ctx)], data.labels[_shard(len(data), ctx)]
+    totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+    with observers_paused(gm):
+        for start in range(0, len(images), batch_size):
+            x = images[start:start + batch_size].to(device)
+            y = labels[start:start + batch_size].to(device)
+            logits = gm(x)
+            totals[0] += float((logits.argmax(1) == y).sum())
+            totals[1] += float(F.cross_entropy(logits, y, reduction="sum"))
+            totals[2] += len(y)
+    all_sum(totals, ctx)
+    n = max(float(totals[2]), 1.0)
+    return float(totals[0]) / n, float(totals[1]) / n
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def _gather_torch_rng(ctx: DistContext) -> torch.Tensor:
+    """Every process's torch RNG state, ``world_size × n`` uint8 (dropout differs per process)."""
+    mine = torch.get_rng_state()
+    if not ctx.distributed:
+        return mine[None]
+    t = mine.to(ctx.device)
+    parts = [torch.empty_like(t) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, t)
+    return torch.stack([p.cpu() for p in parts])
+
+
+def _recipe_diff(old: dict, new: dict) -> str:
+    keys = sorted(set(old) | set(new))
+    diffs = [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    return ", ".join(diffs[:4]) + (f" and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+
+
+def _check_resumable(ckpt: dict, path: Path, config: QATJobConfig, init_hash: str, data_hash: str) -> None:
+    """Refuse a checkpoint of another model, recipe, starting point or data set (one line: why)."""
+    if ckpt["model"] != config.model:
+        raise InputError(f"checkpoint {path} is for model {ckpt['model']!r}, this job trains {config.model!r}; "
+                         "refusing to resume: use another out_dir")
+    if ckpt["recipe_hash"] != config.recipe_hash():
+        why = _recipe_diff(ckpt.get("recipe", {}), config.recipe()) or "options differ"
+        raise InputError(f"checkpoint {path} was written by a different recipe ({why}); refusing to resume: "
+                         "use the same options or another out_dir")
+    if ckpt["init_hash"] != init_hash:
+        raise InputError(f"checkpoint {path} started from different weights (fingerprint {ckpt['init_hash']} "
+                         f"≠ {init_hash}); refusing to resume")
+    if ckpt.get("data_hash") not in (None, data_hash):
+        raise InputError(f"checkpoint {path} was trained on different data (fingerprint {ckpt['data_hash']} "
+                         f"≠ {data_hash}); refusing to resume")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ranges from a PTQ result
+
+
+def ranges_from_table(gm: GraphModule, table: QuantTable) -> tuple[int, list[Finding]]:
+    """Start every fake-quant from a PTQ table's scale / zero point (and observer range), by layer name.
+
+    Returns how many fake-quant modules were set, and a finding for each activation the table lacks.
+    """
+    done: set[int] = set()
+    findings: list[Finding] = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(str(node.target))
+        if not isinstance(mod, FakeQuantizeBase) or id(mod) in done:
+            continue
+        key = tensor_key(node)
+        if key is None:
+            continue
+        entry = table.get(*key)
+        if entry is None or len(entry.scale) != mod.scale.numel():
+            if key[1] != "weight":
+                findings.append(Finding("ptq_range_missing", key[0], f"no PTQ {key[1]} range; observed instead"))
+            continue
+        done.add(id(mod))
+        scale = torch.tensor(entry.scale, dtype=torch.float32).reshape(mod.scale.shape)
+        zp = torch.tensor(entry.zero_point).reshape(mod.zero_point.shape)
+        with torch.no_grad():
+            mod.scale.copy_(scale)
+            mod.zero_point.copy_(zp.to(mod.zero_point.dtype))
+            obs = mod.activation_post_process
+            lo = (entry.qmin - zp.to(torch.float32)) * scale
+            hi = (entry.qmax - zp.to(torch.float32)) * scale
+            for buf, value in ((getattr(obs, "min_val", None), lo), (getattr(obs, "max_val", None), hi)):
+                if not isinstance(buf, torch.Tensor):
+                    continue
+                if buf.dim() == 0:  # per-tensor observers keep scalars
+                    buf.copy_(value.reshape(()))
+                else:
+                    buf.resize_(value.shape).copy_(value)
+    return len(done), findings
+
+
+# ---------------------------------------------------------------------------------------------------
+# The job
+
+
+def run_qat(
+    config: QATJobConfig,
+    *,
+    model: nn.Module | None = None,
+    train_data: ImageData | None = None,
+    val_data: ImageData | None = None,
+    ptq_result: QuantResult | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> QATResult:
+    """Quantization-aware training of ``config.model`` (or ``model``); see the module docstring.
+
+    ``model`` defaults to the shipped Fashion-MNIST weights of ``config.model``; ``train_data`` /
+    ``val_data`` default to ``config.train_data`` / ``config.val_data`` (a stratified subset of
+    ``*_limit`` images). ``ptq_result`` (with ``config.start="ptq"``) gives the starting ranges; without
+    it PTQ is run on the training data. ``on_step(step)`` is called after every training step (and its
+    checkpoint, if one is due).
+    """
+    if not isinstance(config, QATJobConfig):
+        raise UsageError(f"config must be a QATJobConfig, got {type(config).__name__}")
+    ctx = setup(config.device)
+    try:
+        with _reproducible(config.threads, ctx.device):
+            return _run(config, ctx, model, train_data, val_data, ptq_result, on_step)
+    finally:
+        teardown(ctx)
+
+
+def _run(config: QATJobConfig, ctx: DistContext, model, train_data, val_data, ptq_result,
+         on_step) -> QATResult:
+    from tqdm import tqdm
+
+    if model is None:
+        from ..weights import default_model
+
+        model = default_model(config.model)
+    name = getattr(model, "model_name", config.model)
+    if name != config.model:
+        raise UsageError(f"the model given is {name!r} but config.model is {config.model!r}")
+    if not hasattr(model, "preprocess") and (train_data is None or val_data is None and config.val_data):
+        raise UsageError("the model has no .preprocess; pass train_data and val_data already preprocessed")
+    if train_data is None:
+        train_data = _data(config.train_data, config.train_split, config.train_limit, config.seed, model, "training")
+    if train_data.labels is None:
+        raise InputError(f"training data {train_data.source} have no labels; QAT needs labelled images")
+    if val_data is None and config.val_data:
+        val_data = _data(config.val_data, config.val_split, config.val_limit, config.seed, model, "validation")
+    plan = shard_plan(len(train_data), config.batch_size, ctx.world_size)
+    total_steps = config.epochs * plan.steps_per_epoch
+
+    out_dir = Path(config.out_dir)
+    ckpt, ckpt_path = None, None
+    if config.resume_from:
+        ckpt_path = Path(config.resume_from)
+    elif config.resume:
+        ckpt_path = find_checkpoint(out_dir)
+    elif find_checkpoint(out_dir) is not None:
+        raise UsageError(f"{out_dir} already holds a QAT checkpoint; pass resume=True to continue it "
+                         "or choose another out_dir")
+    init_extra = ptq_result.table.sha256() if (ptq_result is not None and config.start == "ptq") else ""
+    init_hash = state_fingerprint(model, init_extra)
+    data_hash = _data_fingerprint(train_data)
+    if ckpt_path is not None:
+        ckpt = load_checkpoint(ckpt_path)
+        _check_resumable(ckpt, ckpt_path, config, init_hash, data_hash)
+
+    # ---- graph, ranges, optimizer
+    quantizer = qat_quantizer(config.quant, learn_scales=config.learn_scales)
+    example = train_data.images[:2]
+    prepared = build_qat_graph(model, example, quantizer, dropout=config.dropout).to(ctx.device)
+    _calibrate(prepared, train_data, config.calib_batches, config.batch_size, config.seed, ctx.device)
+    findings: list[Finding] = []
+    if config.start == "ptq" and ckpt is None:
+        if ptq_result is None:
+            from ..quant.ptq import quantize
+
+            calib = (train_data.images[i:i + config.batch_size]
+                     for i in range(0, min(len(train_data), config.quant.num_calibration), config.batch_size))
+            ptq_result = quantize(model, calib, config.quant, example_input=example)
+        _, more = ranges_from_table(prepared, ptq_result.table)
+        findings += more
+    scale_params = enable_scale_learning(prepared) if config.learn_scales else []
+    osc = OscillationControl(prepared, config.osc_dampen, config.osc_freeze_threshold, config.osc_momentum)
+    optimizer = torch.optim.SGD(_param_groups(prepared, scale_params, config.weight_decay), lr=config.lr,
+                                momentum=0.9, nesterov=True)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+
+    step, epoch, position = 0, 0, 0
+    history: list[dict[str, Any]] = []
+    stats = {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0, "seconds": 0.0}
+    if ckpt is not None:
+        prepared.load_state_dict(ckpt["graph"], strict=True)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        osc.load_state_dict(ckpt["oscillation"], strict=True)
+        step, epoch, position = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["position"])
+        history = [dict(r) for r in ckpt["history"]]
+        stats = {k: float(v) for k, v in ckpt["epoch_stats"].items()}
+        rng = ckpt["rng"]
+        torch_states = rng["torch_per_process"]
+        if ckpt["world_size"] == ctx.world_size:
+            set_rng_state({**rng, "torch": torch_states[ctx.rank]})
+        else:
+            warnings.warn(f"checkpoint written by {ckpt['world_size']} process(es), resumed with "
+                          f"{ctx.world_size}: dropout draws are re-seeded, the run is no longer bitwise "
+                          "reproducible", stacklevel=3)
+            set_rng_state({**rng, "torch": torch_states[0]})
+            torch.manual_seed(config.seed * 7919 + ctx.rank * 104729 + step)
+        if ctx.is_main and config.progress:
+            tqdm.write(f"resuming {ckpt_path} at step {step} (epoch {epoch + 1}, batch {position})")
+    else:
+        torch.manual_seed(config.seed)
+
+    ddp = None
+    if ctx.distributed:
+        ddp = nn.parallel.DistributedDataParallel(
+            prepared, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    net = ddp if ddp is not None else prepared
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    bn_frozen = config.freeze_bn_step is not None and step >= config.freeze_bn_step
+    obs_frozen = config.freeze_observer_step is not None and step >= config.freeze_observer_step
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / CSV_NAME
+    last_ckpt = ckpt_path
+
+    def checkpoint() -> Path | None:
+        torch_states = _gather_torch_rng(ctx)  # every process takes part in the gather
+        if not ctx.is_main:
+            return None
+        payload = {
+            "model": config.model, "recipe_hash": config.recipe_hash(), "recipe": config.recipe(),
+            "init_hash": init_hash, "data_hash": data_hash, "config": config.to_dict(),
+            "graph": prepared.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "oscillation": osc.state_dict(),
+            "rng": {**rng_state(), "torch_per_process": torch_states},
+            "step": step, "epoch": epoch, "position": position, "history": history,
+            "epoch_stats": dict(stats), "world_size": ctx.world_size, "complete": step >= total_steps,
+        }
+        return save_checkpoint(out_dir, payload)
+
+    def stop(what: str) -> None:
+        good = find_checkpoint(out_dir)
+        kept = f"the last good checkpoint {good} is kept" if good else "no checkpoint was written yet"
+        raise InputError(f"{what} at step {step + 1} (epoch {epoch + 1}, batch {position + 1} of "
+                         f"{plan.steps_per_epoch}); training stopped, {kept}")
+
+    set_mode(prepared, train=True, bn_frozen=bn_frozen)
+    while epoch < config.epochs:
+        indices = epoch_indices(len(train_data), plan, ctx.rank, epoch, config.seed)
+        bar = tqdm(total=plan.steps_per_epoch, initial=position, desc=f"QAT epoch {epoch + 1}/{config.epochs}",
+                   unit="batch", leave=False, disable=not (config.progress and ctx.is_main))
+        while position < plan.steps_per_epoch:
+            t0 = time.perf_counter()
+            if not bn_frozen and config.freeze_bn_step is not None and step >= config.freeze_bn_step:
+                bn_frozen = True
+                set_mode(prepared, train=True, bn_frozen=True)
+            if not obs_frozen and config.freeze_observer_step is not None and step >= config.freeze_observer_step:
+                obs_frozen = True
+                freeze_observers(prepared)
+            idx = indices[position * plan.local_batch:(position + 1) * plan.local_batch]
+            x, y = train_data.images[idx], train_data.labels[idx]
+            if config.augment:
+                x = _augment(x, config.seed, step, slice(ctx.rank, plan.global_batch, ctx.world_size))
+            x, y = x.to(ctx.device), y.to(ctx.device)
+            bad_input = torch.tensor([0.0 if bool(torch.isfinite(x).all()) else 1.0], device=ctx.device)
+            if float(all_sum(bad_input, ctx)[0]):
+                stop("training images contain NaN or Inf values")
+            osc.training_step = True
+            failed = False
+            try:
+                logits = net(x)
+                loss = criterion(logits, y)
+            except ValueError:  # an observer refused a non-finite activation: training diverged
+                if all(bool(torch.isfinite(p).all()) for p in prepared.parameters()):
+                    raise
+                failed, loss, logits = True, torch.tensor(float("nan")), None
+            finally:
+                osc.training_step = False
+            extra = osc.dampening_loss()
+            local = torch.tensor([
+                float(loss.detach()) * len(y) if not failed else float("nan"),
+                float((logits.argmax(1) == y).sum()) if logits is not None else 0.0,
+                float(len(y)),
+            ], dtype=torch.float64, device=ctx.device)
+            all_sum(local, ctx)
+            if not math.isfinite(float(local[0])):
+                stop("the loss is NaN or infinite")
+            if extra is not None:
+                loss = loss + extra
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            position += 1
+            stats["loss_sum"] += float(local[0])
+            stats["correct"] += float(local[1])
+            stats["seen"] += float(local[2])
+            stats["seconds"] += time.perf_counter() - t0
+            bar.update(1)
+            if position % 5 == 0 or position == plan.steps_per_epoch:
+                bar.set_postfix(loss=f"{stats['loss_sum'] / stats['seen']:.3f}",
+                                acc=f"{stats['correct'] / stats['seen']:.3f}",
+                                img_s=f"{stats['seen'] / max(stats['seconds'], 1e-9):.0f}")
+            if step % config.ckpt_every == 0 and position < plan.steps_per_epoch:
+                last_ckpt = checkpoint() or last_ckpt
+            if on_step is not None:
+                on_step(step)
+        bar.close()
+        # ---- epoch end: evaluate, log, checkpoint
+        val_acc = val_loss = None
+        if val_data is not None:
+            set_mode(prepared, train=False)
+            val_acc, val_loss = _evaluate(prepared, val_data, ctx)
+            set_mode(prepared, train=True, bn_frozen=bn_frozen)
+        seen = max(stats["seen"], 1.0)
+        row = {
+            "epoch": epoch + 1, "step": step, "train_loss": round(stats["loss_sum"] / seen, 6),
+            "train_acc": round(stats["correct"] / seen, 6),
+            "val_loss": None if val_loss is None else round(val_loss, 6),
+            "val_acc": None if val_acc is None else round(val_acc, 6),
+            "images_per_s": round(stats["seen"] / max(stats["seconds"], 1e-9), 1),
+            "seconds": round(stats["seconds"], 2), "lr": optimizer.param_groups[0]["lr"],
+            "bn_frozen": bn_frozen, "observers_frozen": obs_frozen,
+            **{k: round(v, 6) for k, v in osc.stats().items() if k in ("osc_freq", "osc_frozen")},
+        }
+        history.append(row)
+        epoch, position = epoch + 1, 0
+        stats = {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0, "seconds": 0.0}
+        last_ckpt = checkpoint() or last_ckpt
+        if ctx.is_main:
+            _write_csv(csv_path, history)
+            if config.progress:
+                shown = "" if val_acc is None else f", val acc (fake-quant) {val_acc * 100:.2f} %"
+                tqdm.write(f"QAT epoch {row['epoch']}/{config.epochs}: loss {row['train_loss']:.4f}, "
+                           f"train acc {row['train_acc'] * 100:.2f} %{shown}, {row['images_per_s']:.0f} img/s")
+
+    # ---- convert
+    set_mode(prepared, train=False)
+    baked = 0
+    if any(bool(st.frozen.any()) for st in osc.layers.values()):
+        baked = osc.bake(prepared, train_data.images[: min(len(train_data), 8)].to(ctx.device))
+    osc.remove()
+    prepared = prepared.to("cpu")
+    converted = convert_trained(prepared, model, config.quant, train_data.images[:1],
+                                train_data.images[: min(len(train_data), _CONVERT_CALIBRATION)])
+    int8_acc = _evaluate(converted.graph, val_data, ctx, device=torch.device("cpu"))[0] if val_data else None
+    parts = {f.name: getattr(converted, f.name) for f in dataclasses.fields(QuantResult)}
+    parts["findings"] = findings + converted.findings
+    return QATResult(
+        **parts, initial_model=model, prepared=prepared, checkpoint=last_ckpt,
+        csv_log=csv_path if ctx.is_main else None, history=history, steps=step,
+        val_accuracy=history[-1]["val_acc"] if history else None, int8_accuracy=int8_acc,
+        osc_frozen_weights=baked,
+    )
