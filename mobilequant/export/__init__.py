@@ -1,0 +1,318 @@
+"""Export: quantized or float model → verified TFLite / ONNX file (:class:`Artifact`).
+
+``export(quant_result_or_model, target, out_path, recipe)`` is the pipeline the CLI calls::
+
+    resolve recipe → list unsupported ops (all at once, before any work) → [quantize] → rewrite for the
+    runtime → lower (litert-torch / torch.onnx dynamo) → name map + metadata → atomic write
+    → verify in the real runtime (raises CheckFailed; the file stays, its report says failed)
+
+Targets (:data:`TARGETS`): ``tflite-int8``, ``tflite-fp16``, ``tflite-fp32``, ``onnx-int8``, ``onnx-fp16``,
+``onnx-fp32``. Recipes: :func:`load_recipe` (``export_recipes/*.yaml``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .. import __version__
+from ..capture import capture, find_unsupported_ops
+from ..errors import CheckFailed, InputError, UsageError
+from ..fusion import fold_conv_bn
+from .artifact import METADATA_KEY, Artifact, atomic_write, load_artifact, metadata_json
+from .recipes import TARGETS, Recipe, Target, default_recipe, get_target, list_recipes, load_recipe
+from .verify import Census, Check, VerificationReport
+
+__all__ = [
+    "export",
+    "Artifact",
+    "load_artifact",
+    "Recipe",
+    "Target",
+    "TARGETS",
+    "load_recipe",
+    "default_recipe",
+    "list_recipes",
+    "supported_ops",
+    "Census",
+    "Check",
+    "VerificationReport",
+]
+
+
+def supported_ops(target: str | Target) -> frozenset:
+    """ATen ops the exporter lowers for ``target`` (the zoo's ops; checked on every family by the tests)."""
+    from ..quant.quantizer import OP_RULES
+
+    aten = torch.ops.aten
+    ops = set(OP_RULES)
+    spec = get_target(target) if isinstance(target, str) else target
+    if not spec.quantized:  # float graphs may keep batch norms that could not be folded
+        ops |= {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default,
+                aten.silu.default, aten.silu_.default, aten.gelu.default}
+    return frozenset(ops)
+
+
+def _resolve_recipe(recipe, target, overrides) -> Recipe:
+    if recipe is None:
+        if target is None:
+            raise UsageError("export needs a target or a recipe")
+        result = default_recipe(target)
+    elif isinstance(recipe, Recipe):
+        result = recipe
+    else:
+        result = load_recipe(recipe)
+    if overrides:
+        result = result.replace(list(overrides))
+    if target is not None and get_target(target).name != result.target:
+        raise UsageError(f"target {target!r} differs from the recipe's target {result.target!r}")
+    return result
+
+
+def _images_and_labels(data, limit: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(images, labels or None) from a tensor, an (images, labels) pair, ImageData, or batches of those."""
+    if data is None:
+        return None, None
+    if hasattr(data, "images") and isinstance(data.images, torch.Tensor):
+        return data.images[:limit], (None if data.labels is None else data.labels[:limit])
+    if isinstance(data, torch.Tensor):
+        return data[:limit], None
+    if isinstance(data, np.ndarray):
+        return torch.as_tensor(data, dtype=torch.float32)[:limit], None
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor) and data[0].ndim == 4:
+        return data[0][:limit], (None if data[1] is None else torch.as_tensor(data[1])[:limit])
+    xs, ys, n = [], [], 0
+    for batch in data:
+        x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+        xs.append(torch.as_tensor(x, dtype=torch.float32))
+        if y is not None:
+            ys.append(torch.as_tensor(y))
+        n += len(xs[-1])
+        if n >= limit:
+            break
+    if not xs:
+        raise InputError("verification data is empty")
+    labels = torch.cat(ys)[:limit] if ys and len(ys) == len(xs) else None
+    return torch.cat(xs)[:limit], labels
+
+
+def _synthetic_images(shape: tuple[int, ...], n: int, seed: int) -> torch.Tensor:
+    """Deterministic smooth test images (low-frequency noise) when no data is given."""
+    g = torch.Generator().manual_seed(seed)
+    c, h, w = shape
+    low = torch.randn(n, c, max(2, h // 4), max(2, w // 4), generator=g)
+    return torch.nn.functional.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)
+
+
+def _float_graph(model: nn.Module, example: torch.Tensor):
+    gm = capture(model, example)
+    fold_conv_bn(gm)
+    return gm
+
+
+def _check_ops(model: nn.Module, example: torch.Tensor, spec: Target) -> None:
+    gm = _float_graph(model, example)
+    bad = find_unsupported_ops(gm, supported_ops(spec))
+    if bad:
+        listed = ", ".join(f"{name} ({op})" for name, op in bad)
+        raise InputError(f"{len(bad)} op(s) cannot be exported to {spec.name}: {listed}")
+
+
+def export(
+    source,
+    target: str | None = None,
+    out_path: str | Path | None = None,
+    recipe: Recipe | str | Path | None = None,
+    *,
+    calibration_data: Iterable | None = None,
+    verify_data=None,
+    model_name: str | None = None,
+    example_input: torch.Tensor | None = None,
+    overrides: Iterable[str] = (),
+    seed: int = 0,
+) -> Artifact:
+    """Export ``source`` (a :class:`~mobilequant.quant.QuantResult` or an ``nn.Module``) to ``out_path``.
+
+    * int8 targets take a ``QuantResult``, or a model plus ``calibration_data`` (quantized with the
+      recipe's settings); float targets take either (a ``QuantResult``'s float model is exported).
+    * ``verify_data``: images (tensor, ``(images, labels)``, ``ImageData`` or batches) for the checks;
+      without it the calibration data, else deterministic synthetic images, are used (no accuracy check).
+    * Returns the :class:`Artifact`; raises :class:`CheckFailed` after writing when a check fails.
+    """
+    from ..quant import QuantResult, quantize
+
+    recipe = _resolve_recipe(recipe, target, overrides)
+    spec = recipe.spec
+    if out_path is None:
+        raise UsageError("export needs an output path")
+    out_path = Path(out_path)
+    if out_path.suffix != spec.suffix:
+        raise UsageError(f"{spec.name} writes {spec.suffix} files; got output path {str(out_path)!r}")
+
+    if isinstance(source, QuantResult):
+        qr, model = source, source.float_model
+        example = source.example_input if example_input is None else example_input
+    elif isinstance(source, nn.Module):
+        qr, model, example = None, source, example_input
+    else:
+        raise UsageError(f"export takes a QuantResult or an nn.Module, got {type(source).__name__}")
+    model = model.eval()
+    if example is None:
+        pre = getattr(model, "preprocess", None)
+        if pre is None:
+            raise UsageError("give example_input (the model has no .preprocess to take the input size from)")
+        example = torch.zeros(1, *pre.input_size)
+    example = example[:1].detach().float()
+    name = model_name or getattr(model, "model_name", None) or type(model).__name__
+    torch.manual_seed(seed)
+
+    _check_ops(model, example, spec)  # every unsupported op, before anything is written
+
+    if spec.quantized and qr is None:
+        if calibration_data is None:
+            raise UsageError(f"{spec.name} needs a QuantResult or calibration_data to quantize the model")
+        qr = quantize(model, calibration_data, recipe.quantization.to_quant_config(), example_input=example)
+
+    metadata = {
+        "format_version": 1,
+        "format": spec.format,
+        "model_name": name,
+        "target": spec.name,
+        "recipe": recipe.to_dict(),
+        "mobilequant_version": __version__,
+        "quant_table_sha256": qr.table.sha256() if spec.quantized else None,
+        "quant_config": qr.config.to_dict() if spec.quantized else None,
+        "input_shape": [1, *example.shape[1:]],
+        "input_layout": recipe.io.layout,
+        "io_dtype": recipe.io.dtype,
+    }
+    if spec.format == "tflite":
+        data, graph, info_extra = _to_tflite(spec, recipe, qr, model, example, metadata)
+    else:
+        data, graph, info_extra = _to_onnx(spec, qr, model, example, metadata)
+    atomic_write(out_path, data)
+    artifact = Artifact(path=out_path, target=spec.name, metadata=json.loads(metadata_json(metadata)),
+                        name_map=dict(metadata["name_map"]), census=info_extra["census"],
+                        rewrites=list(metadata.get("rewrites", [])))
+    if recipe.verification.enabled:
+        artifact.verification = _verify(artifact, data, spec, recipe, qr, model, graph, example,
+                                        verify_data if verify_data is not None else calibration_data,
+                                        info_extra, seed)
+        report = {"artifact": str(out_path), **artifact.verification.to_dict(),
+                  "census": artifact.census.to_dict()}
+        atomic_write(out_path.with_name(out_path.name + ".verify.json"),
+                     (json.dumps(report, indent=1, sort_keys=True) + "\n").encode())
+        if not artifact.verification.passed:
+            first = artifact.verification.failed[0]
+            err = CheckFailed(f"{out_path}: {first} — the file is kept; see {out_path.name}.verify.json")
+            err.artifact = artifact
+            raise err
+    return artifact
+
+
+def _to_tflite(spec, recipe, qr, model, example, metadata):
+    from .names import tflite_name_map
+    from .rewrites import rewrite_for_tflite
+    from .tflite import lower_to_tflite
+    from .tflite_file import read_tflite
+    from .verify import tflite_census
+
+    if spec.quantized:
+        graph = copy.deepcopy(qr.export_graph)
+    else:
+        graph = _float_graph(model, example)
+    rewrites = rewrite_for_tflite(graph, quantized=spec.quantized)
+    lowered = lower_to_tflite(graph, example, quantized=spec.quantized, io_dtype=recipe.io.dtype,
+                              layout=recipe.io.layout)
+    plain = read_tflite(lowered.to_bytes(), "converted model")
+    name_map, tensor_layer = tflite_name_map(graph, plain, quantized=spec.quantized)
+    metadata["name_map"] = dict(sorted(name_map.items()))
+    metadata["rewrites"] = [str(r) for r in rewrites]
+    data = lowered.to_bytes({METADATA_KEY: metadata_json(metadata)})
+    if spec.precision == "fp16":
+        data = _tflite_fp16_weights(data)
+    info = read_tflite(data, "converted model")
+    census = tflite_census(info, spec.quantized, recipe.io.layout, int(example.shape[1]), rewrites)
+    extra = []
+    for r in rewrites:  # parameters that only the rewrites define (see rewrites.py)
+        if r.kind == "hardsigmoid":
+            extra += [((3.0 / 127.0,), (0,)), ((1.0 / 6.0 / 127.0,), (0,))]
+    mids = []
+    for node in graph.graph.nodes:
+        if node.meta.get("mq_rewrite_internal") and node.target == torch.ops.aten.hardtanh.default:
+            q = next(iter(node.users))
+            mids.append(((float(q.args[1]),), (int(q.args[2]),)))
+    return data, graph, {"census": census, "info": info, "tensor_layer": tensor_layer, "extra": extra + mids}
+
+
+def _tflite_fp16_weights(data: bytes) -> bytes:
+    """float16 weights + DEQUANTIZE (TFLite's float16 layout) with ai-edge-quantizer's float casting.
+
+    litert-torch constant-folds float16 constants that are cast to float32, so a float16-constant graph
+    comes out as float32; ai-edge-quantizer (installed with litert-torch) rewrites the converted file.
+    """
+    import contextlib
+    import io
+
+    from ai_edge_quantizer import quantizer as aeq
+    from ai_edge_quantizer.algorithm_manager import AlgorithmName
+
+    q = aeq.Quantizer(bytes(data))
+    q.add_weight_only_config(regex=".*", operation_name="*", num_bits=16,
+                             algorithm_key=AlgorithmName.FLOAT_CASTING)
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        result = q.quantize()
+    return bytes(result.quantized_model)
+
+
+def _to_onnx(spec, qr, model, example, metadata):
+    import onnx
+
+    from .names import onnx_name_map
+    from .onnx import lower_to_onnx
+    from .verify import onnx_census
+
+    graph = qr.graph if spec.quantized else _float_graph(model, example)
+    proto, program = lower_to_onnx(graph, example, precision=spec.precision)
+    metadata["name_map"] = dict(sorted(onnx_name_map(proto, program, graph, spec.quantized).items()))
+    metadata["rewrites"] = []
+    del proto.metadata_props[:]
+    proto.metadata_props.append(onnx.StringStringEntryProto(key=METADATA_KEY, value=metadata_json(metadata)))
+    proto.producer_name = "mobilequant"
+    proto.producer_version = __version__
+    return proto.SerializeToString(), graph, {"census": onnx_census(proto), "proto": proto}
+
+
+def _verify(artifact, data, spec, recipe, qr, model, graph, example, verify_data, extra, seed):
+    from ._run import run_onnx_model, run_tflite_bytes
+    from .verify import numeric_checks, onnx_param_check, structure_checks, tflite_param_check
+
+    settings = recipe.verification
+    x, labels = _images_and_labels(verify_data, settings.num_images)
+    if x is None:
+        x = _synthetic_images(tuple(example.shape[1:]), settings.num_images, seed)
+    x = x.float()
+    report = VerificationReport(target=spec.name, num_images=len(x))
+    with torch.no_grad():
+        if spec.quantized:
+            ref = torch.cat([qr.graph(x[i:i + 256]) for i in range(0, len(x), 256)]).numpy()
+        else:
+            ref = torch.cat([model(x[i:i + 256]) for i in range(0, len(x), 256)]).numpy()
+    xs = x.numpy()
+    out = run_tflite_bytes(data, xs, recipe.io.layout) if spec.format == "tflite" else run_onnx_model(data, xs)
+    report.checks += numeric_checks(spec.precision, out, ref, None if labels is None else labels.numpy(), settings)
+    report.checks += structure_checks(artifact.census, spec.quantized)
+    if spec.quantized:
+        if spec.format == "tflite":
+            report.checks.append(tflite_param_check(extra["info"], extra["tensor_layer"], qr.table,
+                                                    settings.scale_rtol, extra["extra"]))
+        else:
+            report.checks.append(onnx_param_check(extra["proto"], qr.table, settings.scale_rtol))
+    return report

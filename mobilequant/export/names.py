@@ -1,0 +1,176 @@
+"""Name maps: stable layer name (``node.meta["mq_name"]``) → name of the tensor in the exported file.
+
+TFLite: litert-torch names each tensor after the MLIR location of the op that made it, which is the
+node's module hierarchy (``Class_attr/Class_attr/...;``, several joined by ``;`` when the converter fused
+ops). :func:`tflite_name_map` computes the same hierarchy for every quantized (or, in float graphs,
+every compute) node of the lowered graph and matches it against the tensor names' components; a
+quantized tensor must also carry exactly that node's scale and zero point. The value for a fused
+``conv → ReLU6`` is the fused op's output tensor, keyed by the conv's name (like the quant table).
+
+ONNX: the dynamo exporter records the FX node name of each ONNX node
+(``pkg.torch.onnx.name_scopes``); FX names trace back (``meta["from_node"]``) to the lowered graph's nodes
+and their ``mq_name``. int8 layers map to their output ``QuantizeLinear``'s output.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule, Node
+
+from ..capture import layer_name
+from .rewrites import INTERNAL_KEY
+
+__all__ = ["tflite_name_map", "onnx_name_map", "quantize_sites", "QuantSite", "INTERNAL_KEY"]
+
+_qd = torch.ops.quantized_decomposed
+_QUANTIZE = (_qd.quantize_per_tensor.default, _qd.quantize_per_tensor.tensor)
+_STRUCTURAL = ("getitem", "sym_size", "_assert", "guards")
+
+
+class QuantSite:
+    """A quantized activation tensor of the lowered graph: layer, params, module hierarchy."""
+
+    __slots__ = ("layer", "scale", "zero_point", "segments", "internal", "node")
+
+    def __init__(self, layer, scale, zero_point, segments, internal, node):
+        self.layer, self.scale, self.zero_point = layer, scale, zero_point
+        self.segments, self.internal, self.node = segments, internal, node
+
+
+def _segments(node: Node) -> tuple[str, ...]:
+    """litert-torch's location of ``node`` as path segments, root class first.
+
+    Same format as ``litert_torch.backend.debuginfo.build_mlir_debuginfo`` (``Class_attr`` per module).
+    """
+    stack = node.meta.get("nn_module_stack") or {}
+    out = []
+    for path, layer in stack.values():
+        iid = ("_" + path.split(".")[-1]) if path else ""
+        cls = layer if isinstance(layer, str) else f"{layer.__module__}.{layer.__qualname__}"
+        out.append(cls + iid)
+    return tuple(out)
+
+
+def _components(tensor_name: str) -> list[tuple[str, ...]]:
+    return [tuple(c.split("/")) for c in tensor_name.split(";") if c]
+
+
+def _located(tensor_comps: list[tuple[str, ...]], segments: tuple[str, ...], first_only: bool) -> bool:
+    """Whether the tensor's location (first component, or any) is the node's module (suffix match)."""
+    inner = segments[1:]  # the root class may differ (a wrapper module adds a level)
+    for comp in (tensor_comps[:1] if first_only else tensor_comps):
+        if inner and len(comp) >= len(inner) and comp[-len(inner):] == inner:
+            return True
+        if not inner and len(comp) <= 2:
+            return True
+    return False
+
+
+def _same(a: float, b: float, rtol: float = 1e-6) -> bool:
+    return abs(a - b) <= rtol * max(abs(a), abs(b), 1e-30)
+
+
+def _const_value(gm: GraphModule, a) -> float:
+    if isinstance(a, Node) and a.op == "get_attr":
+        obj = gm
+        for part in str(a.target).split("."):
+            obj = getattr(obj, part)
+        return float(obj.reshape(-1)[0])
+    return float(a)
+
+
+def quantize_sites(gm: GraphModule) -> list[QuantSite]:
+    """Every activation quantize op of a ``convert_pt2e`` graph, in graph order."""
+    sites = []
+    for q in gm.graph.nodes:
+        if q.op != "call_function" or q.target not in _QUANTIZE:
+            continue
+        src = q.args[0]
+        if not isinstance(src, Node) or src.op == "get_attr":
+            continue
+        scale, zp = _const_value(gm, q.args[1]), int(_const_value(gm, q.args[2]))
+        if src.op == "placeholder":
+            layer = str(src.target)
+        else:
+            layer = src.meta.get("mq_fused_into") or (layer_name(src) if "mq_name" in src.meta else src.name)
+        sites.append(QuantSite(layer, scale, zp, _segments(src), bool(src.meta.get(INTERNAL_KEY)), src))
+    return sites
+
+
+def tflite_name_map(gm: GraphModule, info, quantized: bool) -> tuple[dict[str, str], dict[int, str]]:
+    """(name map, tensor index → layer) for a TFLite file lowered from ``gm``."""
+    name_map: dict[str, str] = {}
+    tensor_layer: dict[int, str] = {}
+    produced = [(op, t) for op in info.ops for t in op.outputs if t >= 0]
+    if quantized:
+        sites = quantize_sites(gm)
+        used: set[int] = set()
+        for site in sites:
+            for _, t in produced:
+                tensor = info.tensors[t]
+                if t in used or not tensor.quantized or len(tensor.scales) != 1:
+                    continue
+                if not (_same(tensor.scales[0], site.scale) and tensor.zero_points[0] == site.zero_point):
+                    continue
+                if not _located(_components(tensor.name), site.segments, first_only=True):
+                    continue
+                used.add(t)
+                tensor_layer[t] = site.layer
+                if not site.internal:
+                    name_map.setdefault(site.layer, tensor.name)
+                break
+        return name_map, tensor_layer
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and "mq_name" in n.meta
+             and not any(s in n.name for s in _STRUCTURAL)]
+    used = set()
+    for node in nodes:
+        segs = _segments(node)
+        for _, t in produced:
+            if t in used:
+                continue
+            if _located(_components(info.tensors[t].name), segs, first_only=True):
+                used.add(t)
+                tensor_layer[t] = layer_name(node)
+                name_map.setdefault(layer_name(node), info.tensors[t].name)
+                break
+    return name_map, tensor_layer
+
+
+def onnx_name_map(model, program, gm: GraphModule, quantized: bool) -> dict[str, str]:
+    """Name map of an ONNX model exported (via ``program``, an ExportedProgram of ``gm``)."""
+    originals = {n.name: n for n in gm.graph.nodes}
+    by_fx: dict[str, Node] = {}
+    for n in program.graph.nodes:
+        history = n.meta.get("from_node") or []
+        name = history[0].name if history and hasattr(history[0], "name") else n.name
+        while history and getattr(history[0], "from_node", None):
+            history = history[0].from_node
+            name = history[0].name
+        if name in originals:
+            by_fx[n.name] = originals[name]
+
+    def source_node(onnx_node):
+        for prop in onnx_node.metadata_props:
+            if prop.key == "pkg.torch.onnx.name_scopes":
+                scopes = [s.strip(" '\"") for s in prop.value.strip("[]").split(",")]
+                return by_fx.get(scopes[-1]) if scopes else None
+        return None
+
+    producer = {out: node for node in model.graph.node for out in node.output}
+    name_map: dict[str, str] = {}
+    for node in model.graph.node:
+        if quantized:
+            if node.op_type != "QuantizeLinear":
+                continue
+            src_onnx = producer.get(node.input[0])
+            src = source_node(src_onnx) if src_onnx is not None else None
+            if src is None:
+                continue
+            layer = src.meta.get("mq_fused_into") or (layer_name(src) if "mq_name" in src.meta else None)
+        else:
+            src = source_node(node)
+            layer = layer_name(src) if src is not None and "mq_name" in src.meta else None
+        if layer and node.output and node.output[0]:
+            name_map.setdefault(layer, node.output[0])
+    return name_map
+

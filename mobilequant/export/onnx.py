@@ -1,0 +1,67 @@
+"""Lower a torch graph to ONNX with ``torch.onnx.export(..., dynamo=True)``.
+
+* fp32: the float graph (BN folded) with a dynamic batch dimension, optimised by onnxscript.
+* int8: ``QuantResult.graph`` (``fold_quantize=True``): int8 weight and int32 bias initializers feed
+  ``DequantizeLinear``; activations go through ``QuantizeLinear → DequantizeLinear`` pairs (QDQ format,
+  what ONNX Runtime fuses into integer kernels). The QDQ graph with float weights and an int32
+  ``QuantizeLinear`` on the bias is not valid ONNX (QuantizeLinear has no int32 output type).
+* fp16: the fp32 export with every float32 initializer stored as float16 and cast back to float32 where it
+  is used (:func:`store_initializers_fp16`). Written by hand because the two library routes do something
+  else: onnxruntime's ``float16.convert_float_to_float16`` makes the *computation* float16 (which the CPU
+  provider has no kernels for on x86), and exporting the float16-constant graph lets the onnxscript
+  optimiser fold the casts back into float32 initializers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+__all__ = ["lower_to_onnx", "store_initializers_fp16"]
+
+
+def lower_to_onnx(module: nn.Module, example_input: torch.Tensor, *, precision: str):
+    """``onnx.ModelProto`` of ``module`` (float or PT2E-quantized NCHW graph), batch dimension dynamic."""
+    x = example_input[:2].detach()
+    if x.shape[0] == 1:
+        x = torch.cat([x, x])  # a size-1 dimension would be specialised by torch.export
+    program = torch.export.export(module, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    sink = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+        warnings.simplefilter("ignore")
+        onnx_program = torch.onnx.export(program, dynamo=True, optimize=True, verbose=False, report=False, input_names=["input"],
+                                         output_names=["output"])
+    model = onnx_program.model_proto
+    if precision == "fp16":
+        store_initializers_fp16(model)
+    return model, program
+
+
+def store_initializers_fp16(model) -> int:
+    """Store each float32 initializer of more than one element as float16 + ``Cast(to=FLOAT)``."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    casts, count = [], 0
+    for init in graph.initializer:
+        if init.data_type != onnx.TensorProto.FLOAT:
+            continue
+        value = numpy_helper.to_array(init)
+        if value.size <= 1 or not np.all(np.abs(value) <= np.finfo(np.float16).max):
+            continue
+        name = init.name
+        half = numpy_helper.from_array(value.astype(np.float16), name=f"{name}_fp16")
+        init.CopyFrom(half)
+        casts.append(helper.make_node("Cast", [f"{name}_fp16"], [name], to=onnx.TensorProto.FLOAT,
+                                      name=f"{name}_to_float32"))
+        count += 1
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(casts + nodes)
+    return count

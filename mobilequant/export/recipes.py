@@ -1,0 +1,291 @@
+"""Export recipes: one typed, frozen object per export, read from YAML.
+
+A recipe names a target (see :data:`TARGETS`) and holds three sections, each a frozen dataclass whose
+fields are the only keys accepted (unknown keys are rejected with a close-match suggestion)::
+
+    target: tflite-int8
+    quantization: {calibration: minmax, per_channel: true, relu6: clamped, cle: false, ...}
+    io: {dtype: int8, layout: NCHW}
+    verification: {num_images: 512, int8_top1_agreement: 0.995, ...}
+
+``load_recipe("tflite-int8")`` reads ``export_recipes/tflite-int8.yaml`` (a built-in name) or any path;
+``overrides=["io.layout=NHWC", "quantization.per_channel=false"]`` changes fields after loading (values
+parsed with ``yaml.safe_load``, then type-checked like file values). Options a target does not support
+(NHWC for ONNX, int8 I/O for a float model, quantization settings for a float target) are rejected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError, UsageError, did_you_mean
+
+__all__ = [
+    "Target",
+    "TARGETS",
+    "QuantizationSettings",
+    "IOSettings",
+    "VerificationSettings",
+    "Recipe",
+    "RECIPES_DIR",
+    "list_recipes",
+    "load_recipe",
+    "default_recipe",
+    "get_target",
+]
+
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "export_recipes"
+
+
+@dataclass(frozen=True)
+class Target:
+    """An export target: file format, precision, suffix."""
+
+    name: str
+    format: str  # "tflite" | "onnx"
+    precision: str  # "int8" | "fp16" | "fp32"
+    suffix: str
+    description: str
+
+    @property
+    def quantized(self) -> bool:
+        return self.precision == "int8"
+
+
+TARGETS: dict[str, Target] = {
+    t.name: t
+    for t in (
+        Target("tflite-int8", "tflite", "int8", ".tflite", "int8 weights and activations (TFLite int8 spec), litert-torch"),
+        Target("tflite-fp16", "tflite", "fp16", ".tflite", "float16 weights, float32 compute and I/O"),
+        Target("tflite-fp32", "tflite", "fp32", ".tflite", "float32"),
+        Target("onnx-int8", "onnx", "int8", ".onnx", "QDQ ONNX (int8 weights, int32 bias, int8 activations)"),
+        Target("onnx-fp16", "onnx", "fp16", ".onnx", "float16 initializers cast to float32, float32 I/O"),
+        Target("onnx-fp32", "onnx", "fp32", ".onnx", "float32"),
+    )
+}
+
+
+def get_target(name: str) -> Target:
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise UsageError(f"unknown export target {name!r}{did_you_mean(str(name), TARGETS)}; "
+                         f"targets: {', '.join(TARGETS)}") from None
+
+
+@dataclass(frozen=True)
+class QuantizationSettings:
+    """How an int8 target is quantized (mapped onto :class:`mobilequant.quant.QuantConfig`)."""
+
+    calibration: str = "minmax"  # minmax | moving_average | percentile | entropy | mse
+    per_channel: bool = True  # one weight scale per output channel (false: per tensor, e.g. for DSPs)
+    relu6: str = "clamped"  # ReLU6 outputs: clamped = [0, min(6, calibrated)], fixed = exactly [0, 6]
+    cle: bool = False  # cross-layer equalization before calibration
+    bias_correction: bool = False  # correct the expected quantization error of conv outputs in the bias
+    num_calibration: int = 512  # calibration images used at most
+    percentile: float = 99.99  # for calibration: percentile
+
+    def to_quant_config(self):
+        from ..quant import QuantConfig
+
+        return QuantConfig(
+            per_channel=self.per_channel, calibration=self.calibration, relu6=self.relu6, cle=self.cle,
+            bias_correction=self.bias_correction, num_calibration=self.num_calibration,
+            percentile=self.percentile,
+        )
+
+
+@dataclass(frozen=True)
+class IOSettings:
+    """The file's input / output."""
+
+    dtype: str = "float"  # int8 | float: tensor type at the model's input and output (int8 only for int8 targets)
+    layout: str = "NCHW"  # NCHW | NHWC input (NHWC only for TFLite)
+
+
+@dataclass(frozen=True)
+class VerificationSettings:
+    """Checks run after every export (see :mod:`mobilequant.export.verify`)."""
+
+    enabled: bool = True  # run the checks (the artifact is written either way)
+    num_images: int = 512  # images compared in the runtime against the torch reference
+    fp32_max_abs_diff: float = 1e-4  # fp32: max |file − torch| ≤ this × max |torch|
+    fp16_top1_agreement: float = 0.999  # fp16: top-1 agreement with the float model
+    int8_top1_agreement: float = 0.995  # int8: top-1 agreement with the torch-simulated int8 model
+    int8_accuracy_drop_pp: float = 0.1  # int8: |accuracy(file) − accuracy(simulated)| in percentage points
+    scale_rtol: float = 1e-6  # int8: relative tolerance of scales read back from the file
+
+
+_SECTIONS = {"quantization": QuantizationSettings, "io": IOSettings, "verification": VerificationSettings}
+_CHOICES = {
+    ("quantization", "calibration"): ("minmax", "moving_average", "percentile", "entropy", "mse"),
+    ("quantization", "relu6"): ("clamped", "fixed"),
+    ("io", "dtype"): ("int8", "float"),
+    ("io", "layout"): ("NCHW", "NHWC"),
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A complete export recipe. Build with :func:`load_recipe` / :func:`default_recipe`."""
+
+    target: str
+    name: str = ""
+    description: str = ""
+    quantization: QuantizationSettings = field(default_factory=QuantizationSettings)
+    io: IOSettings = field(default_factory=IOSettings)
+    verification: VerificationSettings = field(default_factory=VerificationSettings)
+
+    def __post_init__(self):
+        target = get_target(self.target)
+        for (section, key), choices in _CHOICES.items():
+            value = getattr(getattr(self, section), key)
+            if value not in choices:
+                raise UsageError(f"recipe {section}.{key}: {value!r} is not one of {', '.join(choices)}"
+                                 f"{did_you_mean(str(value), choices)}")
+        if self.io.dtype == "int8" and not target.quantized:
+            raise UsageError(f"recipe io.dtype: int8 I/O needs an int8 target, not {target.name}")
+        if self.io.layout == "NHWC" and target.format != "tflite":
+            raise UsageError(f"recipe io.layout: NHWC input is only supported for TFLite targets, not {target.name}")
+        if not target.quantized and self.quantization != QuantizationSettings():
+            raise UsageError(f"recipe quantization: {target.name} is not quantized; remove the quantization section")
+        v = self.verification
+        for key in ("fp16_top1_agreement", "int8_top1_agreement"):
+            if not 0.0 <= getattr(v, key) <= 1.0:
+                raise UsageError(f"recipe verification.{key} must lie in [0, 1], got {getattr(v, key)!r}")
+        if v.num_images < 1:
+            raise UsageError(f"recipe verification.num_images must be at least 1, got {v.num_images}")
+        if self.quantization.num_calibration < 1:
+            raise UsageError("recipe quantization.num_calibration must be at least 1")
+
+    @property
+    def spec(self) -> Target:
+        return TARGETS[self.target]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+        """Apply ``section.key=value`` overrides (values parsed by ``yaml.safe_load``)."""
+        import yaml
+
+        data = self.to_dict()
+        for item in overrides:
+            if "=" not in item:
+                raise UsageError(f"override {item!r} must look like section.key=value")
+            path, raw = item.split("=", 1)
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError:
+                value = raw
+            parts = path.strip().split(".")
+            if len(parts) == 1:
+                _check_keys({parts[0]: value}, ["target", "name", "description"], "recipe")
+                data[parts[0]] = value
+                continue
+            if len(parts) != 2:
+                raise UsageError(f"override {path!r} must be section.key")
+            section, key = parts
+            _check_keys({section: None}, list(_SECTIONS), "recipe section")
+            _check_keys({key: None}, [f.name for f in fields(_SECTIONS[section])], f"recipe {section}")
+            data[section][key] = value
+        return _from_dict(data, "override")
+
+
+def _check_keys(d: dict, allowed: list[str], where: str) -> None:
+    for key in d:
+        if key not in allowed:
+            raise UsageError(f"unknown key {key!r} in {where}{did_you_mean(str(key), allowed)}; "
+                             f"allowed: {', '.join(allowed)}")
+
+
+def _coerce(value: Any, ftype: str, where: str):
+    """Check a YAML value against a dataclass field type (one source of truth: the annotations)."""
+    if ftype == "bool":
+        if isinstance(value, bool):
+            return value
+    elif ftype == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif ftype == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif ftype == "str":
+        if isinstance(value, str):
+            return value
+    raise UsageError(f"{where} must be {ftype}, got {value!r}")
+
+
+def _section(cls, d: Any, where: str):
+    if d is None:
+        return cls()
+    if not isinstance(d, dict):
+        raise UsageError(f"{where} must be a mapping, got {type(d).__name__}")
+    names = {f.name: f for f in fields(cls)}
+    _check_keys(d, list(names), where)
+    return cls(**{k: _coerce(v, names[k].type, f"{where}.{k}") for k, v in d.items()})
+
+
+def _from_dict(d: Any, source: str) -> Recipe:
+    if not isinstance(d, dict):
+        raise InputError(f"{source}: a recipe must be a mapping of sections, got {type(d).__name__}")
+    _check_keys(d, ["target", "name", "description", *_SECTIONS], f"recipe {source}")
+    if "target" not in d:
+        raise UsageError(f"recipe {source} has no 'target' (one of {', '.join(TARGETS)})")
+    target = get_target(str(d["target"]))
+    sections = {}
+    for name, cls in _SECTIONS.items():
+        sections[name] = _section(cls, d.get(name), name)
+    if "io" not in d or d["io"] is None or "dtype" not in (d.get("io") or {}):
+        sections["io"] = dataclasses.replace(sections["io"], dtype="int8" if target.quantized else "float")
+    return Recipe(
+        target=target.name,
+        name=str(d.get("name") or ""),
+        description=str(d.get("description") or ""),
+        **sections,
+    )
+
+
+def default_recipe(target: str) -> Recipe:
+    """The built-in defaults for a target (int8 targets: int8 I/O; float targets: float I/O)."""
+    t = get_target(target)
+    return Recipe(target=t.name, name=t.name, io=IOSettings(dtype="int8" if t.quantized else "float"))
+
+
+def list_recipes() -> list[str]:
+    """Names of the recipes in ``export_recipes/``."""
+    if not RECIPES_DIR.is_dir():
+        return []
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """A recipe from a built-in name (``export_recipes/NAME.yaml``) or a YAML file path."""
+    import yaml
+
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") or path.exists()):
+        builtin = RECIPES_DIR / f"{name_or_path}.yaml"
+        if builtin.is_file():
+            path = builtin
+        elif str(name_or_path) in TARGETS:
+            return default_recipe(str(name_or_path)).replace(overrides)
+        else:
+            known = sorted(set(list_recipes()) | set(TARGETS))
+            raise UsageError(f"unknown recipe {str(name_or_path)!r}{did_you_mean(str(name_or_path), known)}; "
+                             f"recipes: {', '.join(known)}")
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise InputError(f"cannot read recipe {path}: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise InputError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    recipe = _from_dict(data, str(path))
+    if not recipe.name:
+        recipe = dataclasses.replace(recipe, name=path.stem)
+    return recipe.replace(overrides) if overrides else recipe

@@ -1,0 +1,201 @@
+"""Graph rewrites made before lowering to TFLite, where the runtime lacks an op or a layout.
+
+Each rewrite works on a copy of the graph that is about to be lowered (the quantized ``export_graph`` or a
+float graph), changes no value the torch simulation computes, and is reported as a :class:`Rewrite`
+(listed in the artifact's census):
+
+* ``hardsigmoid`` (int8 only): TFLite has no HARD_SIGMOID kernel and litert-torch lowers
+  ``aten.hardsigmoid`` to float ``ADD(+3, RELU6) → MUL(1/6)`` between DEQUANTIZE/QUANTIZE. The rewrite
+  spells that out with int8 tensors: ``dq(x) → add(3) → clamp(0, 6) → q(6·s, z) → dq → mul(1/6) → q(s, z)``
+  with ``(s, z)`` the hardsigmoid's output parameters. The middle scale is exactly 6·s, so the MUL maps
+  each middle level onto one output level and the result equals ``q(hardsigmoid(x))``.
+* ``channel_shuffle``: ``reshape(N,g,C/g,H,W) → transpose(1,2) → reshape(N,C,H,W)`` lowers to three
+  TRANSPOSEs in NHWC; written as ``permute(0,2,3,1) → reshape(N,H,W,g,C/g) → transpose(3,4) →
+  reshape(N,H,W,C) → permute(0,3,1,2)`` it lowers to one TRANSPOSE (the outer permutes cancel against the
+  layout transposes). In a quantized graph every new tensor gets the shuffle's (shared) parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule, Node
+
+from ..capture import layer_name
+
+__all__ = ["Rewrite", "rewrite_for_tflite", "INTERNAL_KEY"]
+
+INTERNAL_KEY = "mq_rewrite_internal"  # node.meta flag: a tensor that only exists because of a rewrite
+
+aten = torch.ops.aten
+_qd = torch.ops.quantized_decomposed
+_Q = (_qd.quantize_per_tensor.default,)
+_DQ = (_qd.dequantize_per_tensor.default,)
+_RESHAPES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
+_META_KEYS = ("nn_module_stack", "stack_trace", "mq_name", "source_fn_stack", "from_node")
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    kind: str  # "hardsigmoid" | "channel_shuffle"
+    layer: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} at {self.layer}: {self.detail}"
+
+
+def rewrite_for_tflite(gm: GraphModule, quantized: bool) -> list[Rewrite]:
+    """Apply the TFLite rewrites to ``gm`` in place; return what was rewritten."""
+    done = []
+    if quantized:
+        done += _rewrite_hardsigmoid(gm)
+    done += _rewrite_channel_shuffle(gm, quantized)
+    if done:
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+    return done
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _copy_meta(new: Node, old: Node) -> None:
+    for key in _META_KEYS:
+        if key in old.meta:
+            new.meta[key] = old.meta[key]
+
+
+def _const(gm: GraphModule, stem: str, value: torch.Tensor) -> Node:
+    k = 0
+    while hasattr(gm, f"{stem}_{k}"):
+        k += 1
+    gm.register_buffer(f"{stem}_{k}", value)
+    return gm.graph.get_attr(f"{stem}_{k}")
+
+
+def _qdq(gm: GraphModule, x: Node, scale: float, zp: int, qmin: int, qmax: int, dtype, like: Node) -> Node:
+    q = gm.graph.call_function(_qd.quantize_per_tensor.default, (x, scale, zp, qmin, qmax, dtype))
+    dq = gm.graph.call_function(_qd.dequantize_per_tensor.default, (q, scale, zp, qmin, qmax, dtype))
+    _copy_meta(q, like)
+    _copy_meta(dq, like)
+    return dq
+
+
+def _quantized_const(gm: GraphModule, stem: str, value: float, like: Node) -> Node:
+    """``dq(q(c))`` for a scalar constant, int8 symmetric (scale |c|/127), as a broadcastable 4-D tensor."""
+    scale = abs(value) / 127.0
+    c = _const(gm, stem, torch.full((1, 1, 1, 1), value, dtype=torch.float32))
+    return _qdq(gm, c, scale, 0, -127, 127, torch.int8, like)
+
+
+def _single_user(node: Node) -> Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _through_qdq(node: Node) -> tuple[Node, tuple | None]:
+    """Follow ``node → q → dq`` (its only user chain) to the dq; returns (last node, q args or None)."""
+    q = _single_user(node)
+    if q is not None and q.target in _Q:
+        dq = _single_user(q)
+        if dq is not None and dq.target in _DQ:
+            return dq, tuple(q.args[1:])
+    return node, None
+
+
+def _shape(node) -> tuple[int, ...] | None:
+    val = node.meta.get("val") if isinstance(node, Node) else None
+    if val is None or not hasattr(val, "shape"):
+        return None
+    try:
+        return tuple(int(s) if not isinstance(s, torch.SymInt) else -1 for s in val.shape)
+    except TypeError:
+        return None
+
+
+# ------------------------------------------------------------------------------------- hardsigmoid
+def _rewrite_hardsigmoid(gm: GraphModule) -> list[Rewrite]:
+    done = []
+    for h in list(gm.graph.nodes):
+        if h.op != "call_function" or h.target not in (aten.hardsigmoid.default, aten.hardsigmoid_.default):
+            continue
+        x = h.args[0]
+        q = _single_user(h)
+        if not (isinstance(x, Node) and x.target in _DQ and q is not None and q.target in _Q):
+            continue  # not quantized around: leave it
+        scale, zp, qmin, qmax, dtype = q.args[1:6]
+        with gm.graph.inserting_before(h):
+            three = _quantized_const(gm, "_mq_hardsigmoid_three", 3.0, h)
+            added = gm.graph.call_function(aten.add.Tensor, (x, three))
+            clamped = gm.graph.call_function(aten.hardtanh.default, (added, 0.0, 6.0))
+            middle = _qdq(gm, clamped, 6.0 * float(scale), int(zp), int(qmin), int(qmax), dtype, h)
+            sixth = _quantized_const(gm, "_mq_hardsigmoid_sixth", 1.0 / 6.0, h)
+            out = gm.graph.call_function(aten.mul.Tensor, (middle, sixth))
+        for n in (added, clamped, out):
+            _copy_meta(n, h)
+        added.meta[INTERNAL_KEY] = clamped.meta[INTERNAL_KEY] = True
+        h.replace_all_uses_with(out)
+        gm.graph.erase_node(h)
+        done.append(Rewrite("hardsigmoid", layer_name(h) if "mq_name" in h.meta else h.name,
+                            f"int8 ADD(+3, RELU6) with scale 6×{float(scale):.6g} → MUL(1/6)"))
+    return done
+
+
+# --------------------------------------------------------------------------------- channel shuffle
+def _is_permute_12(node: Node) -> bool:
+    if node.op != "call_function":
+        return False
+    if node.target == aten.transpose.int:
+        dims = sorted(int(d) % 5 for d in node.args[1:3])
+        return dims == [1, 2]
+    if node.target == aten.permute.default:
+        return [int(d) % 5 for d in node.args[1]] == [0, 2, 1, 3, 4]
+    return False
+
+
+def _rewrite_channel_shuffle(gm: GraphModule, quantized: bool) -> list[Rewrite]:
+    done = []
+    for r1 in list(gm.graph.nodes):
+        if r1.op != "call_function" or r1.target not in _RESHAPES:
+            continue
+        x = r1.args[0]
+        in_shape, mid_shape = _shape(x), _shape(r1)
+        if in_shape is None or mid_shape is None or len(in_shape) != 4 or len(mid_shape) != 5:
+            continue
+        _, c, h, w = in_shape
+        _, g, cg, h2, w2 = mid_shape
+        if (h2, w2) != (h, w) or g * cg != c or g < 2:
+            continue
+        a, qargs = _through_qdq(r1)
+        t = _single_user(a)
+        if t is None or not _is_permute_12(t):
+            continue
+        b, _ = _through_qdq(t)
+        r3 = _single_user(b)
+        if r3 is None or r3.target not in _RESHAPES or _shape(r3) is None or _shape(r3)[1:] != (c, h, w):
+            continue
+        if quantized and qargs is None:
+            continue
+
+        def op(target, *args) -> Node:
+            node = gm.graph.call_function(target, args)
+            _copy_meta(node, r1)
+            return node
+
+        def wrap(node: Node) -> Node:
+            return _qdq(gm, node, *qargs, like=r1) if quantized else node
+
+        with gm.graph.inserting_before(r3):
+            p1 = wrap(op(aten.permute.default, x, [0, 2, 3, 1]))
+            r = wrap(op(aten.reshape.default, p1, [-1, h, w, g, cg]))
+            tt = wrap(op(aten.permute.default, r, [0, 1, 2, 4, 3]))
+            r2 = wrap(op(aten.reshape.default, tt, [-1, h, w, c]))
+            p2 = op(aten.permute.default, r2, [0, 3, 1, 2])
+        for n in (p1, r, tt, r2):
+            (n.args[0].args[0] if quantized else n).meta[INTERNAL_KEY] = True
+        r3.replace_all_uses_with(p2)
+        done.append(Rewrite("channel_shuffle", layer_name(r1) if "mq_name" in r1.meta else r1.name,
+                            f"groups={g}, written in NHWC (one TRANSPOSE)"))
+    return done
+

@@ -1,0 +1,290 @@
+"""Checks run after every export, and the op census of the file.
+
+==========================  ============================================================================
+check                       passes when
+==========================  ============================================================================
+``fp32_max_abs_diff``       max |file − torch float| ≤ ``fp32_max_abs_diff`` × max |torch float|
+``fp16_top1_agreement``     top-1 of the file agrees with the float model on ≥ ``fp16_top1_agreement``
+``int8_top1_agreement``     top-1 of the file agrees with the torch-simulated int8 model on ≥ threshold
+``int8_accuracy``           |accuracy(file) − accuracy(simulated)| ≤ ``int8_accuracy_drop_pp`` (labels)
+``int8_params``             every quantized tensor in the file has the scales (rel ≤ ``scale_rtol``) and
+                            zero points of its ``QuantTable`` entry
+``int8_op_census``          TFLite: no float compute op (only QUANTIZE at the input / DEQUANTIZE at the
+                            output of a float-I/O file)
+``transposes``              TFLite: no TRANSPOSE but one per channel shuffle and one at an NCHW input
+==========================  ============================================================================
+
+A failed check makes :func:`mobilequant.export.export` raise :class:`~mobilequant.errors.CheckFailed`
+naming the check and its numbers; the file stays where it was written, and its report (``<file>.verify.json``)
+says ``"passed": false``.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+__all__ = [
+    "Check",
+    "Census",
+    "VerificationReport",
+    "tflite_census",
+    "onnx_census",
+    "numeric_checks",
+    "tflite_param_check",
+    "onnx_param_check",
+]
+
+_FLOAT = ("float32", "float16", "float64")
+_WEIGHTED = {"CONV_2D": 1, "DEPTHWISE_CONV_2D": 1, "FULLY_CONNECTED": 1, "TRANSPOSE_CONV": 1}
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    passed: bool
+    measured: str
+    threshold: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        state = "ok" if self.passed else "FAILED"
+        extra = f" ({self.detail})" if self.detail else ""
+        return f"{self.name}: {state}, {self.measured} (needs {self.threshold}){extra}"
+
+
+@dataclass
+class Census:
+    """What the file contains: op counts and the properties the checks look at."""
+
+    format: str
+    ops: dict[str, int]
+    float_compute_ops: list[str] = field(default_factory=list)
+    transposes: int = 0
+    allowed_transposes: int = 0
+    rewrites: list[str] = field(default_factory=list)
+    input: dict = field(default_factory=dict)
+    output: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        ops = ", ".join(f"{k}×{v}" for k, v in sorted(self.ops.items()))
+        lines = [f"{self.format} ops: {ops}"]
+        if self.rewrites:
+            lines.append("rewritten before export: " + "; ".join(self.rewrites))
+        return "\n".join(lines)
+
+
+@dataclass
+class VerificationReport:
+    target: str
+    checks: list[Check] = field(default_factory=list)
+    num_images: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+    def to_dict(self) -> dict:
+        return {"target": self.target, "passed": self.passed, "num_images": self.num_images,
+                "checks": [asdict(c) for c in self.checks]}
+
+    def __str__(self) -> str:
+        return "\n".join(str(c) for c in self.checks)
+
+
+# --------------------------------------------------------------------------------------------- census
+def tflite_census(info, quantized: bool, layout: str, in_channels: int, rewrites: list) -> Census:
+    ops = collections.Counter()
+    float_ops = []
+    graph_in, graph_out = set(info.inputs), set(info.outputs)
+    for op in info.ops:
+        tensors = [info.tensors[t] for t in (*op.inputs, *op.outputs) if t >= 0]
+        dtypes = {t.dtype for t in tensors if not (t.constant and t.dtype in ("int32", "int64"))}
+        key = op.name if not quantized else f"{op.name}:{'/'.join(sorted(dtypes))}"
+        ops[key] += 1
+        if quantized and dtypes & set(_FLOAT):
+            io_boundary = (op.name == "QUANTIZE" and set(op.inputs) <= graph_in) or (
+                op.name == "DEQUANTIZE" and set(op.outputs) <= graph_out)
+            if not io_boundary:
+                out = info.tensors[op.outputs[0]].name if op.outputs else ""
+                float_ops.append(f"{op.name} ({out[:120]})")
+    shuffles = sum(1 for r in rewrites if r.kind == "channel_shuffle")
+    allowed = shuffles + (1 if layout == "NCHW" and in_channels > 1 else 0)
+    t_in, t_out = info.tensors[info.inputs[0]], info.tensors[info.outputs[0]]
+    return Census(
+        format="tflite", ops=dict(sorted(ops.items())), float_compute_ops=float_ops,
+        transposes=sum(1 for op in info.ops if op.name == "TRANSPOSE"), allowed_transposes=allowed,
+        rewrites=[str(r) for r in rewrites],
+        input={"name": t_in.name, "dtype": t_in.dtype, "shape": list(t_in.shape),
+               "scale": list(t_in.scales), "zero_point": list(t_in.zero_points)},
+        output={"name": t_out.name, "dtype": t_out.dtype, "shape": list(t_out.shape),
+                "scale": list(t_out.scales), "zero_point": list(t_out.zero_points)},
+    )
+
+
+def onnx_census(model) -> Census:
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    init_types = collections.Counter()
+    import onnx
+
+    for init in model.graph.initializer:
+        init_types[onnx.TensorProto.DataType.Name(init.data_type).lower()] += 1
+    inp, out = model.graph.input[0], model.graph.output[0]
+
+    def describe(vi):
+        t = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
+        return {"name": vi.name, "dtype": onnx.TensorProto.DataType.Name(t.elem_type).lower(), "shape": dims}
+
+    return Census(format="onnx", ops=dict(sorted(ops.items())), input=describe(inp),
+                  output={**describe(out), "initializers": dict(sorted(init_types.items()))})
+
+
+def structure_checks(census: Census, quantized: bool) -> list[Check]:
+    checks = []
+    if census.format != "tflite":
+        return checks
+    if quantized:
+        n = len(census.float_compute_ops)
+        checks.append(Check("int8_op_census", n == 0, f"{n} float compute op(s)", "0",
+                            "; ".join(census.float_compute_ops[:5])))
+    checks.append(Check("transposes", census.transposes <= census.allowed_transposes,
+                        f"{census.transposes} TRANSPOSE op(s)", f"≤ {census.allowed_transposes}",
+                        "one per channel shuffle and one at an NCHW input"))
+    return checks
+
+
+# ------------------------------------------------------------------------------------------- numerics
+def _top1(a: np.ndarray) -> np.ndarray:
+    return a.reshape(a.shape[0], -1).argmax(1)
+
+
+def numeric_checks(precision: str, out: np.ndarray, ref: np.ndarray, labels, settings,
+                   float_ref: np.ndarray | None = None) -> list[Check]:
+    """Output checks for one precision; ``ref`` is the float model (fp32/fp16) or the simulation (int8)."""
+    checks = []
+    n = len(out)
+    if precision == "fp32":
+        diff = float(np.abs(out - ref).max()) if n else 0.0
+        scale = float(np.abs(ref).max()) if n else 0.0
+        limit = settings.fp32_max_abs_diff * scale
+        checks.append(Check("fp32_max_abs_diff", diff <= limit, f"max |diff| {diff:.3g}",
+                            f"≤ {settings.fp32_max_abs_diff:g} × max|ref| = {limit:.3g}", f"{n} images"))
+    elif precision == "fp16":
+        agree = float(np.mean(_top1(out) == _top1(ref))) if n else 1.0
+        checks.append(Check("fp16_top1_agreement", agree >= settings.fp16_top1_agreement,
+                            f"{100 * agree:.2f} % of {n} images", f"≥ {100 * settings.fp16_top1_agreement:.2f} %"))
+    else:
+        agree = float(np.mean(_top1(out) == _top1(ref))) if n else 1.0
+        checks.append(Check("int8_top1_agreement", agree >= settings.int8_top1_agreement,
+                            f"{100 * agree:.2f} % of {n} images", f"≥ {100 * settings.int8_top1_agreement:.2f} %",
+                            "vs the torch-simulated int8 model"))
+        if labels is not None:
+            labels = np.asarray(labels)
+            acc_file = float(np.mean(_top1(out) == labels))
+            acc_sim = float(np.mean(_top1(ref) == labels))
+            gap = 100 * abs(acc_file - acc_sim)
+            checks.append(Check("int8_accuracy", gap <= settings.int8_accuracy_drop_pp + 1e-9,
+                                f"file {100 * acc_file:.2f} % vs simulated {100 * acc_sim:.2f} % (gap {gap:.2f} pp)",
+                                f"≤ {settings.int8_accuracy_drop_pp:g} pp"))
+    return checks
+
+
+# ------------------------------------------------------------------------------------------ parameters
+def _close(a, b, rtol: float) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= rtol * max(abs(x), abs(y), 1e-38) for x, y in zip(a, b))
+
+
+def _entry_params(table) -> list[tuple[tuple[float, ...], tuple[int, ...]]]:
+    return [(tuple(e.scale), tuple(e.zero_point)) for e in table]
+
+
+def tflite_param_check(info, tensor_layer: dict[int, str], table, rtol: float,
+                       extra: list[tuple[tuple[float, ...], tuple[int, ...]]] = ()) -> Check:
+    """Every quantized tensor of the file against the quant table (see module docstring)."""
+    consumers = collections.defaultdict(list)
+    for op in info.ops:
+        for pos, t in enumerate(op.inputs):
+            if t >= 0:
+                consumers[t].append((op, pos))
+    known = _entry_params(table) + list(extra)
+    failures, checked, by_value = [], 0, 0
+    for t in info.tensors:
+        if not t.quantized or t.dtype not in ("int8", "int32", "int16", "uint8"):
+            continue
+        checked += 1
+        entry, where = None, None
+        if t.constant:
+            for op, pos in consumers.get(t.index, []):
+                role = {1: "weight", 2: "bias"}.get(pos) if op.name in _WEIGHTED else None
+                layer = tensor_layer.get(op.outputs[0]) if op.outputs else None
+                if role and layer:
+                    entry, where = table.get(layer, role), f"{layer}:{role}"
+                    break
+        else:
+            layer = tensor_layer.get(t.index)
+            if layer is not None:
+                entry = table.get(layer, "output") or table.get(layer, "input")
+        if where is not None and entry is None:
+            failures.append(f"{where} has no quant-table entry")
+            continue
+        if entry is not None:
+            if not _close(t.scales, entry.scale, rtol) or tuple(t.zero_points) != tuple(entry.zero_point):
+                failures.append(f"{entry.name}:{entry.role} file scale {t.scales[:2]} zp {t.zero_points[:2]} "
+                                f"vs table {entry.scale[:2]} zp {entry.zero_point[:2]}")
+            continue
+        # Tensors that repeat another tensor's parameters (shared-parameter ops, converter-made PADs,
+        # rewrite intermediates): their parameters must be ones the table (or a rewrite) defines.
+        by_value += 1
+        if not any(_close(t.scales, s, rtol) and tuple(t.zero_points) == z for s, z in known):
+            failures.append(f"tensor {t.name[:80]!r} scale {t.scales[:2]} zp {t.zero_points[:2]} "
+                            "matches no quant-table entry")
+    return Check("int8_params", not failures, f"{checked - len(failures)}/{checked} quantized tensors match",
+                 f"all, scales rel ≤ {rtol:g}, zero points equal",
+                 "; ".join(failures[:3]) + (f" … {len(failures) - 3} more" if len(failures) > 3 else "")
+                 if failures else f"{by_value} checked by value (shared parameters)")
+
+
+def onnx_param_check(model, table, rtol: float) -> Check:
+    """Every QuantizeLinear / DequantizeLinear parameter pair must be a quant-table entry's, and back."""
+    from onnx import numpy_helper
+
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    consts = {}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    consts[node.output[0]] = numpy_helper.to_array(a.t)
+    values = {**consts, **inits}
+    pairs = set()
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 2:
+            continue
+        scale = values.get(node.input[1])
+        zp = values.get(node.input[2]) if len(node.input) > 2 else np.zeros_like(scale, dtype=np.int64)
+        if scale is None or zp is None:
+            continue
+        pairs.add((tuple(float(s) for s in np.asarray(scale).reshape(-1)),
+                   tuple(int(z) for z in np.asarray(zp).reshape(-1))))
+    known = _entry_params(table)
+    missing_in_table = [p for p in pairs if not any(_close(p[0], s, rtol) and p[1] == z for s, z in known)]
+    missing_in_file = [e.key for e in table
+                       if not any(_close(e.scale, s, rtol) and tuple(e.zero_point) == z for s, z in pairs)]
+    ok = not missing_in_table and not missing_in_file
+    detail = ""
+    if missing_in_table:
+        detail += f"{len(missing_in_table)} parameter set(s) in the file match no table entry; "
+    if missing_in_file:
+        detail += f"table entries absent from the file: {', '.join(missing_in_file[:3])}"
+    return Check("int8_params", ok, f"{len(pairs)} distinct Q/DQ parameter sets, {len(table)} table entries",
+                 f"same sets, scales rel ≤ {rtol:g}", detail.strip("; "))

@@ -1,0 +1,39 @@
+"""Runtimes: run exported files in the real interpreters (LiteRT / TFLite, ONNX Runtime CPU).
+
+``open_runner(path)`` picks the runner from the file's content; both runners take float32 N×C×H×W
+batches and return float32 outputs (int8 I/O is quantized / dequantized with the file's own parameters).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import InputError
+from .onnx import OrtRunner, load_onnx_model, with_intermediate_outputs
+from .tflite import TensorInfo, TFLiteRunner, check_tflite_file, interpreter_class
+
+__all__ = [
+    "TFLiteRunner",
+    "OrtRunner",
+    "TensorInfo",
+    "open_runner",
+    "interpreter_class",
+    "check_tflite_file",
+    "load_onnx_model",
+    "with_intermediate_outputs",
+]
+
+
+def open_runner(path: str | Path, num_threads: int = 1, preserve_all_tensors: bool = False):
+    """A :class:`TFLiteRunner` or :class:`OrtRunner` for ``path``, chosen by content (not suffix)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise InputError(f"cannot read model {path}: {e.strerror or e}") from None
+    if head[4:8] == b"TFL3":
+        return TFLiteRunner(path, num_threads=num_threads, preserve_all_tensors=preserve_all_tensors)
+    if path.suffix == ".tflite":
+        check_tflite_file(path)  # raises the TFLite-specific message
+    return OrtRunner(path, num_threads=num_threads)
