@@ -69,7 +69,7 @@ _SCALAR_CLAMP_OPS = frozenset({aten.hardtanh.default, aten.hardtanh_.default, at
 _TENSOR_CLAMP_OPS = frozenset({aten.clamp.Tensor})
 _POOL_OPS = frozenset({aten.avg_pool1d.default, aten.avg_pool2d.default, aten.max_pool1d.default,
                        aten.max_pool2d.default, aten.adaptive_avg_pool1d.default,
-                       aten.adaptive_avg_pool2d.default, aten.adaptive_max_pool2d.default})
+                       aten.adaptive_avg_pool2d.default})
 _FLATTEN_OPS = frozenset({aten.flatten.using_ints, aten.view.default, aten.reshape.default,
                           aten._unsafe_view.default})
 _IDENTITY_OPS = frozenset({aten.dropout.default, aten.clone.default, aten.alias.default})
@@ -200,13 +200,14 @@ def _rank(node: Node) -> int | None:
     return val.dim() if isinstance(val, torch.Tensor) else None
 
 
-def _shape(node: Node) -> tuple[int, ...] | None:
+def _feature_shape(node: Node) -> tuple[int, ...] | None:
+    """The traced shape without the (possibly symbolic) batch dimension."""
     val = node.meta.get("val")
-    if not isinstance(val, torch.Tensor):
+    if not isinstance(val, torch.Tensor) or val.dim() < 1:
         return None
     try:
-        return tuple(int(d) for d in val.shape)
-    except Exception:  # symbolic (batch) sizes
+        return tuple(int(d) for d in val.shape[1:])
+    except TypeError:  # a symbolic size other than the batch
         return None
 
 
@@ -230,11 +231,11 @@ def _transparent(node: Node, channels: int) -> tuple[str, int] | None:
         dims = {d % rank for d in dims}
         return ("act", 1) if 0 not in dims and 1 not in dims else None
     if t in _FLATTEN_OPS:
-        src, dst = _shape(node.args[0]), _shape(node)
-        if src is None or dst is None or len(dst) != 2 or len(src) < 2 or src[1] != channels:
+        src, dst = _feature_shape(node.args[0]), _feature_shape(node)
+        if src is None or dst is None or len(dst) != 1 or len(src) < 1 or src[0] != channels:
             return None  # only [N, C, *spatial] -> [N, C * prod(spatial)] keeps channels in blocks
-        per_channel = math.prod(src[2:])
-        return ("flatten", per_channel) if dst[1] == channels * per_channel else None
+        per_channel = math.prod(src[1:])
+        return ("flatten", per_channel) if dst[0] == channels * per_channel else None
     return None
 
 
@@ -387,6 +388,8 @@ def _prepare_between(gm: GraphModule, pair: _Pair, treatment: str, channels: int
         if node.target not in _SCALAR_CLAMP_OPS:
             continue
         lo, hi = _clamp_bounds(node)
+        if lo in (0.0, None) and hi in (0.0, None):
+            continue  # clamp(x, 0) is a ReLU: equivariant as it is
         if treatment == "skip":
             return "clamp between (relu6='skip')"
         if treatment == "relu":
