@@ -92,7 +92,10 @@ def test_relu6_outputs_have_zero_point_minus_128(relu6_results):
 def test_export_graph_has_int8_ops_and_bias_on_the_int32_grid(relu6_results):
     model, results = relu6_results
     r = results["clamped"]
-    targets = lambda gm: [n.args[-1] for n in gm.graph.nodes if n.op == "call_function" and "quantize_per" in str(n.target) and "dequantize" not in str(n.target)]  # noqa: E731
+    def targets(gm):
+        return [n.args[-1] for n in gm.graph.nodes
+                if n.op == "call_function" and str(n.target).startswith("quantized_decomposed.quantize_per")]
+
     assert torch.int32 in targets(r.qdq_graph)
     assert torch.int32 not in targets(r.export_graph) and torch.int8 in targets(r.export_graph)
     x = torch.randn(2, 3, 8, 8)
@@ -198,18 +201,30 @@ def _family_representatives() -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", _family_representatives())
 def test_zoo_family_quantizes(name):
+    """Every family goes through capture → prepare → calibrate → convert and obeys the TFLite rules.
+
+    Output agreement is not asserted here: a random-weight network is chaotic (measured on
+    mobilenetv2_035 with data BN statistics: the simulated/float SQNR falls ~3 dB per block, from 39 dB
+    after the stem to ~1 dB at the head), so accuracy is checked on the trained model below."""
     model = create_model(name, num_classes=10).eval()
     c, h, _ = model.preprocess.input_size
     side = min(32, h)
     batches = _batches(2, (4, c, side, side))
     r = quantize(model, batches, QuantConfig())
     assert not any(f.kind == "float_fallback" for f in r.findings)
-    x = batches[0]
     with torch.no_grad():
-        ref, out = model(x), r(x)
-    assert out.shape == ref.shape and bool(torch.isfinite(out).all())
-    cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
-    assert float(cos) > 0.9
+        out = r(batches[0])
+    assert out.shape == (4, 10) and bool(torch.isfinite(out).all())
+    for e in r.table:
+        assert all(0 < s < float("inf") for s in e.scale), e.key
+        if e.role == "weight":
+            assert set(e.zero_point) == {0} and (e.qmin, e.qmax) == (-127, 127) and e.axis == 0
+    weighted = [f.conv for f in r.fusion.folded]
+    assert all(r.table.get(conv, "weight") for conv in weighted)
+    for f in r.fusion.folded:
+        if f.activation == "relu6":
+            out_entry = r.table.get(f.conv, "output")
+            assert out_entry.zero_point == (-128,) and out_entry.scale[0] <= 6 / 255 * (1 + 1e-6), f.conv
 
 
 def _trained_default():

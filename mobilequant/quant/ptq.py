@@ -10,8 +10,9 @@ normalised like the model's input. At most ``config.num_calibration`` images are
 or Inf values, a wrong shape, or an empty set raises :class:`InputError`.
 
 Degenerate ranges never reach the graph as a zero or NaN scale: an all-zero (dead) weight channel gets
-the layer's median channel scale (raised if needed so the int32 bias stays in range), an activation
-with an empty range gets scale 1/255 (the [0, 1] range). Each repair is a :class:`Finding` on the result.
+the layer's median channel scale, an all-zero activation gets scale 1/255 (the [0, 1] range), and a
+weight scale is raised where the int32 bias (scale = input × weight scale) would otherwise overflow.
+Each repair is a :class:`Finding` on the result.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ _BIAS_HEADROOM = 0.5  # keep |bias| / (input scale × weight scale) under half t
 class Finding:
     """Something the pipeline changed or could not do, reported rather than hidden."""
 
-    kind: str  # dead_weight_channels | degenerate_activation | constant_activation | unobserved_activation
-    #            | bn_not_folded | float_fallback
+    kind: str  # dead_weight_channels | bias_range | degenerate_activation | constant_activation
+    #            | unobserved_activation | bn_not_folded | float_fallback
     layer: str
     message: str
 
@@ -83,6 +84,7 @@ class QuantResult:
     fusion: FusionReport = field(default_factory=FusionReport)
     example_input: torch.Tensor | None = None
     num_calibration_samples: int = 0
+    cle: object | None = None  # mobilequant.quant.cle.EqualizationReport when QuantConfig.cle
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -120,11 +122,16 @@ def calibrate(prepared: GraphModule, batches: Iterable[torch.Tensor], limit: int
     """Run at most ``limit`` images through the observers; return how many were used."""
     seen = 0
     with torch.no_grad():
-        for x in batches:
+        for i, x in enumerate(batches):
             if seen >= limit:
                 break
             x = x[: limit - seen]
-            prepared(x)
+            try:
+                prepared(x)
+            except ValueError as e:  # observers refuse NaN / Inf produced inside the model
+                if "NaN" not in str(e) and "Inf" not in str(e):
+                    raise
+                raise InputError(f"calibration batch {i}: the model produces non-finite values ({e})") from None
             seen += x.shape[0]
     return seen
 
@@ -164,8 +171,9 @@ def quantize(
     fusion = fold_conv_bn(gm)
     findings = [Finding("bn_not_folded", bn, f"batch norm kept in float: {why}") for bn, why in fusion.skipped]
 
+    cle_report = None
     if config.cle:
-        _optional_module("cle", "cle").equalize(gm)
+        gm, cle_report = _optional_module("cle", "cle").equalize(gm)
 
     quantizer = MobileQuantizer(config)
     quantizer.validate(gm)  # every unsupported op listed before any work
@@ -202,6 +210,7 @@ def quantize(
         fusion=fusion,
         example_input=example_input,
         num_calibration_samples=n,
+        cle=cle_report,
     )
 
 
@@ -327,9 +336,7 @@ def repair_degenerate_ranges(prepared: GraphModule, config: QuantConfig) -> list
             continue
         in_obs = _observer(prepared, node.args[0])
         bias = _const(prepared, node.args[2]) if len(node.args) > 2 else None
-        f = _repair_weight(obs, w, in_obs, bias, layer_name(node), config)
-        if f:
-            findings.append(f)
+        findings += _repair_weight(obs, w, in_obs, bias, layer_name(node), config)
     return findings
 
 
@@ -341,21 +348,23 @@ def _repair_activation(obs: nn.Module, layer: str) -> Finding | None:
         return Finding("unobserved_activation", layer, f"no calibration data reached this tensor; scale set to 1/255")
     scale, zp = obs.calculate_qparams()
     scale = scale.reshape(-1)
+    # Empty: the range, which always includes 0, has no width (all values 0). A tiny but non-empty range
+    # keeps the observer's scale (torchao clamps it at float32 eps): it is what the data say.
     empty = known and float(torch.clamp(hi, min=0) - torch.clamp(lo, max=0)) == 0.0
-    tiny = not bool(torch.isfinite(scale).all()) or float(scale.min()) <= 2 * torch.finfo(torch.float32).eps
-    if empty or tiny:
-        zero_point = obs.quant_min if not known or float(lo) >= 0 else obs.quant_max
-        _pin(obs, torch.tensor([DEGENERATE_ACT_SCALE]), torch.tensor([zero_point]))
-        return Finding(
-            "degenerate_activation", layer,
-            f"activation range is empty (all values {float(hi) if known else 0.0:g}); scale set to 1/255",
-        )
-    if known and float(lo) == float(hi):
-        return Finding("constant_activation", layer, f"activation is constant {float(lo):g} on the calibration set")
+    broken = not bool(torch.isfinite(scale).all()) or float(scale.min()) <= 0.0
+    if empty or broken:
+        _pin(obs, torch.tensor([DEGENERATE_ACT_SCALE]), torch.tensor([obs.quant_min]))
+        return Finding("degenerate_activation", layer, "activation is all zero on the calibration set; "
+                       "scale set to 1/255")
+    if (known and float(lo) == float(hi)) or (not known and getattr(obs, "degenerate", False)):
+        value = f" {float(lo):g}" if known else ""
+        return Finding("constant_activation", layer, f"activation is constant{value} on the calibration set")
     return None
 
 
-def _repair_weight(obs, w, in_obs, bias, layer: str, config: QuantConfig) -> Finding | None:
+def _repair_weight(obs, w, in_obs, bias, layer: str, config: QuantConfig) -> list[Finding]:
+    """Dead channels get the median channel scale; any channel whose int32 bias would overflow (bias /
+    (input scale × weight scale) beyond half the int32 range) gets a weight scale large enough."""
     scale, zp = obs.calculate_qparams()
     scale = scale.reshape(-1).to(torch.float32).clone()
     if config.per_channel:
@@ -363,21 +372,30 @@ def _repair_weight(obs, w, in_obs, bias, layer: str, config: QuantConfig) -> Fin
     else:
         dead = (w.abs().max() == 0).reshape(1)
     dead = dead | ~torch.isfinite(scale) | (scale <= 0)
-    if not bool(dead.any()):
-        return None
     healthy = scale[~dead]
     base = float(healthy.median()) if healthy.numel() else 1.0 / config.weight_qmax
-    new = torch.full_like(scale, base)
-    if bias is not None and in_obs is not None:  # keep the int32 bias representable
+    new = torch.where(dead, torch.full_like(scale, base), scale)
+    need = torch.zeros_like(scale)
+    if bias is not None and in_obs is not None:
         in_scale = float(in_obs.calculate_qparams()[0].reshape(-1)[0])
         need = bias.abs().reshape(-1).to(torch.float32) / (in_scale * INT32_MAX * _BIAS_HEADROOM)
         need = need if need.numel() == scale.numel() else need.max().reshape(1).expand_as(scale)
-        new = torch.maximum(new, need)
-    scale = torch.where(dead, new, scale)
-    _pin(obs, scale, torch.zeros_like(zp))
-    channels = dead.nonzero().reshape(-1).tolist()
-    what = f"channel(s) {channels[:8]}{'...' if len(channels) > 8 else ''}" if config.per_channel else "tensor"
-    return Finding(
-        "dead_weight_channels", layer,
-        f"all-zero weight {what}; scale set to {float(new[dead][0]):.3g} (median channel scale)",
-    )
+    raised = need > new
+    new = torch.maximum(new, need)
+    if not bool(dead.any() or raised.any()):
+        return []
+    _pin(obs, new, torch.zeros_like(zp))
+    findings = []
+    if bool(dead.any()):
+        channels = dead.nonzero().reshape(-1).tolist()
+        what = f"channel(s) {channels[:8]}{'...' if len(channels) > 8 else ''}" if config.per_channel else "tensor"
+        findings.append(Finding("dead_weight_channels", layer,
+                                f"all-zero weight {what}; scale set to {float(new[dead][0]):.3g} "
+                                "(median channel scale)"))
+    live_raised = raised & ~dead
+    if bool(live_raised.any()):
+        channels = live_raised.nonzero().reshape(-1).tolist()
+        findings.append(Finding("bias_range", layer,
+                                f"weight scale of channel(s) {channels[:8]} raised so the int32 bias fits "
+                                f"(input scale {in_scale:.3g})"))
+    return findings

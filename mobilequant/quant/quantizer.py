@@ -25,23 +25,29 @@ the table are reported by :meth:`MobileQuantizer.validate` (or left in float wit
 ``QuantConfig(float_fallback=True)``).
 
 Observers come from :mod:`mobilequant.quant.observers` (``make_activation_observer`` /
-``make_weight_observer``) when that module is installed; until then :func:`activation_observer` and
-:func:`weight_observer` fall back to torchao's min/max observers (the only method they implement).
+``make_weight_observer``): the calibration method is ``QuantConfig.calibration``.
+
+PTQ and QAT differ only by the constructor in each spec (``is_qat=True``): activations get a
+``FakeQuantize`` over a moving-average observer (EMA 0.01, same ReLU6 mode), weights a ``FakeQuantize``
+over a moving-average min/max observer with averaging constant 1 (the range of the current weights),
+``learn_scales=True`` uses ``LearnableFakeQuantize`` (LSQ) instead; fixed parameters stay fixed. In QAT
+the BN is still in the graph (torchao folds it while training): the conv annotator looks through a BN that
+is the conv's only user and puts the output spec after it.
 """
 
 from __future__ import annotations
 
 import enum
-import importlib.util
 import operator
 from dataclasses import dataclass
 
 import torch
 from torch.fx import GraphModule, Node
+from torchao.quantization.pt2e import FakeQuantize, LearnableFakeQuantize
 from torchao.quantization.pt2e.observer import (
     FixedQParamsObserver,
-    MinMaxObserver,
-    PerChannelMinMaxObserver,
+    MovingAverageMinMaxObserver,
+    MovingAveragePerChannelMinMaxObserver,
 )
 from torchao.quantization.pt2e.quantizer import (
     DerivedQuantizationSpec,
@@ -55,7 +61,8 @@ from torchao.quantization.pt2e.quantizer import (
 
 from ..capture import find_unsupported_ops, is_structural, layer_name
 from ..errors import InputError, UsageError
-from ..fusion import CONV_OPS, activation_kind
+from ..fusion import BN_OPS, CONV_OPS, activation_kind
+from . import observers
 from .config import QuantConfig
 
 __all__ = [
@@ -65,6 +72,7 @@ __all__ = [
     "FIXED_QPARAMS",
     "activation_observer",
     "weight_observer",
+    "is_bn_bookkeeping",
     "RELU6_SCALE",
 ]
 
@@ -119,6 +127,7 @@ OP_RULES: dict[torch._ops.OpOverload, Rule] = {
             aten.squeeze.dims,
             aten.unsqueeze.default,
             aten.pixel_shuffle.default,
+            aten.clamp.Tensor,  # per-channel clamp (CLE's exact ReLU6): TFLite MINIMUM/MAXIMUM share
         )
     },
     **{
@@ -164,42 +173,45 @@ FIXED_QPARAMS: dict[str, tuple[float, int]] = {
 }
 
 
-def _observers_module():
-    if importlib.util.find_spec("mobilequant.quant.observers") is None:
-        return None
-    from . import observers
-
-    return observers
+QAT_ACT_AVERAGING = 0.01  # EMA constant of activation ranges in QAT (torch's default for QAT observers)
 
 
-def activation_observer(config: QuantConfig, relu6: str | None = None):
-    """Observer constructor for int8 asymmetric per-tensor activations.
+def activation_observer(config: QuantConfig, relu6: str | None = None, *, is_qat: bool = False):
+    """Observer constructor for int8 asymmetric per-tensor activations (:mod:`.observers`).
 
     ``relu6``: ``None`` (ordinary tensor), ``"clamped"`` ([0, min(6, calibrated max)]) or ``"fixed"``
-    (exactly [0, 6], no calibration).
+    (exactly [0, 6], no calibration). In QAT the range follows the training weights, so the method is
+    always a moving average, whatever ``config.calibration`` says.
     """
-    obs = _observers_module()
-    if obs is not None:
-        opts = {"percentile": config.percentile} if config.calibration == "percentile" else {}
-        return obs.make_activation_observer(config.calibration, relu6=relu6, **opts)
-    # Fallback until mobilequant.quant.observers lands: min/max only. A ReLU6 output observed with
-    # min/max already lies in [0, min(6, max)] and has zero point −128; "fixed" needs no data.
-    if config.calibration != "minmax":
-        raise UsageError(
-            f"QuantConfig.calibration={config.calibration!r} needs mobilequant.quant.observers, "
-            "which is not installed; use calibration='minmax'"
+    if is_qat:
+        return observers.make_activation_observer(
+            "moving_average", relu6=relu6, averaging_constant=QAT_ACT_AVERAGING
         )
-    if relu6 == "fixed":
-        return FixedQParamsObserver.with_args(scale=RELU6_SCALE, zero_point=INT8_MIN)
-    return MinMaxObserver
+    opts = {"percentile": config.percentile} if config.calibration == "percentile" else {}
+    return observers.make_activation_observer(config.calibration, relu6=relu6, **opts)
 
 
-def weight_observer(config: QuantConfig):
-    """Observer constructor for symmetric int8 weights (zero point 0), per output channel or per tensor."""
-    obs = _observers_module()
-    if obs is not None:
-        return obs.make_weight_observer(config.per_channel, 0)
-    return PerChannelMinMaxObserver if config.per_channel else MinMaxObserver
+def weight_observer(config: QuantConfig, *, is_qat: bool = False):
+    """Observer constructor for symmetric int8 weights (zero point 0), per output channel or per tensor.
+
+    QAT: a moving-average min/max with averaging constant 1, i.e. the range of the current weights at
+    every step (a plain min/max would never shrink while the weights move).
+    """
+    if is_qat:
+        cls = MovingAveragePerChannelMinMaxObserver if config.per_channel else MovingAverageMinMaxObserver
+        return cls.with_args(averaging_constant=1.0)
+    return observers.make_weight_observer(config.per_channel, 0, bits=config.weight_bits)
+
+
+def _fake_quant(observer, learn_scales: bool):
+    if learn_scales:  # LSQ (Esser et al. 2020): scale gradient normalised by sqrt(numel · qmax)
+        return LearnableFakeQuantize.with_args(observer=observer, use_grad_scaling=True)
+    return FakeQuantize.with_args(observer=observer)
+
+
+def _is_fixed(ctr) -> bool:
+    func = getattr(getattr(ctr, "p", None), "func", ctr)
+    return isinstance(func, type) and issubclass(func, FixedQParamsObserver)
 
 
 def _derive_bias_qparams(obs_or_fqs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,27 +234,32 @@ class _StaticGlobalConfig:
 class MobileQuantizer(Quantizer):
     """PT2E quantizer for the TFLite int8 scheme, configured by a :class:`QuantConfig`."""
 
-    def __init__(self, config: QuantConfig | None = None):
+    def __init__(self, config: QuantConfig | None = None, *, is_qat: bool = False, learn_scales: bool = False):
         super().__init__()
         self.config = config or QuantConfig()
+        self.is_qat = is_qat
+        self.learn_scales = learn_scales
+        if learn_scales and not is_qat:
+            raise UsageError("learn_scales=True needs is_qat=True (scales are learned while training)")
+        self.global_config = _StaticGlobalConfig(is_qat=is_qat)
         cfg = self.config
         self.act_spec = QuantizationSpec(
             dtype=torch.int8,
-            observer_or_fake_quant_ctr=activation_observer(cfg),
+            observer_or_fake_quant_ctr=self._ctr(activation_observer(cfg, is_qat=is_qat)),
             quant_min=INT8_MIN,
             quant_max=INT8_MAX,
             qscheme=torch.per_tensor_affine,
         )
         self.relu6_spec = QuantizationSpec(
             dtype=torch.int8,
-            observer_or_fake_quant_ctr=activation_observer(cfg, relu6=cfg.relu6),
+            observer_or_fake_quant_ctr=self._ctr(activation_observer(cfg, relu6=cfg.relu6, is_qat=is_qat)),
             quant_min=INT8_MIN,
             quant_max=INT8_MAX,
             qscheme=torch.per_tensor_affine,
         )
         self.weight_spec = QuantizationSpec(
             dtype=torch.int8,
-            observer_or_fake_quant_ctr=weight_observer(cfg),
+            observer_or_fake_quant_ctr=self._ctr(weight_observer(cfg, is_qat=is_qat)),
             quant_min=-cfg.weight_qmax,
             quant_max=cfg.weight_qmax,
             qscheme=torch.per_channel_symmetric if cfg.per_channel else torch.per_tensor_symmetric,
@@ -257,18 +274,26 @@ class MobileQuantizer(Quantizer):
             Rule.OWN: self._annotate_own,
         }
 
-    # litert_torch's QuantConfig(pt2e_quantizer=...) reads ``global_config.is_dynamic``.
-    global_config = _StaticGlobalConfig()
+    # litert_torch's QuantConfig(pt2e_quantizer=...) reads ``global_config.is_dynamic`` (set in __init__).
 
-    @staticmethod
-    def supported_ops() -> frozenset:
-        return frozenset(OP_RULES)
+    def _ctr(self, observer):
+        """PTQ: the observer; QAT: a fake-quant around it (fixed parameters are never learned)."""
+        if not self.is_qat:
+            return observer
+        return _fake_quant(observer, self.learn_scales and not _is_fixed(observer))
+
+    def supported_ops(self) -> frozenset:
+        """Ops this quantizer annotates (QAT also keeps the training graph's batch norms)."""
+        return frozenset(OP_RULES) | (BN_OPS if self.is_qat else frozenset())
 
     # ------------------------------------------------------------------------------------ Quantizer API
 
     def annotate(self, model: GraphModule) -> GraphModule:
         for node in model.graph.nodes:
             if node.op != "call_function" or is_structural(node) or _is_annotated(node):
+                continue
+            if is_bn_bookkeeping(node):
+                _annotate(node, {}, None)  # BN step counter in a training graph, not a tensor ADD
                 continue
             rule = OP_RULES.get(node.target)
             if rule is not None:
@@ -331,7 +356,19 @@ class MobileQuantizer(Quantizer):
         inputs = {x: self._input_spec(x), w: self.weight_spec}
         if isinstance(b, Node):
             inputs[b] = self._bias_spec(x, w, node)
-        _annotate(node, inputs, self._output_or_fused_activation(node))
+        users = list(node.users)
+        bn = users[0] if self.is_qat and len(users) == 1 and users[0].target in BN_OPS else None
+        if bn is None:
+            _annotate(node, inputs, self._output_or_fused_activation(node))
+            return
+        # QAT: conv → BN [→ ReLU/ReLU6] is one layer; torchao folds the BN while training.
+        _annotate(node, inputs, None)
+        out = self._output_or_fused_activation(bn)
+        _annotate(bn, {}, out)
+        if out is None:
+            next(iter(bn.users)).meta[FUSED_INTO] = layer_name(node)
+        else:
+            bn.meta[FUSED_INTO] = layer_name(node)
 
     def _annotate_binary(self, node: Node) -> None:
         _annotate(node, self._tensor_inputs(node), self._output_or_fused_activation(node))
@@ -386,6 +423,12 @@ class MobileQuantizer(Quantizer):
             for r, s in zip(roots, specs):
                 if s is self.relu6_spec:
                     r.meta[Q_KEY].output_qspec = self.act_spec
+
+
+def is_bn_bookkeeping(node: Node) -> bool:
+    """``add_(num_batches_tracked, 1)``: a BN's step counter in a training graph."""
+    return (node.op == "call_function" and node.target == aten.add_.Tensor
+            and isinstance(node.args[0], Node) and node.args[0].op == "get_attr")
 
 
 def _annotate(node: Node, inputs: dict, output: QuantizationSpecBase | None) -> None:
