@@ -33,16 +33,20 @@ class LayerMatch:
     tensor: str  # tensor name in the artifact
 
 
-def match_layers(layers: list[FusedLayer], name_map: Mapping[str, str], graph) -> tuple[list[LayerMatch], list[str], list[str]]:
+def match_layers(layers: list[FusedLayer], name_map: Mapping[str, str], graph,
+                 inputs: Iterable[str] = ()) -> tuple[list[LayerMatch], list[str], list[str]]:
     """Pair fused layers with the artifact's tensors.
 
     A name-map key may be any member of a fused group (conv, its BN or its activation); the first key in
-    graph order wins. Returns ``(matches, unmapped layer names, unknown keys)``: unknown keys are
-    names the float model does not have, or tensors the file does not have (``name → tensor`` shown).
+    graph order wins. Keys naming a graph input (``inputs``: the placeholders, e.g. ``x`` for the
+    quantized input tensor) are known but are no layer. Returns ``(matches, unmapped layer names,
+    unknown keys)``: unknown keys are names the float model does not have, or tensors the file does not
+    have (``name → tensor`` shown).
     """
     group_of = {m: l for l in layers for m in l.members}
+    inputs = set(inputs)
     known_keys = [k for k in name_map if k in group_of]
-    unknown = [k for k in name_map if k not in group_of]
+    unknown = [k for k in name_map if k not in group_of and k not in inputs]
     unknown += [f"{k} → {name_map[k]}" for k in known_keys if not graph.has_tensor(name_map[k])]
     matched: dict[str, str] = {}
     used_tensors: set[str] = set()
@@ -57,9 +61,12 @@ def match_layers(layers: list[FusedLayer], name_map: Mapping[str, str], graph) -
     return matches, unmapped, unknown
 
 
-def build_segments(graph, matches: list[LayerMatch]) -> dict[str, object]:
-    """Layer name → a sub-model of the artifact computing that layer from its nearest mapped inputs."""
-    boundary = [m.tensor for m in matches]
+def build_segments(graph, matches: list[LayerMatch], input_tensors: Iterable[str] = ()) -> dict[str, object]:
+    """Layer name → a sub-model of the artifact computing that layer from its nearest mapped inputs.
+
+    ``input_tensors``: artifact tensors holding the model input (e.g. the quantized input), fed ``x``.
+    """
+    boundary = [m.tensor for m in matches] + list(input_tensors)
     return {m.layer.name: graph.segment(m.tensor, boundary) for m in matches}
 
 
@@ -93,8 +100,13 @@ def _merge_max(store: dict, name: str, value: np.ndarray) -> None:
 
 
 def compare_batches(graph, reference: FloatReference, matches: list[LayerMatch], segments: Mapping[str, object],
-                    batches: Iterable[torch.Tensor], progress=None) -> BatchResults:
-    """Run float model, artifact and per-layer segments on each batch; accumulate the errors."""
+                    batches: Iterable[torch.Tensor], progress=None, input_tensors: Iterable[str] = ()) -> BatchResults:
+    """Run float model, artifact and per-layer segments on each batch; accumulate the errors.
+
+    A segment input that is a mapped layer's tensor gets that layer's float reference; one in
+    ``input_tensors`` or a graph input gets the batch itself (in the tensor's layout).
+    """
+    input_tensors = set(input_tensors)
     res = BatchResults()
     tensor_layer = {m.tensor: m.layer.name for m in matches}
     prefer_nhwc = graph.target == "tflite"
@@ -129,6 +141,8 @@ def compare_batches(graph, reference: FloatReference, matches: list[LayerMatch],
             for name in seg.inputs:
                 if name in tensor_layer:
                     feeds[name] = _file_layout(f_vals[tensor_layer[name]], graph.info(name).shape, prefer_nhwc, name)
+                elif name in input_tensors:  # the model input inside the graph (after a layout change)
+                    feeds[name] = _file_layout(x_np, graph.info(name).shape, prefer_nhwc, name)
                 else:  # a graph input
                     feeds[name] = x_file
             out = seg.run(feeds)

@@ -211,8 +211,10 @@ def format_terminal(report: AuditReport, top: int = 10) -> str:
     lines = [f"mobilequant audit: {'PASS' if r.passed else 'FAIL'} — {r.artifact.get('path', '?')} "
              f"({r.artifact.get('target', '?')}), {e.images} images of {r.data.get('source', '?')}"]
     if r.failures:
-        lines.append("Failing:")
-        lines += [f"  ✗ {f.message}" for f in r.failures]
+        lines.append(f"Failing ({len(r.failures)}):")
+        lines += [f"  ✗ {f.message}" for f in r.failures[:top]]
+        if len(r.failures) > top:
+            lines.append(f"  … and {len(r.failures) - top} more (all in the JSON / HTML report)")
     if e.labels_used:
         lines.append(f"End to end: top-1 float {_pct(e.float_top1)} → artifact {_pct(e.quant_top1)} "
                      f"(drop {e.drop_pp:+.2f} pp); agreement {_pct(e.top1_agreement)}; "

@@ -143,6 +143,28 @@ def _check_weights(matches, graph, meta: dict) -> tuple[dict, dict[str, float]]:
     return qweights, wsqnr
 
 
+def _reference_graph(model: nn.Module, example: torch.Tensor, meta: dict, quant_result):
+    """The float graph the artifact was quantized from, with stable names.
+
+    Without cross-layer equalization that is the captured model itself (BN kept, so the health checks
+    see γ). With CLE the artifact's weights and activations are rescaled per channel, so the reference
+    must be the equalized graph: ``quant_result.float_graph`` when the quant stage provides it, else the
+    same deterministic steps the quant stage runs (capture → fold conv-BN → ``quant.cle.equalize``).
+    """
+    if not bool((meta.get("quant_config") or {}).get("cle", False)):
+        return None
+    graph = getattr(quant_result, "float_graph", None) if quant_result is not None else None
+    if graph is not None:
+        return graph
+    from ..fusion import fold_conv_bn
+    from ..quant.cle import equalize
+
+    gm = capture(model, example)
+    fold_conv_bn(gm)
+    gm, _ = equalize(gm)
+    return gm
+
+
 def _labels_fit(data, classes: int) -> None:
     if data.labels is not None and len(data.labels):
         lo, hi = int(data.labels.min()), int(data.labels.max())
@@ -196,10 +218,17 @@ def run_audit(
     timings["load"] = t - t_start
 
     gm = capture(model, data.images[:2])
-    layers = fused_layers(gm)
-    matches, unmapped, unknown = [], [l.name for l in layers], []
+    layers = fused_layers(gm)  # the user's model as written: health checks
+    ref_gm = _reference_graph(model, data.images[:2], meta, quant_result)
+    ref_layers = layers if ref_gm is None else fused_layers(ref_gm)  # what the artifact was quantized from
+    if ref_gm is not None:
+        warnings.append("the artifact was quantized after cross-layer equalization: per-layer checks compare it "
+                        "with the equalized float graph (same function, rescaled channels)")
+    matches, unmapped, unknown = [], [l.name for l in ref_layers], []
+    placeholders = [n.name for n in (ref_gm if ref_gm is not None else gm).graph.nodes if n.op == "placeholder"]
+    input_tensors = [t for k, t in (name_map or {}).items() if k in placeholders and graph.has_tensor(t)]
     if layer_checks and name_map:
-        matches, unmapped, unknown = match_layers(layers, name_map, graph)
+        matches, unmapped, unknown = match_layers(ref_layers, name_map, graph, placeholders)
         if unknown:
             raise InputError(f"{len(unknown)} name-map entries of the artifact are not in the model or the file "
                              f"(e.g. {unknown[0]}): artifact and model do not belong together")
@@ -208,13 +237,13 @@ def run_audit(
                         "re-export it with this mobilequant")
     qweights, wsqnr = _check_weights(matches, graph, meta)
 
-    reference = FloatReference(gm, layers, [m.layer.name for m in matches] +
-                               [l.name for l in layers if l.activation in ("relu", "relu6")])
+    reference = FloatReference(ref_gm if ref_gm is not None else gm, ref_layers, [m.layer.name for m in matches] +
+                               [l.name for l in ref_layers if l.activation in ("relu", "relu6")])
     if matches and graph.target == "tflite":
         note = graph.check_intermediates(data.images[:8].numpy(), [m.tensor for m in matches])
         if note:
             warnings.append(note)
-    segments = build_segments(graph, matches) if matches else {}
+    segments = build_segments(graph, matches, input_tensors) if matches else {}
     timings["prepare"] = time.perf_counter() - t
 
     from tqdm.auto import tqdm
@@ -222,7 +251,7 @@ def run_audit(
     batches = (data.images[s:s + batch_size] for s in range(0, len(data), batch_size))
     with tqdm(total=len(data), desc="audit", unit="img", disable=(not progress) if progress is not None else None,
               leave=False) as bar:
-        res = compare_batches(graph, reference, matches, segments, batches, progress=bar)
+        res = compare_batches(graph, reference, matches, segments, batches, progress=bar, input_tensors=input_tensors)
     timings.update(res.timings)
 
     f_logits, q_logits = np.concatenate(res.float_logits), np.concatenate(res.quant_logits)
@@ -233,11 +262,11 @@ def run_audit(
         r.accumulated.setdefault("weight_sqnr_db", wsqnr.get(r.name, math.nan))
 
     float_findings = float_weight_findings(layers, thresholds)
-    findings = float_findings + quantized_weight_findings(layers, qweights, float_findings, thresholds)
-    float_dead = dead_activation_findings(layers, res.float_channel_max, "float", len(data))
+    findings = float_findings + quantized_weight_findings(ref_layers, qweights, float_findings, thresholds)
+    float_dead = dead_activation_findings(ref_layers, res.float_channel_max, "float", len(data), order=layers)
     exclude = {f.layer: set(f.channels) for f in float_dead}
     findings += float_dead + dead_activation_findings([m.layer for m in matches], res.quant_channel_max,
-                                                      "quantized", len(data), exclude, layers)
+                                                      "quantized", len(data), exclude, ref_layers)
 
     gate = Gate(max_drop, min_sqnr, fail_on_dead_kernels)
     failures = evaluate_gate(gate, e2e, results, findings)
