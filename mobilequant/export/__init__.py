@@ -283,6 +283,8 @@ def _to_onnx(spec, qr, model, example, metadata):
     proto, program = lower_to_onnx(graph, example, precision=spec.precision)
     metadata["name_map"] = dict(sorted(onnx_name_map(proto, program, graph, spec.quantized).items()))
     metadata["rewrites"] = []
+    for node in proto.graph.node:  # exporter debug info: stack traces with local paths (not deterministic)
+        del node.metadata_props[:]
     del proto.metadata_props[:]
     proto.metadata_props.append(onnx.StringStringEntryProto(key=METADATA_KEY, value=metadata_json(metadata)))
     proto.producer_name = "mobilequant"

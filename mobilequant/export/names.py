@@ -115,8 +115,8 @@ def tflite_name_map(gm: GraphModule, info, quantized: bool) -> tuple[dict[str, s
                 if not _located(_components(tensor.name), site.segments, first_only=True):
                     continue
                 used.add(t)
-                tensor_layer[t] = site.layer
-                if not site.internal:
+                if not site.internal:  # rewrite intermediates are checked by value, not as the layer
+                    tensor_layer[t] = site.layer
                     name_map.setdefault(site.layer, tensor.name)
                 break
         return name_map, tensor_layer
@@ -141,13 +141,16 @@ def onnx_name_map(model, program, gm: GraphModule, quantized: bool) -> dict[str,
     originals = {n.name: n for n in gm.graph.nodes}
     by_fx: dict[str, Node] = {}
     for n in program.graph.nodes:
-        history = n.meta.get("from_node") or []
-        name = history[0].name if history and hasattr(history[0], "name") else n.name
-        while history and getattr(history[0], "from_node", None):
-            history = history[0].from_node
-            name = history[0].name
-        if name in originals:
-            by_fx[n.name] = originals[name]
+        if n.name in originals and not n.meta.get("from_node"):
+            by_fx[n.name] = originals[n.name]
+            continue
+        chain, history = [n.name], n.meta.get("from_node") or []
+        while history:  # the provenance chain of this node, newest first
+            chain.append(getattr(history[0], "name", None))
+            history = getattr(history[0], "from_node", None) or []
+        hit = next((c for c in chain if c in originals), None)
+        if hit is not None:
+            by_fx[n.name] = originals[hit]
 
     def source_node(onnx_node):
         for prop in onnx_node.metadata_props:

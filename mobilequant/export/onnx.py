@@ -39,7 +39,8 @@ def lower_to_onnx(module: nn.Module, example_input: torch.Tensor, *, precision: 
     model = onnx_program.model_proto
     if precision == "fp16":
         store_initializers_fp16(model)
-    return model, program
+    # the decomposed program the ONNX nodes were made from (its node names are in the node metadata)
+    return model, getattr(onnx_program, "exported_program", None) or program
 
 
 def store_initializers_fp16(model) -> int:

@@ -105,7 +105,12 @@ def _through_qdq(node: Node) -> tuple[Node, tuple | None]:
 
 
 def _shape(node) -> tuple[int, ...] | None:
-    val = node.meta.get("val") if isinstance(node, Node) else None
+    """Static shape from ``meta["val"]`` (-1 for symbolic sizes); quantize / dequantize keep their input's."""
+    if not isinstance(node, Node):
+        return None
+    val = node.meta.get("val")
+    if val is None and node.op == "call_function" and node.target in (*_Q, *_DQ):
+        return _shape(node.args[0])
     if val is None or not hasattr(val, "shape"):
         return None
     try:
