@@ -21,6 +21,10 @@ every conv / linear layer):
     median channel only ~127 / spread codes.
 ``single_code``
     quantized: every weight of the channel has the same code, the kernel is a constant.
+``kernel_mismatch``
+    quantized: the artifact's dequantized kernel is far from the float model's folded kernel (weight
+    SQNR below ``kernel_mismatch_db``; int8 rounding alone stays above ~30 dB): a wrong weight scale or
+    corrupted weights in the file. The layer's isolated SQNR shows what it costs.
 
 Severities: ``error`` fails the gate when ``fail_on_dead_kernels`` is set (dead kernels and zero γ in
 depthwise layers, and kernels killed by quantization anywhere); ``warning`` is reported; ``info`` is
@@ -39,7 +43,7 @@ from .layers import FusedLayer
 from .weights import QuantizedWeights
 
 __all__ = ["Finding", "HealthThresholds", "DEAD_CHECKS", "float_weight_findings", "quantized_weight_findings",
-           "dead_activation_findings", "kernel_norms", "REMEDY"]
+           "dead_activation_findings", "kernel_mismatch_findings", "kernel_norms", "REMEDY"]
 
 DEAD_CHECKS = ("dead_kernel", "bn_gamma_zero", "dead_activation")
 _KERNEL_KINDS = ("depthwise", "pointwise")
@@ -86,6 +90,7 @@ class HealthThresholds:
     weak_kernel_rel: float = 0.01  # kernel norm < this × the layer's median norm
     bn_gamma_rel: float = 1e-3  # |γ| < this × the layer's median |γ|
     range_spread: float = 10.0  # max / median per-channel weight range
+    kernel_mismatch_db: float = 10.0  # artifact kernel vs float kernel SQNR below this: wrong scale / weights
     kinds: tuple[str, ...] = field(default=_KERNEL_KINDS)  # layer kinds whose kernels are checked per channel
 
 
@@ -209,6 +214,23 @@ def quantized_weight_findings(layers: Iterable[FusedLayer], qweights: Mapping[st
                 "range_spread", layer.name, layer.kind, "quantized", "warning", f.channels,
                 f.why.replace("with one scale per tensor", "the artifact has one scale per tensor, so"),
                 f.remedy, f.value, c))
+    return _indexed(out, layers)
+
+
+def kernel_mismatch_findings(layers: Iterable[FusedLayer], weight_sqnr: Mapping[str, float],
+                             th: HealthThresholds = HealthThresholds()) -> list[Finding]:
+    """Layers whose kernel in the artifact is not the float model's kernel (``weight_sqnr`` in dB)."""
+    layers = list(layers)
+    out = []
+    for layer in layers:
+        v = weight_sqnr.get(layer.name)
+        if v is not None and v < th.kernel_mismatch_db:
+            out.append(Finding(
+                "kernel_mismatch", layer.name, layer.kind, "quantized", "warning", tuple(range(layer.channels)),
+                f"the artifact's dequantized kernel is {v:.1f} dB from the float model's (BN-folded) kernel; int8 "
+                "rounding alone gives > 30 dB: a wrong weight scale or corrupted weights",
+                "re-export the model; compare this layer's weight scales in the quant table with the file's",
+                float(v), layer.channels))
     return _indexed(out, layers)
 
 

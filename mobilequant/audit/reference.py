@@ -58,17 +58,29 @@ def _nodes(gm: GraphModule, names: list[str]):
 
 
 class FloatReference:
-    """Runs the float graph and returns ``(output, {layer name: float32 NCHW array})``."""
+    """Runs the float graph and returns ``(output, {layer name: float32 NCHW array})``.
 
-    def __init__(self, gm: GraphModule, layers: Iterable[FusedLayer], names: Iterable[str] | None = None):
+    ``batch``: the graph was captured with this fixed batch size (a static capture is several times
+    quicker than a dynamic one); a smaller batch is padded with copies of its first image and the results
+    trimmed. ``None``: the graph takes any batch.
+    """
+
+    def __init__(self, gm: GraphModule, layers: Iterable[FusedLayer], names: Iterable[str] | None = None,
+                 batch: int | None = None):
         wanted = None if names is None else set(names)
         self.layers = [l for l in layers if wanted is None or l.name in wanted]
         self.module = _augmented(gm, [l.output_node for l in self.layers])
+        self.batch = batch
 
     def run(self, x: torch.Tensor, num_threads: int | None = 1) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """``num_threads``: torch intra-op threads for this call (restored after). One by default: a batch of
         small images gains nothing from intra-op threads, and on a shared CPU their spin-waiting made the
         reference ~10× slower in measurements (docs/audit.md)."""
+        n = len(x)
+        if self.batch is not None and n != self.batch:
+            if n > self.batch:
+                raise ValueError(f"batch of {n} for a graph captured at batch {self.batch}")
+            x = torch.cat([x, x[:1].expand(self.batch - n, *x.shape[1:])])
         before = torch.get_num_threads()
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -77,4 +89,4 @@ class FloatReference:
                 out, *values = self.module(x)
         finally:
             torch.set_num_threads(before)
-        return out.float().numpy(), {l.name: v.float().numpy() for l, v in zip(self.layers, values)}
+        return out[:n].float().numpy(), {l.name: v[:n].float().numpy() for l, v in zip(self.layers, values)}

@@ -27,8 +27,8 @@ from .artifact import artifact_provenance, open_artifact
 from .compare import build_segments, compare_batches, layer_results, match_layers
 from .endtoend import end_to_end
 from .gate import evaluate_gate
-from .health import (HealthThresholds, dead_activation_findings, float_weight_findings, kernel_norms,
-                     quantized_weight_findings)
+from .health import (HealthThresholds, dead_activation_findings, float_weight_findings, kernel_mismatch_findings,
+                     kernel_norms, quantized_weight_findings)
 from .layers import fused_layers
 from .metrics import ErrorStats, Metric, sqnr_db
 from .reference import FloatReference
@@ -159,7 +159,7 @@ def _reference_graph(model: nn.Module, example: torch.Tensor, meta: dict, quant_
     from ..fusion import fold_conv_bn
     from ..quant.cle import equalize
 
-    gm = capture(model, example)
+    gm = capture(model, example, dynamic_batch=False)
     fold_conv_bn(gm)
     gm, _ = equalize(gm)
     return gm
@@ -217,9 +217,11 @@ def run_audit(
     t = time.perf_counter()
     timings["load"] = t - t_start
 
-    gm = capture(model, data.images[:2])
+    batch = min(batch_size, len(data))
+    example = data.images[:batch]
+    gm = capture(model, example, dynamic_batch=False)  # static: much quicker; FloatReference pads the last batch
     layers = fused_layers(gm)  # the user's model as written: health checks
-    ref_gm = _reference_graph(model, data.images[:2], meta, quant_result)
+    ref_gm = _reference_graph(model, example, meta, quant_result)
     ref_layers = layers if ref_gm is None else fused_layers(ref_gm)  # what the artifact was quantized from
     if ref_gm is not None:
         warnings.append("the artifact was quantized after cross-layer equalization: per-layer checks compare it "
@@ -238,7 +240,7 @@ def run_audit(
     qweights, wsqnr = _check_weights(matches, graph, meta)
 
     reference = FloatReference(ref_gm if ref_gm is not None else gm, ref_layers, [m.layer.name for m in matches] +
-                               [l.name for l in ref_layers if l.activation in ("relu", "relu6")])
+                               [l.name for l in ref_layers if l.activation in ("relu", "relu6")], batch=batch)
     if matches and graph.target == "tflite":
         note = graph.check_intermediates(data.images[:8].numpy(), [m.tensor for m in matches])
         if note:
@@ -263,6 +265,7 @@ def run_audit(
 
     float_findings = float_weight_findings(layers, thresholds)
     findings = float_findings + quantized_weight_findings(ref_layers, qweights, float_findings, thresholds)
+    findings += kernel_mismatch_findings(ref_layers, wsqnr, thresholds)
     float_dead = dead_activation_findings(ref_layers, res.float_channel_max, "float", len(data), order=layers)
     exclude = {f.layer: set(f.channels) for f in float_dead}
     findings += float_dead + dead_activation_findings([m.layer for m in matches], res.quant_channel_max,

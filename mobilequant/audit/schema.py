@@ -120,7 +120,7 @@ REPORT_SCHEMA: dict = {
                 "additionalProperties": False,
                 "properties": {
                     "check": {"enum": ["dead_kernel", "weak_kernel", "bn_gamma_zero", "dead_activation",
-                                       "range_spread", "single_code"]},
+                                       "range_spread", "single_code", "kernel_mismatch"]},
                     "layer": {"type": "string"},
                     "layer_kind": {"type": "string"},
                     "stage": {"enum": ["float", "quantized"]},
