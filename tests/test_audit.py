@@ -177,3 +177,226 @@ def test_end_to_end_metrics():
     assert e.top5_containment == 1.0
     nolab = end_to_end(f, q, None)
     assert not nolab.labels_used and nolab.float_top1 is None and "no labels" in nolab.note
+
+
+# ------------------------------------------------------------------ real artifacts (module-scoped)
+def _quantize(model):
+    from mobilequant.quant import QuantConfig, quantize
+
+    cal = calibration_set(cfg=model.preprocess)
+    return quantize(model, (cal.images[i:i + 64] for i in range(0, 256, 64)), QuantConfig(num_calibration=256))
+
+
+@pytest.fixture(scope="module")
+def quantized(trained):
+    return _quantize(trained)
+
+
+@pytest.fixture(scope="module")
+def tflite_artifact(quantized, tmp_path_factory):
+    from mobilequant.export import export
+
+    return export(quantized, "tflite-int8", tmp_path_factory.mktemp("audit") / "mnv2.tflite")
+
+
+@pytest.fixture(scope="module")
+def tflite_report(tflite_artifact, trained, quantized, test_data):
+    return run_audit(tflite_artifact, test_data, model=trained, quant_result=quantized, min_sqnr=15,
+                     max_drop=1.0, progress=False)
+
+
+def _validate(report_dict):
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema validates the report schema (dev extra)")
+    jsonschema.Draft202012Validator.check_schema(REPORT_SCHEMA)
+    jsonschema.validate(report_dict, REPORT_SCHEMA, cls=jsonschema.Draft202012Validator)
+
+
+@pytest.mark.slow
+def test_tflite_audit_maps_every_layer_and_passes(tflite_report, tflite_artifact, test_data, tmp_path):
+    r = tflite_report
+    assert r.artifact["format"] == "tflite" and r.artifact["model_name"] == "mobilenetv2_050"
+    # every fused layer that computes something has its tensor; only ops the exporter removes are unmapped
+    assert set(r.unmapped_layers) <= {"flatten_0", "classifier.0"}
+    kinds = [l.kind for l in r.layers]
+    assert kinds.count("depthwise") == 17 and "add" in kinds and kinds[-1] == "linear"
+    for l in r.layers:
+        assert l.isolated is not None and l.segment_ops, l.name
+        assert 15 < l.iso_sqnr < 80 and 10 < l.acc_sqnr < 80, (l.name, l.iso_sqnr, l.acc_sqnr)
+        assert 0.97 < l.accumulated["cosine"] <= 1.0
+        assert l.accumulated["weight_sqnr_db"] > 25 or l.kind not in ("depthwise", "pointwise", "conv", "linear")
+    e = r.end_to_end
+    assert e.labels_used and e.images == N_IMAGES and e.float_top1 > 0.85
+    assert abs(e.drop_pp) < 1.0 and e.top1_agreement > 0.97 and e.top5_containment > 0.99
+    assert r.passed, r.summary()
+    text = r.summary()
+    assert text.startswith("mobilequant audit: PASS") and "Worst layers by isolated SQNR" in text
+    d = json.loads(r.write_json(tmp_path / "r.json").read_text())
+    _validate(d)
+    assert d["verdict"] == "pass" and len(d["layers"]) == len(r.layers) and d["worst_layers"][0] == r.worst_layers(1)[0].name
+
+
+def _break_weight_scale(src, dst, tensor_name: str, factor: float) -> None:
+    """Multiply the weight and bias scales of the op producing ``tensor_name`` (the artifact, edited with
+    LiteRT's own flatbuffer tools): that op now computes ``factor`` × its real output."""
+    from ai_edge_litert.tools import flatbuffer_utils as fbu
+
+    model = fbu.read_model(str(src))
+    sg = model.subgraphs[0]
+    names = [t.name.decode() if isinstance(t.name, bytes) else t.name for t in sg.tensors]
+    out = names.index(tensor_name)
+    (op,) = [o for o in sg.operators if out in list(o.outputs)]
+    for i in list(op.inputs)[1:3]:
+        q = sg.tensors[i].quantization
+        q.scale = (np.asarray(q.scale) * factor).astype(np.float32)
+    fbu.write_model(model, str(dst))
+
+
+@pytest.mark.slow
+def test_broken_layer_is_the_worst_in_isolation(tflite_artifact, tflite_report, trained, test_data, tmp_path):
+    victim = "features.6.conv.1.0"
+    broken = tmp_path / "broken.tflite"
+    _break_weight_scale(tflite_artifact.path, broken, tflite_artifact.name_map[victim], 6.0)
+    r = run_audit(broken, test_data, model=trained, min_sqnr=15, max_drop=None, fail_on_dead_kernels=False,
+                  progress=False)
+    by = {l.name: l for l in r.layers}
+    good = {l.name: l for l in tflite_report.layers}
+    assert r.worst_layers(1)[0].name == victim
+    assert by[victim].iso_sqnr < 10 < good[victim].iso_sqnr
+    # the layers after it inherit the error (accumulated drops) but are fine on their own (isolated)
+    for after in ("features.6.conv.2", "features.7.conv.0.0"):
+        assert by[after].acc_sqnr < good[after].acc_sqnr - 10
+        assert abs(by[after].iso_sqnr - good[after].iso_sqnr) < 1.0
+    assert r.failures[0].check == "layer_sqnr" and r.failures[0].subject == victim
+    assert [f.subject for f in r.failures] == [victim]  # inherited error does not fail the gate
+    assert any(f.check == "kernel_mismatch" and f.layer == victim for f in r.findings)
+    assert f"✗ layer {victim}" in r.summary()
+
+
+@pytest.fixture(scope="module")
+def planted(trained, tmp_path_factory):
+    """The trained model with planted dead channels, quantized and exported to TFLite."""
+    from mobilequant.export import export
+
+    model, cells, weak = _plant_dead(trained)
+    qr = _quantize(model)
+    art = export(qr, "tflite-int8", tmp_path_factory.mktemp("planted") / "planted.tflite")
+    return model, cells, weak, qr, art
+
+
+@pytest.mark.slow
+def test_planted_dead_kernels_in_the_artifact(planted, tflite_report, test_data, tmp_path):
+    model, cells, _weak, qr, art = planted
+    r = run_audit(art, test_data, model=model, quant_result=qr, max_drop=1.0, progress=False)
+    base = _cells(tflite_report.findings, ("dead_kernel", "bn_gamma_zero"))
+    # before quantization: exactly the planted channels
+    assert _cells(r.findings, ("dead_kernel", "bn_gamma_zero"), "float") - base == cells
+    # after quantization: the zero kernels, and the kernel that γ = 0 zeroes when BN is folded, are all
+    # zero codes in the artifact, reported as dead before quantization (not as killed by it)
+    after = [f for f in r.findings if f.check == "dead_kernel" and f.stage == "quantized"]
+    assert _cells(after) - base == {("dead_kernel", "features.4.conv.1.0", 3), ("dead_kernel", "features.4.conv.1.0", 17),
+                                    ("dead_kernel", "features.9.conv.1.0", 5)}
+    assert all("quantization killed" not in f.why for f in after)
+    assert not r.passed
+    failing = {(f.check, f.subject) for f in r.failures}
+    assert ("dead_kernels", "features.4.conv.1.0") in failing and ("dead_kernels", "features.9.conv.1.0") in failing
+    text = r.summary()
+    assert "Dead kernels / channels" in text and "features.4.conv.1.0" in text and "Remedies:" in text
+    for f in r.findings:
+        if (f.check, f.layer) in {("dead_kernel", "features.4.conv.1.0"), ("bn_gamma_zero", "features.9.conv.1.0")}:
+            assert f.why and "remove the dead channels" in f.remedy
+    norms = r.kernel_norms["features.4.conv.1.0"]
+    assert norms[3] == 0.0 and norms[17] == 0.0 and min(n for i, n in enumerate(norms) if i not in (3, 17)) > 0
+    _validate(r.to_dict())
+
+
+@pytest.mark.slow
+def test_real_model_findings_are_stable_across_runs(tflite_report, tflite_artifact, trained, quantized, test_data):
+    again = run_audit(tflite_artifact, test_data, model=trained, quant_result=quantized, min_sqnr=15, max_drop=1.0,
+                      progress=False)
+    assert [f.to_dict() for f in again.findings] == [f.to_dict() for f in tflite_report.findings]
+    assert [l.to_dict() for l in again.layers] == [l.to_dict() for l in tflite_report.layers]
+    assert again.end_to_end == tflite_report.end_to_end
+
+
+@pytest.mark.slow
+def test_onnx_audit(quantized, trained, test_data, tmp_path):
+    from mobilequant.export import export
+
+    art = export(quantized, "onnx-int8", tmp_path / "mnv2.onnx")
+    r = run_audit(art.path, test_data.subset(slice(0, 150)), model=trained, quant_result=quantized, min_sqnr=15,
+                  max_drop=2.0, progress=False)
+    assert r.artifact["format"] == "onnx"
+    assert set(r.unmapped_layers) <= {"flatten_0", "classifier.0"}
+    assert len(r.layers) >= 60 and all(l.isolated is not None for l in r.layers)
+    assert all(15 < l.iso_sqnr < 80 for l in r.layers), [(l.name, l.iso_sqnr) for l in r.worst_layers(3)]
+    assert r.end_to_end.top1_agreement > 0.95
+    _validate(r.to_dict())
+
+
+# -------------------------------------------------------------------------------------- bad input
+@pytest.mark.slow
+def test_labels_missing_fall_back_to_agreement(tflite_artifact, trained, test_data):
+    unlabelled = ImageData(test_data.images[:100], None, "unlabelled")
+    r = run_audit(tflite_artifact, unlabelled, model=trained, max_drop=0.5, layer_checks=False, progress=False)
+    e = r.end_to_end
+    assert not e.labels_used and e.float_top1 is None and e.drop_pp is None and "no labels" in e.note
+    assert "agreement metrics only" in r.summary()
+    assert all(f.check != "accuracy_drop" for f in r.failures)
+    assert not r.layers and r.unmapped_layers  # layer_checks=False: end to end and weight health only
+
+
+def test_not_an_artifact(tmp_path, trained, test_data):
+    text = tmp_path / "notes.onnx"
+    text.write_text("this is not a model\n")
+    with pytest.raises(InputError, match="neither a TFLite nor an ONNX model"):
+        run_audit(text, test_data, model=trained)
+    fake = tmp_path / "fake.tflite"
+    fake.write_bytes(b"\x00" * 64)
+    with pytest.raises(InputError, match="not a TFLite model"):
+        run_audit(fake, test_data, model=trained)
+    with pytest.raises(InputError, match="cannot read"):
+        run_audit(tmp_path / "missing.tflite", test_data, model=trained)
+
+
+@pytest.mark.slow
+def test_truncated_artifact(tflite_artifact, tmp_path, trained, test_data):
+    data = tflite_artifact.path.read_bytes()
+    cut = tmp_path / "cut.tflite"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="truncated|corrupt|cannot load"):
+        run_audit(cut, test_data, model=trained)
+
+
+@pytest.mark.slow
+def test_artifact_and_model_that_do_not_belong(tflite_artifact, trained, quantized, test_data):
+    from mobilequant.models import create_model
+    from mobilequant.quant import QuantConfig, quantize
+
+    other = create_model("mobilenetv2_035", num_classes=10, in_chans=1, preprocess=trained.preprocess)
+    with pytest.raises(InputError, match="exported from 'mobilenetv2_050' but the model is 'mobilenetv2_035'"):
+        run_audit(tflite_artifact, test_data, model=other)
+    # same architecture and name, other weights: caught by comparing the kernels
+    retrained = create_model("mobilenetv2_050", num_classes=10, in_chans=1, preprocess=trained.preprocess).eval()
+    with pytest.raises(InputError, match="kernels do not match"):
+        run_audit(tflite_artifact, test_data, model=retrained)
+    # the right model but another quantization: caught by the quant table's sha256
+    cal = calibration_set(cfg=trained.preprocess)
+    per_tensor = quantize(trained, [cal.images[:64]], QuantConfig(per_channel=False, num_calibration=64))
+    with pytest.raises(InputError, match="quantization table"):
+        run_audit(tflite_artifact, test_data, model=trained, quant_result=per_tensor)
+
+
+def test_data_that_does_not_fit(tflite_artifact, trained, test_data):
+    rgb = ImageData(torch.zeros(4, 3, 32, 32), None, "rgb")
+    with pytest.raises(InputError, match="the data has 3×32×32 images but the model takes 1×32×32"):
+        run_audit(tflite_artifact, rgb, model=trained)
+    small = ImageData(torch.zeros(4, 1, 28, 28), None, "28px")
+    with pytest.raises(InputError, match="1×28×28"):
+        run_audit(tflite_artifact, small, model=trained)
+
+
+@pytest.mark.slow
+def test_labels_outside_the_model_classes(tflite_artifact, trained, test_data):
+    bad = ImageData(test_data.images[:20], torch.full((20,), 12, dtype=torch.int64), "bad labels")
+    with pytest.raises(InputError, match="labels .* run from 12 to 12 but the model has 10 classes"):
+        run_audit(tflite_artifact, bad, model=trained, layer_checks=False)

@@ -190,7 +190,7 @@ def quantized_weight_findings(layers: Iterable[FusedLayer], qweights: Mapping[st
         c = layer.channels
         zp = q.zero_points().reshape(-1, 1)
         all_zp = (codes == zp).all(axis=1)
-        float_dead = _channel_norms(layer.weight) == 0
+        float_dead = _channel_norms(layer.folded_weight()) == 0  # zero kernel or γ = 0: dead before quantization
         if layer.kind in th.kinds and all_zp.any():
             killed = all_zp & ~float_dead
             why = f"{all_zp.sum()} of {c} kernels are all zero-point codes in the artifact"

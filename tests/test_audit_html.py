@@ -1,0 +1,122 @@
+"""The HTML audit report: self-contained, and rendered by a real browser (headless Chromium).
+
+The report comes from a real audit (shipped MobileNetV2 0.5 with two planted dead depthwise kernels,
+quantized, exported to TFLite, audited). Chromium renders it from a file:// URL with networking off;
+the test reads back the DOM after scripts ran (the report's script marks ``<body data-audit-ready="1">``
+as its last statement), scans the browser's console log for script errors, and checks the screenshot
+is a real page. Without Chromium installed the browser tests are skipped, saying so (Debian:
+``apt-get install -y chromium``).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from mobilequant.audit import run_audit
+from mobilequant.audit.html import render_html
+from mobilequant.data import builtin_dataset, calibration_set
+
+SECTIONS = ("verdict", "failures", "end-to-end", "sqnr-plot", "acc-vs-iso", "kernel-heatmap", "findings", "layers",
+            "notes")
+DEAD = ("features.5.conv.1.0", (7, 30))
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    from mobilequant.export import export
+    from mobilequant.quant import QuantConfig, quantize
+    from mobilequant.weights import default_model
+
+    model = copy.deepcopy(default_model())
+    layer, channels = DEAD
+    with torch.no_grad():
+        model.features[5].conv[1][0].weight[list(channels)] = 0.0
+    cal = calibration_set(cfg=model.preprocess)
+    qr = quantize(model, (cal.images[i:i + 64] for i in range(0, 128, 64)), QuantConfig(num_calibration=128))
+    art = export(qr, "tflite-int8", tmp_path_factory.mktemp("html") / "planted.tflite")
+    data = builtin_dataset("fashion-mnist", "test", model.preprocess).subset(slice(0, 150))
+    return run_audit(art, data, model=model, quant_result=qr, min_sqnr=15, max_drop=1.0, progress=False)
+
+
+def test_html_is_self_contained(report, tmp_path):
+    path = report.write_html(tmp_path / "audit.html")
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>")
+    for sid in SECTIONS:
+        assert f'<section id="{sid}">' in text
+    # nothing to fetch: no external scripts, styles, images or fonts
+    assert not re.search(r"<(link|img|iframe)\b", text)
+    assert not re.search(r"<script[^>]*\bsrc=", text)
+    assert not re.search(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", text)
+    assert "url(" not in text
+    assert text.count("<svg") == 3
+    # the dead kernels are marked in the heat map, with a tooltip naming them
+    for c in DEAD[1]:
+        assert f"{DEAD[0]} channel {c}: dead" in text
+    assert 'class="badge fail"' in text and "features.5.conv.1.0" in text
+
+
+def test_html_escapes_text(report):
+    report = copy.copy(report)
+    report.warnings = ["<script>alert(1)</script> & more"]
+    html = render_html(report)
+    assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt; &amp; more" in html
+
+
+def _chromium() -> str | None:
+    return next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+CHROMIUM = _chromium()
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install -y chromium)")
+
+
+def _run_chromium(args: list[str], profile, timeout: int = 120) -> subprocess.CompletedProcess:
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",
+           f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+@needs_chromium
+def test_html_renders_in_chromium_without_script_errors(report, tmp_path):
+    page = report.write_html(tmp_path / "audit.html")
+    proc = _run_chromium(["--virtual-time-budget=3000", "--dump-dom", page.as_uri()], tmp_path / "profile")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dom = proc.stdout
+    console = [ln for ln in proc.stderr.splitlines() if "CONSOLE" in ln or "Uncaught" in ln]
+    assert not [ln for ln in console if re.search(r"Uncaught|Error|error", ln)], console
+    assert 'data-audit-ready="1"' in dom  # the script ran to its last statement
+    for sid in SECTIONS:
+        assert f'id="{sid}"' in dom
+    assert dom.count("<svg") == 3 and dom.count("<circle") > 2 * len(report.layers)
+    assert "Accuracy audit" in dom and "FAIL" in dom
+
+
+@needs_chromium
+def test_html_screenshot_shows_a_page(report, tmp_path):
+    from PIL import Image
+
+    page = report.write_html(tmp_path / "audit.html")
+    shot = tmp_path / "audit.png"
+    proc = _run_chromium(["--hide-scrollbars", "--window-size=1100,2600", f"--screenshot={shot}", page.as_uri()],
+                         tmp_path / "profile")
+    assert proc.returncode == 0 and shot.exists(), proc.stderr[-2000:]
+    img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert img.shape[:2] == (2600, 1100)
+    # a real page: mostly light background, dark text, and the red FAIL badge near the top
+    assert img.mean() > 200 and (img.sum(axis=2) < 200).mean() > 0.005
+    top = img[:120]
+    red = (top[..., 0] > 180) & (top[..., 1] < 80) & (top[..., 2] < 80)
+    assert red.sum() > 200
+    # the plots are drawn: the SQNR chart's blue and orange series appear
+    blue = (img[..., 0] < 60) & (abs(img[..., 1] - 119) < 30) & (img[..., 2] > 160)
+    orange = (img[..., 0] > 230) & (abs(img[..., 1] - 127) < 30) & (img[..., 2] < 40)
+    assert blue.sum() > 100 and orange.sum() > 100
