@@ -88,3 +88,199 @@ def zoo_info(name: str, resolution: int = 224, num_classes: int = 1000, width_mu
     return ZooInfo(name, info.family, info.paper, resolution, num_classes, count_params(model),
                    count_madds(model, (model.preprocess.input_size[0], resolution, resolution)),
                    info.paper_params_m, info.paper_madds_m, list(TARGETS))
+
+
+# ----------------------------------------------------------------------------------- shared helpers
+DEFAULT_OUT = "out"
+
+
+def resolve_model(model: str | None = None, weights: str | None = None):
+    """The float model a job runs on.
+
+    * ``None``: the built-in default (MobileNetV2 0.5 with its shipped Fashion-MNIST weights);
+    * a zoo name that has shipped weights, with no ``weights``: that model with its shipped weights;
+    * otherwise ``load_model(model, checkpoint=weights)`` (zoo name, ``pkg.module:factory`` or
+      ``file.py:factory``; the checkpoint is read with ``weights_only=True``).
+    """
+    from .models import load_model
+    from .weights import DEFAULT_WEIGHTS, default_model, list_default_weights
+
+    if model is None and weights is None:
+        return default_model(DEFAULT_WEIGHTS)
+    if model is None:
+        model = DEFAULT_WEIGHTS
+    if weights is None and ":" not in model and model in list_default_weights():
+        return default_model(model)
+    net = load_model(model, checkpoint=weights)
+    if ":" in model:  # a user factory: name artifacts after it
+        net.model_name = model.rsplit(":", 1)[-1]
+    return net.eval()
+
+
+def _model_name(net) -> str:
+    return getattr(net, "model_name", None) or type(net).__name__
+
+
+def _output_path(out: str | None, name: str, suffix: str, target: str):
+    """``out`` is a file (ends with the target's suffix) or a directory (created if its parent exists)."""
+    from pathlib import Path
+
+    out = Path(out or DEFAULT_OUT)
+    if out.suffix in (".tflite", ".onnx", ".json"):
+        path = out
+    else:
+        if not out.exists():
+            if not out.parent.exists():
+                raise UsageError(f"output directory {out.parent} does not exist")
+            try:
+                out.mkdir()
+            except OSError as e:
+                raise UsageError(f"cannot create output directory {out}: {e.strerror or e}") from None
+        elif not out.is_dir():
+            raise UsageError(f"output path {out} exists and is not a directory")
+        path = out / f"{name.replace(':', '_').replace('/', '_')}-{target}{suffix}"
+    if not path.parent.is_dir():
+        raise UsageError(f"output directory {path.parent} does not exist")
+    import os
+
+    if not os.access(path.parent, os.W_OK):
+        raise UsageError(f"output directory {path.parent} is not writable")
+    return path
+
+
+def _logits(net, images, batch_size: int = 500):
+    import torch
+
+    with torch.no_grad():
+        return torch.cat([net(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def _accuracy(logits, labels) -> float | None:
+    if labels is None:
+        return None
+    return float((logits.argmax(1) == labels).float().mean()) * 100.0
+
+
+def _load(data: str, cfg, split: str, limit: int | None = None):
+    from .data import load_data
+
+    d = load_data(data, cfg, split=split)
+    if limit is not None and limit < len(d):
+        d = d.subset(range(limit))
+    return d
+
+
+# ------------------------------------------------------------------------------------------- export
+@dataclass
+class ExportSummary:
+    model: str
+    target: str
+    path: str
+    size_bytes: int
+    num_eval: int
+    float_accuracy: float | None
+    artifact_accuracy: float | None
+    agreement: float
+    seconds: float
+    checks: list[dict] = field(default_factory=list)
+    census: str = ""
+    failed: bool = False
+    audit: dict | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        def pct(v):
+            return "n/a (no labels)" if v is None else f"{v:.2f} %"
+
+        drop = ("" if self.float_accuracy is None or self.artifact_accuracy is None
+                else f"   (drop {self.float_accuracy - self.artifact_accuracy:+.2f} pp)")
+        lines = [
+            f"model      {self.model}",
+            f"target     {self.target}",
+            f"artifact   {self.path}  ({self.size_bytes / 1024:.1f} KiB)",
+            f"accuracy   float {pct(self.float_accuracy)} → {self.target} {pct(self.artifact_accuracy)}{drop}"
+            f" on {self.num_eval} images",
+            f"agreement  {self.agreement:.2f} % top-1 with the float model",
+        ]
+        if self.checks:
+            lines.append("checks     " + "\n           ".join(
+                f"{'ok    ' if c['passed'] else 'FAILED'} {c['name']}: {c['measured']} (needs {c['threshold']})"
+                for c in self.checks))
+        if self.census:
+            lines.append("census     " + self.census.replace("\n", "\n           "))
+        if self.audit is not None:
+            lines.append(f"audit      {'PASS' if self.audit.get('passed') else 'FAIL'}")
+        lines.append(f"time       {self.seconds:.1f} s" + ("   — VERIFICATION FAILED (file kept, flagged)"
+                                                             if self.failed else ""))
+        return "\n".join(lines)
+
+
+def export_model(target: str = "tflite-int8", model: str | None = None, weights: str | None = None,
+                 data: str = "builtin", eval_data: str = "builtin", recipe: str | None = None,
+                 out: str | None = None, overrides=(), num_eval: int | None = None, verify: bool = True,
+                 audit: bool = False, progress: bool = True) -> ExportSummary:
+    """Quantize / convert a model, write the artifact atomically, verify it in its runtime, summarise.
+
+    With no ``model`` this is the main job: the built-in MobileNetV2 0.5 (Fashion-MNIST), calibrated on
+    the shipped 512-image subset and evaluated on the 10k test split.
+    """
+    import time
+
+    from .errors import CheckFailed
+    from .export import default_recipe, export, get_target, load_recipe
+    from .runtime import open_runner
+
+    t0 = time.perf_counter()
+    spec = get_target(target)
+    rec = load_recipe(recipe) if recipe is not None else default_recipe(spec.name)
+    extra = list(overrides)
+    if not verify:
+        extra.append("verification.enabled=false")
+    if num_eval is not None:
+        if num_eval < 1:
+            raise UsageError(f"--num-eval must be at least 1, got {num_eval}")
+        extra.append(f"verification.num_images={num_eval}")
+    if extra:
+        rec = rec.replace(extra)
+    net = resolve_model(model, weights)
+    name = _model_name(net)
+    path = _output_path(out, name, spec.suffix, spec.name)
+    cfg = net.preprocess
+    calib = _load(data, cfg, "calibration", rec.quantization.num_calibration) if spec.quantized else None
+    evald = _load(eval_data, cfg, "test", rec.verification.num_images if num_eval is None else num_eval)
+    if progress:
+        print(f"mobilequant: {name} → {spec.name}: calibrating on {0 if calib is None else len(calib)} images, "
+              f"verifying on {len(evald)}", flush=True)
+    failed = False
+    try:
+        artifact = export(net, spec.name, path, recipe=rec,
+                          calibration_data=None if calib is None else calib.batches(64),
+                          verify_data=evald, model_name=name)
+    except CheckFailed as e:
+        artifact = getattr(e, "artifact", None)
+        if artifact is None:
+            raise
+        failed = True
+    float_logits = _logits(net, evald.images)
+    file_logits = open_runner(path).run(evald.images.numpy())
+    import torch
+
+    file_logits = torch.as_tensor(file_logits)
+    report = None
+    if audit:
+        from .audit import run_audit
+
+        rep = run_audit(artifact, evald, model=net, progress=progress)
+        report = rep.to_dict() if hasattr(rep, "to_dict") else {"passed": rep.passed}
+        failed = failed or not report.get("passed", True)
+    ver = getattr(artifact, "verification", None)
+    return ExportSummary(
+        model=name, target=spec.name, path=str(path), size_bytes=path.stat().st_size, num_eval=len(evald),
+        float_accuracy=_accuracy(float_logits, evald.labels),
+        artifact_accuracy=_accuracy(file_logits, evald.labels),
+        agreement=float((file_logits.argmax(1) == float_logits.argmax(1)).float().mean()) * 100.0,
+        seconds=time.perf_counter() - t0,
+        checks=[] if ver is None else [asdict(c) for c in ver.checks],
+        census=str(artifact.census) if artifact.census is not None else "", failed=failed, audit=report)

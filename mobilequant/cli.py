@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -111,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("qat", "quantization-aware fine-tuning job (single process or under torchrun)")
     _model_args(p, "training data: 'builtin' (Fashion-MNIST) or a folder with class sub-folders")
-    p.add_argument("--epochs", type=float, default=1.0, help="epochs (fractions allowed, default 1)")
+    p.add_argument("--epochs", type=int, default=1, help="epochs (default 1)")
     p.add_argument("--batch-size", type=int, default=64, help="global batch size (default 64)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
     p.add_argument("--recipe", default=None, help="recipe YAML for the quantization settings")
@@ -167,7 +168,21 @@ def _print(result, as_json: bool, quiet: bool) -> None:
         print(result.summary() if hasattr(result, "summary") else result)
 
 
+def _quiet_library_logs() -> None:
+    """Silence import-time chatter of the libraries underneath (optional CUDA kernels that torchao cannot
+    load on a CPU machine, deprecation notices meant for library authors). Our own errors still print."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    for name in ("torchao", "torch.utils._pytree", "torch._export", "torch.export", "absl"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
 def _run(args: argparse.Namespace) -> int:
+    _quiet_library_logs()
     from . import api  # imported here: heavy dependencies load only for commands that need them
 
     if args.command == "zoo":
