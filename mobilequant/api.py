@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from .errors import UsageError
 
-__all__ = ["ZooInfo", "zoo_info", "zoo_list"]
+__all__ = ["audit", "bench", "calibrate", "export_model", "qat", "resolve_model", "zoo_info", "zoo_list"]
 
 
 # --------------------------------------------------------------------------------------------- zoo
@@ -284,3 +284,159 @@ def export_model(target: str = "tflite-int8", model: str | None = None, weights:
         seconds=time.perf_counter() - t0,
         checks=[] if ver is None else [asdict(c) for c in ver.checks],
         census=str(artifact.census) if artifact.census is not None else "", failed=failed, audit=report)
+
+
+# ---------------------------------------------------------------------------------------- calibrate
+@dataclass
+class CalibrateSummary:
+    model: str
+    path: str
+    tensors: int
+    table_sha256: str
+    findings: list[str]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        lines = [f"quantization table of {self.model}: {self.tensors} tensors → {self.path}",
+                 f"sha256 {self.table_sha256}"]
+        lines += [f"finding: {f}" for f in self.findings]
+        return "\n".join(lines)
+
+
+def calibrate(model: str | None = None, weights: str | None = None, data: str = "builtin",
+              recipe: str | None = None, overrides=(), out: str = "quant_table.json",
+              progress: bool = True) -> CalibrateSummary:
+    """Calibrate with the recipe's settings (default: tflite-int8) and write the quantization table."""
+    from pathlib import Path
+
+    from .export import default_recipe, load_recipe
+    from .export.artifact import atomic_write
+    from .quant import quantize
+
+    rec = load_recipe(recipe) if recipe is not None else default_recipe("tflite-int8")
+    if overrides:
+        rec = rec.replace(list(overrides))
+    out_path = Path(out)
+    if not out_path.parent.is_dir():
+        raise UsageError(f"output directory {out_path.parent} does not exist")
+    net = resolve_model(model, weights)
+    calib = _load(data, net.preprocess, "calibration", rec.quantization.num_calibration)
+    result = quantize(net, calib.batches(64), rec.quantization.to_quant_config())
+    atomic_write(out_path, result.table.to_json().encode())
+    return CalibrateSummary(_model_name(net), str(out_path), len(result.table), result.table.sha256(),
+                            [str(f) for f in result.findings])
+
+
+# -------------------------------------------------------------------------------------------- audit
+@dataclass
+class AuditSummary:
+    report: object
+    json_path: str | None = None
+    html_path: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return not self.report.passed
+
+    def to_dict(self) -> dict:
+        return self.report.to_dict()
+
+    def summary(self) -> str:
+        extra = [f"JSON report: {self.json_path}"] if self.json_path else []
+        extra += [f"HTML report: {self.html_path}"] if self.html_path else []
+        return "\n".join([self.report.summary(), *extra])
+
+
+def audit(artifact: str, model: str | None = None, weights: str | None = None, data: str = "builtin",
+          num_images: int | None = 1000, max_drop: float | None = None, min_sqnr: float | None = None,
+          fail_on_dead_kernels: bool = False, report: str | None = None, html: str | None = None,
+          progress: bool = True) -> AuditSummary:
+    """Audit an exported artifact against its float model; ``failed`` when the gate fails (exit 1)."""
+    from .audit import run_audit
+
+    net = resolve_model(model, weights) if (model is not None or weights is not None) else None
+    rep = run_audit(artifact, data, model=net, max_drop=max_drop, min_sqnr=min_sqnr,
+                    fail_on_dead_kernels=fail_on_dead_kernels, images=num_images, progress=progress)
+    json_path = str(rep.write_json(report)) if report else None
+    html_path = str(rep.write_html(html)) if html else None
+    return AuditSummary(rep, json_path, html_path)
+
+
+# ---------------------------------------------------------------------------------------------- qat
+@dataclass
+class QATSummary:
+    model: str
+    checkpoint: str | None
+    csv_log: str | None
+    steps: int
+    val_accuracy: float | None
+    int8_accuracy: float | None
+    exports: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        def pct(v):
+            return "n/a" if v is None else f"{v:.2f} %"
+
+        lines = [f"QAT of {self.model}: {self.steps} steps; fake-quant accuracy {pct(self.val_accuracy)}, "
+                 f"int8 (simulated) {pct(self.int8_accuracy)}",
+                 f"checkpoint {self.checkpoint}", f"log        {self.csv_log}"]
+        lines += [f"exported   {e['path']} ({e['target']})" for e in self.exports]
+        return "\n".join(lines)
+
+
+def qat(model: str | None = None, weights: str | None = None, data: str = "builtin", epochs: int = 1,
+        batch_size: int = 64, lr: float = 0.005, recipe: str | None = None, out_dir: str = "runs/qat",
+        resume: bool = False, seed: int = 0, export: list[str] | tuple[str, ...] = (),
+        progress: bool = True) -> QATSummary:
+    """Quantization-aware fine-tuning (see ``docs/qat.md``); optionally export the result."""
+    from pathlib import Path
+
+    from .export import default_recipe, get_target, load_recipe
+    from .export import export as export_artifact
+    from .qat import QATJobConfig, run_qat
+    from .weights import DEFAULT_WEIGHTS
+
+    targets = [get_target(t) for t in export]  # unknown targets fail before training
+    rec = load_recipe(recipe) if recipe is not None else default_recipe("tflite-int8")
+    train_data = "fashion-mnist" if data == "builtin" else data
+    net = resolve_model(model, weights) if (weights is not None or (model and ":" in model)) else None
+    config = QATJobConfig(model=model or DEFAULT_WEIGHTS, out_dir=out_dir, epochs=epochs, batch_size=batch_size,
+                          lr=lr, seed=seed, train_data=train_data,
+                          val_data="fashion-mnist" if train_data == "fashion-mnist" else None,
+                          quant=rec.quantization.to_quant_config(), resume=resume, progress=progress)
+    result = run_qat(config, model=net)
+    exports = []
+    for spec in targets:
+        path = Path(out_dir) / f"{config.model.replace(':', '_')}-qat-{spec.name}{spec.suffix}"
+        art = export_artifact(result, spec.name, path, model_name=config.model)
+        exports.append({"target": spec.name, "path": str(art.path)})
+    return QATSummary(config.model, None if result.checkpoint is None else str(result.checkpoint),
+                      None if result.csv_log is None else str(result.csv_log), result.steps,
+                      result.val_accuracy, result.int8_accuracy, exports)
+
+
+# -------------------------------------------------------------------------------------------- bench
+@dataclass
+class BenchSummary:
+    results: list
+
+    def to_dict(self) -> dict:
+        return {"results": [r.to_dict() for r in self.results]}
+
+    def summary(self) -> str:
+        lines = ["| artifact | runtime | threads | size KiB | median ms | min–max ms |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r.path} | {r.runtime} | {r.threads} | {r.size_bytes / 1024:.1f} | {r.median_ms:.3f} | "
+                  f"{r.min_ms:.3f}–{r.max_ms:.3f} |" for r in self.results]
+        return "\n".join(lines)
+
+
+def bench(artifacts, threads: int = 1, runs: int = 100, warmup: int = 10) -> BenchSummary:
+    """Single-image latency and size of each artifact in its runtime."""
+    from .runtime.bench import measure_latency
+
+    return BenchSummary([measure_latency(a, threads=threads, runs=runs, warmup=warmup) for a in artifacts])

@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p, "training data: 'builtin' (Fashion-MNIST) or a folder with class sub-folders")
     p.add_argument("--epochs", type=int, default=1, help="epochs (default 1)")
     p.add_argument("--batch-size", type=int, default=64, help="global batch size (default 64)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    p.add_argument("--lr", type=float, default=0.005, help="peak learning rate (default 0.005)")
     p.add_argument("--recipe", default=None, help="recipe YAML for the quantization settings")
     p.add_argument("--out-dir", default="runs/qat", help="checkpoints and logs (default runs/qat)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out-dir")

@@ -1,0 +1,79 @@
+"""Latency of an artifact in its own runtime: the direct metric (FLOPs are not speed — ShuffleNetV2's
+lesson). One image at a time, fixed thread count, warm-up runs discarded, median and spread reported."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UsageError
+
+__all__ = ["Latency", "measure_latency"]
+
+
+@dataclass
+class Latency:
+    path: str
+    runtime: str
+    threads: int
+    runs: int
+    size_bytes: int
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    p90_ms: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _input_array(shape, dtype: np.dtype, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    shape = [d if isinstance(d, int) and d > 0 else 1 for d in shape]
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max, size=shape, endpoint=True).astype(dtype)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def measure_latency(path: str | Path, threads: int = 1, runs: int = 100, warmup: int = 10,
+                    seed: int = 0) -> Latency:
+    """Time ``runs`` single-image invocations of the file (after ``warmup`` untimed ones)."""
+    from . import OrtRunner, TFLiteRunner, open_runner
+
+    if threads < 1 or runs < 1 or warmup < 0:
+        raise UsageError(f"threads and runs must be at least 1 and warmup at least 0 "
+                         f"(got {threads}, {runs}, {warmup})")
+    path = Path(path)
+    runner = open_runner(path, num_threads=threads)
+    if isinstance(runner, TFLiteRunner):
+        interp, inp = runner.interpreter, runner.input
+        interp.set_tensor(inp.index, _input_array(inp.shape, np.dtype(inp.dtype), seed))
+
+        def once():
+            interp.invoke()
+
+        name = "litert"
+    else:
+        assert isinstance(runner, OrtRunner)
+        node = runner.input
+        dtype = np.float16 if "float16" in node.type else np.float32
+        feed = {node.name: _input_array(node.shape, np.dtype(dtype), seed)}
+        session = runner.session
+
+        def once():
+            session.run(None, feed)
+
+        name = "onnxruntime"
+    for _ in range(warmup):
+        once()
+    times = np.empty(runs)
+    for i in range(runs):
+        t = time.perf_counter()
+        once()
+        times[i] = (time.perf_counter() - t) * 1e3
+    return Latency(str(path), name, threads, runs, path.stat().st_size, float(np.median(times)),
+                   float(times.min()), float(times.max()), float(np.percentile(times, 90)))
