@@ -163,6 +163,12 @@ def export(
     else:
         raise UsageError(f"export takes a QuantResult or an nn.Module, got {type(source).__name__}")
     model = model.eval()
+    if calibration_data is not None and not isinstance(calibration_data, (torch.Tensor, list, tuple)) \
+            and not hasattr(calibration_data, "images"):
+        calibration_data = list(calibration_data)  # used for quantization and, by default, verification
+    for data in (calibration_data, verify_data):
+        if example is None and data is not None:
+            example, _ = _images_and_labels(data, 1)
     if example is None:
         pre = getattr(model, "preprocess", None)
         if pre is None:

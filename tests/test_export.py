@@ -1,0 +1,287 @@
+"""Export: every zoo family to all six targets (verified in the real runtimes), recipes, artifacts.
+
+The zoo test takes the smallest variant of each family (by parameter count) at 32×32, quantizes it once
+and exports it to every target; :func:`mobilequant.export.export` runs the verification itself and
+raises ``CheckFailed`` when a check fails, so a passing export *is* the assertion (plus a few explicit
+ones on the census).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from mobilequant.errors import CheckFailed, InputError, UsageError
+from mobilequant.export import TARGETS, export, list_recipes, load_artifact, load_recipe
+from mobilequant.export.artifact import atomic_write
+from mobilequant.export.tflite_file import read_tflite
+from mobilequant.models import create_model, list_models, model_info
+from mobilequant.quant import QuantConfig, quantize
+
+RESOLUTION = 32
+N_CALIB, N_VERIFY = 64, 64
+VERIFY = [f"verification.num_images={N_VERIFY}"]
+
+
+def smooth_images(n: int, c: int = 3, size: int = RESOLUTION, seed: int = 0) -> torch.Tensor:
+    """Low-frequency noise images: spatially correlated like photos, deterministic."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randn(n, c, max(2, size // 4), max(2, size // 4), generator=g)
+    return torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def calibrated_copy(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Untrained models have BN statistics 0/1; give them spread so activation ranges are realistic."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) * 0.6 - 0.3)
+            m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=g) * 0.8 - 0.3)
+    return model.eval()
+
+
+def _families() -> dict[str, list[str]]:
+    fams = defaultdict(list)
+    for name in list_models():
+        fams[model_info(name).family].append(name)
+    return dict(sorted(fams.items()))
+
+
+FAMILIES = _families()
+_cache: dict[str, dict] = {}
+
+
+def family_setup(family: str) -> dict:
+    """Smallest variant of ``family``, calibrated and quantized (cached for the family's six exports)."""
+    if family not in _cache:
+        _cache.clear()  # one family at a time keeps memory flat
+        torch.manual_seed(0)
+        sizes = {n: sum(p.numel() for p in create_model(n, num_classes=10).parameters()) for n in FAMILIES[family]}
+        name = min(sizes, key=lambda n: (sizes[n], n))
+        model = calibrated_copy(create_model(name, num_classes=10))
+        calib = smooth_images(N_CALIB)
+        qr = quantize(model, [calib[:32], calib[32:]], QuantConfig(num_calibration=N_CALIB))
+        _cache[family] = {"name": name, "model": model, "qr": qr, "x": smooth_images(N_VERIFY, seed=7)}
+    return _cache[family]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_zoo_family_exports_and_verifies(family, target, tmp_path):
+    setup = family_setup(family)
+    spec = TARGETS[target]
+    path = tmp_path / f"{setup['name']}{spec.suffix}"
+    artifact = export(setup["qr"], target, path, verify_data=setup["x"], overrides=VERIFY)
+    assert artifact.verified, str(artifact.verification)
+    assert path.is_file() and artifact.metadata["model_name"] == setup["name"]
+    assert artifact.name_map, "layers are mapped to tensors of the file"
+    census = artifact.census
+    if spec.format == "tflite" and spec.quantized:
+        assert census.float_compute_ops == []
+        assert any(k.startswith(("CONV_2D:int8", "DEPTHWISE_CONV_2D:int8")) for k in census.ops)
+        assert not any(k.startswith("ADD:") and "float" in k for k in census.ops)
+    if spec.format == "onnx" and spec.quantized:
+        assert census.ops.get("DequantizeLinear", 0) > 0 and census.ops.get("QuantizeLinear", 0) > 0
+    if spec.precision == "fp16":
+        kinds = census.ops if spec.format == "tflite" else census.output.get("initializers", {})
+        assert ("DEQUANTIZE" in kinds) if spec.format == "tflite" else ("float16" in kinds)
+
+
+# ------------------------------------------------------------------------------------------- one model
+class SmallNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6())
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, 1, 1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU6(),
+                                   nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, 4, 1), nn.ReLU(), nn.Conv2d(4, 8, 1),
+                                nn.Hardsigmoid())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.block(x)
+        return self.head(x + y * self.se(y))
+
+
+@pytest.fixture(scope="module")
+def small():
+    torch.manual_seed(0)
+    model = calibrated_copy(SmallNet())
+    model.model_name = "smallnet"
+    calib = smooth_images(64, size=16)
+    qr = quantize(model, [calib], QuantConfig())
+    return {"model": model, "qr": qr, "calib": calib, "x": smooth_images(32, size=16, seed=5)}
+
+
+def test_hardsigmoid_is_rewritten_to_int8_and_reported(small, tmp_path):
+    art = export(small["qr"], "tflite-int8", tmp_path / "s.tflite", verify_data=small["x"], overrides=VERIFY)
+    assert any("hardsigmoid" in r for r in art.census.rewrites)
+    assert "MUL:int8" in art.census.ops and art.census.float_compute_ops == []
+
+
+def test_metadata_read_back(small, tmp_path):
+    for target in ("tflite-int8", "onnx-int8", "tflite-fp32"):
+        path = tmp_path / f"m{TARGETS[target].suffix}"
+        art = export(small["qr"], target, path, verify_data=small["x"], overrides=VERIFY)
+        back = load_artifact(path)
+        assert back.target == target and back.metadata == art.metadata
+        assert back.metadata["model_name"] == "smallnet"
+        assert back.metadata["mobilequant_version"]
+        assert back.metadata["recipe"]["target"] == target
+        assert back.name_map == art.name_map and back.name_map
+        expected = small["qr"].table.sha256() if TARGETS[target].quantized else None
+        assert back.metadata["quant_table_sha256"] == expected
+        report = json.loads(path.with_name(path.name + ".verify.json").read_text())
+        assert report["passed"] is True
+
+
+def test_reexport_is_byte_identical(small, tmp_path):
+    for target in ("tflite-int8", "onnx-int8"):
+        suffix = TARGETS[target].suffix
+        a = export(small["qr"], target, tmp_path / f"a{suffix}", recipe=load_recipe(target, VERIFY + ["verification.enabled=false"]))
+        b = export(small["qr"], target, tmp_path / f"b{suffix}", recipe=load_recipe(target, VERIFY + ["verification.enabled=false"]))
+        assert a.path.read_bytes() == b.path.read_bytes(), target
+
+
+def test_export_from_model_quantizes_with_the_recipe(small, tmp_path):
+    calib = [small["calib"][:32], small["calib"][32:]]
+    a = export(small["model"], "tflite-int8", tmp_path / "m1.tflite", calibration_data=calib,
+               verify_data=small["x"], overrides=VERIFY)
+    b = export(small["model"], "tflite-int8", tmp_path / "m2.tflite", calibration_data=calib,
+               verify_data=small["x"], overrides=VERIFY)
+    assert a.path.read_bytes() == b.path.read_bytes(), "same inputs and seed give the same file"
+    assert a.metadata["quant_table_sha256"] == small["qr"].table.sha256()
+
+
+def test_float_io_and_nhwc_input(small, tmp_path):
+    art = export(small["qr"], "tflite-int8", tmp_path / "f.tflite", verify_data=small["x"],
+                 overrides=VERIFY + ["io.dtype=float", "io.layout=NHWC"])
+    info = read_tflite(art.path.read_bytes())
+    inp = info.tensors[info.inputs[0]]
+    assert inp.dtype == "float32" and inp.shape == (1, 16, 16, 3)
+    assert art.census.transposes == 0
+    assert art.census.float_compute_ops == [], "only the I/O QUANTIZE / DEQUANTIZE are float"
+
+
+def test_failed_check_keeps_the_file_flagged(small, tmp_path):
+    path = tmp_path / "strict.tflite"
+    with pytest.raises(CheckFailed, match="fp32_max_abs_diff") as exc:
+        export(small["model"], "tflite-fp32", path, verify_data=small["x"],
+               overrides=VERIFY + ["verification.fp32_max_abs_diff=0"])
+    assert path.is_file(), "the artifact stays"
+    assert exc.value.artifact.verified is False
+    report = json.loads(path.with_name(path.name + ".verify.json").read_text())
+    assert report["passed"] is False
+    assert any(c["name"] == "fp32_max_abs_diff" and not c["passed"] for c in report["checks"])
+
+
+def test_unknown_target_suggests_close_names(small, tmp_path):
+    with pytest.raises(UsageError, match="did you mean 'tflite-int8'"):
+        export(small["qr"], "tflite-int9", tmp_path / "x.tflite")
+    with pytest.raises(UsageError, match=r"\.onnx"):
+        export(small["qr"], "onnx-int8", tmp_path / "x.tflite")
+
+
+def test_unsupported_ops_listed_before_writing(tmp_path):
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.tail = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            x = torch.cumsum(self.conv(x), dim=1)
+            return torch.sort(self.tail(x), dim=1).values
+
+    path = tmp_path / "odd.tflite"
+    with pytest.raises(InputError) as exc:
+        export(Odd().eval(), "tflite-fp32", path, example_input=torch.zeros(1, 3, 8, 8))
+    msg = str(exc.value)
+    assert "2 op(s)" in msg and "cumsum" in msg and "sort" in msg
+    assert not path.exists()
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    path = tmp_path / "model.tflite"
+
+    def half_then_fail(f):
+        f.write(b"TFL3" * 1000)
+        raise OSError("disk full (simulated)")
+
+    with pytest.raises(OSError, match="simulated"):
+        atomic_write(path, half_then_fail)
+    assert not path.exists()
+    assert os.listdir(tmp_path) == [], "no temporary file is left behind"
+
+    path.write_bytes(b"previous")
+    with pytest.raises(OSError):
+        atomic_write(path, half_then_fail)
+    assert path.read_bytes() == b"previous", "an earlier file is untouched"
+
+
+@pytest.mark.parametrize("suffix", [".tflite", ".onnx"])
+def test_load_artifact_rejects_truncated_files(small, tmp_path, suffix):
+    target = "tflite-fp32" if suffix == ".tflite" else "onnx-fp32"
+    art = export(small["model"], target, tmp_path / f"t{suffix}", verify_data=small["x"], overrides=VERIFY)
+    data = art.path.read_bytes()
+    bad = tmp_path / f"cut{suffix}"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=f"cut{suffix}"):
+        load_artifact(bad)
+    with pytest.raises(InputError, match="nothing.onnx"):
+        load_artifact(tmp_path / "nothing.onnx")
+
+
+# ----------------------------------------------------------------------------------------------- recipes
+def test_every_shipped_recipe_loads():
+    names = list_recipes()
+    assert {"tflite-int8", "tflite-fp16", "tflite-fp32", "onnx-int8", "onnx-fp16", "onnx-fp32",
+            "per-tensor-dsp-cle", "relu6-fixed-datafree"} <= set(names)
+    for name in names:
+        recipe = load_recipe(name)
+        assert recipe.target in TARGETS
+    assert load_recipe("per-tensor-dsp-cle").quantization.per_channel is False
+    assert load_recipe("relu6-fixed-datafree").quantization.relu6 == "fixed"
+
+
+def test_recipe_rejects_unknown_keys_with_suggestions(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("target: tflite-int8\nquantisation:\n  per_channel: true\n")
+    with pytest.raises(UsageError, match="did you mean 'quantization'"):
+        load_recipe(bad)
+    bad.write_text("target: tflite-int8\nio:\n  layot: NHWC\n")
+    with pytest.raises(UsageError, match="did you mean 'layout'"):
+        load_recipe(bad)
+    with pytest.raises(UsageError, match="did you mean 'per_channel'"):
+        load_recipe("tflite-int8", ["quantization.perchannel=false"])
+
+
+def test_recipe_overrides_are_typed_and_target_checked():
+    r = load_recipe("tflite-int8", ["io.layout=NHWC", "quantization.per_channel=false"])
+    assert r.io.layout == "NHWC" and r.quantization.per_channel is False
+    with pytest.raises(UsageError, match="must be bool"):
+        load_recipe("tflite-int8", ["quantization.per_channel=maybe"])
+    with pytest.raises(UsageError, match="only supported for TFLite"):
+        load_recipe("onnx-int8", ["io.layout=NHWC"])
+    with pytest.raises(UsageError, match="int8 I/O needs an int8 target"):
+        load_recipe("tflite-fp32", ["io.dtype=int8"])
+    with pytest.raises(UsageError, match="not quantized"):
+        load_recipe("onnx-fp32", ["quantization.per_channel=false"])
+
+
+def test_verification_numbers_are_in_the_report(small, tmp_path):
+    art = export(small["qr"], "onnx-int8", tmp_path / "n.onnx", verify_data=small["x"], overrides=VERIFY)
+    names = {c.name for c in art.verification.checks}
+    assert {"int8_top1_agreement", "int8_params"} <= names
+    assert np.isfinite(art.size_bytes)
