@@ -37,8 +37,8 @@ def match_layers(layers: list[FusedLayer], name_map: Mapping[str, str], graph,
                  inputs: Iterable[str] = ()) -> tuple[list[LayerMatch], list[str], list[str]]:
     """Pair fused layers with the artifact's tensors.
 
-    A name-map key may be any member of a fused group (conv, its BN or its activation); the first key in
-    graph order wins. Keys naming a graph input (``inputs``: the placeholders, e.g. ``x`` for the
+    A name-map key may be any member of a fused group (conv, its BN or its activation); the key of the
+    member closest to the group's output wins. Keys naming a graph input (``inputs``: the placeholders, e.g. ``x`` for the
     quantized input tensor) are known but are no layer. Returns ``(matches, unmapped layer names,
     unknown keys)``: unknown keys are names the float model does not have, or tensors the file does not
     have (``name → tensor`` shown).
@@ -51,7 +51,8 @@ def match_layers(layers: list[FusedLayer], name_map: Mapping[str, str], graph,
     matched: dict[str, str] = {}
     used_tensors: set[str] = set()
     for layer in layers:
-        for m in layer.members:
+        # the group's output is its last member's: prefer the activation's key, then the BN's, then the conv's
+        for m in reversed(layer.members):
             t = name_map.get(m)
             if t is not None and graph.has_tensor(t) and layer.name not in matched and t not in used_tensors:
                 matched[layer.name] = t

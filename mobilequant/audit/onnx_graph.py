@@ -236,7 +236,18 @@ class OnnxSegment:
             a = np.ascontiguousarray(feeds[name], dtype=np.float32)
             info = self.graph.info(cut)
             arrays[cut] = a if not np.issubdtype(info.dtype, np.integer) else _quantize(a, info)
-        (out,) = self._session.run([self.output], arrays)
+        n = len(next(iter(arrays.values())))
+        fixed = self._session.get_inputs()[0].shape[0]
+        if isinstance(fixed, int) and fixed != n:  # a fixed-batch file: run it chunk by chunk
+            outs = []
+            for s in range(0, n, fixed):
+                chunk = {k: v[s:s + fixed] for k, v in arrays.items()}
+                k = len(next(iter(chunk.values())))
+                chunk = {name: np.concatenate([v, np.repeat(v[:1], fixed - k, 0)]) for name, v in chunk.items()}
+                outs.append(self._session.run([self.output], chunk)[0][:k])
+            out = np.concatenate(outs)
+        else:
+            (out,) = self._session.run([self.output], arrays)
         return _dequantize(out, self.graph.info(self.output))
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..capture import capture
-from ..errors import InputError, UsageError
+from ..errors import CheckFailed, InputError, UsageError
 from .artifact import artifact_provenance, open_artifact
 from .compare import build_segments, compare_batches, layer_results, match_layers
 from .endtoend import end_to_end
@@ -46,6 +46,34 @@ def _sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _export_for_audit(source, target: str, out_dir, calibration_data, recipe):
+    """Quantize (if needed) and export ``source`` (nn.Module or QuantResult) so the real file can be audited."""
+    import tempfile
+
+    from ..export import export, get_target
+    from ..quant import QuantResult
+
+    spec = get_target(target)
+    model = source.float_model if isinstance(source, QuantResult) else source
+    if calibration_data is None and spec.quantized and not isinstance(source, QuantResult):
+        from ..data import calibration_set
+
+        cfg = getattr(model, "preprocess", None)
+        if cfg is None:
+            raise UsageError("auditing a model needs calibration_data (or a model with `preprocess`)")
+        cal = calibration_set(cfg=cfg)  # the shipped Fashion-MNIST training subset: disjoint from the test split
+        calibration_data = [cal.images[i:i + 64] for i in range(0, len(cal), 64)]
+    out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="mobilequant-audit-"))
+    name = getattr(model, "model_name", None) or type(model).__name__
+    try:
+        return export(source, target, out_dir / f"{name}-{spec.name}{spec.suffix}", recipe,
+                      calibration_data=calibration_data), None
+    except CheckFailed as e:  # the file is written and kept; the audit says why it fails
+        if getattr(e, "artifact", None) is None:
+            raise
+        return e.artifact, f"export verification failed: {e}"
 
 
 def _resolve_artifact(artifact):
@@ -189,10 +217,18 @@ def run_audit(
     metrics: Mapping[str, Metric] | None = None,
     progress: bool | None = None,
     num_threads: int = 1,
+    target: str | None = None,
+    recipe=None,
+    calibration_data=None,
+    out_dir: str | os.PathLike | None = None,
 ) -> AuditReport:
     """Audit an exported artifact against its float model on ``data``.
 
-    ``artifact``: a ``.tflite`` / ``.onnx`` path or an ``export.Artifact``. ``data``: an ``ImageData``
+    ``artifact``: a ``.tflite`` / ``.onnx`` path or an ``export.Artifact`` — or an ``nn.Module`` /
+    ``QuantResult`` together with ``target`` (e.g. ``"tflite-int8"``): it is then exported first
+    (``recipe``, ``calibration_data`` — default: the shipped calibration subset — and ``out_dir``,
+    default a new temporary directory, go to ``export.export``) and the written file is audited.
+    ``data``: an ``ImageData``
     (labels optional) or a data spec (``"builtin"`` = the Fashion-MNIST test split, a folder, a
     ``.npz``), preprocessed for the model. ``model``: the float model (default: ``quant_result``'s, else
     the shipped weights named in the artifact's metadata). ``name_map``: stable layer name → tensor name
@@ -206,12 +242,27 @@ def run_audit(
     timings: dict[str, float] = {}
     if batch_size < 1:
         raise UsageError(f"batch_size must be at least 1, got {batch_size}")
+    from ..quant import QuantResult
+
+    if isinstance(artifact, (nn.Module, QuantResult)):  # model + target: export first, audit the real file
+        if target is None:
+            raise UsageError("auditing a model (not a file) needs target=..., e.g. 'tflite-int8'")
+        if isinstance(artifact, QuantResult):
+            quant_result = artifact if quant_result is None else quant_result
+        model = artifact.float_model if isinstance(artifact, QuantResult) and model is None else (
+            artifact if model is None else model)
+        artifact, export_note = _export_for_audit(artifact, target, out_dir, calibration_data, recipe)
+        timings["export"] = time.perf_counter() - t_start
+    elif target is not None:
+        raise UsageError("target= is for auditing a model; an artifact file already has its target")
+    else:
+        export_note = None
     path, given_map, given_meta = _resolve_artifact(artifact)
     graph = open_artifact(path, num_threads=num_threads)
     meta = {**artifact_provenance(graph), **given_meta}
     model = _resolve_model(model, quant_result, meta)
     data = _resolve_data(data, model, images)
-    warnings = _check_belongs(model, meta, quant_result, graph, data)
+    warnings = _check_belongs(model, meta, quant_result, graph, data) + ([export_note] if export_note else [])
     if name_map is None:
         name_map = given_map if given_map is not None else meta.get("name_map")
     t = time.perf_counter()
