@@ -112,8 +112,10 @@ def _decode(path: Path) -> np.ndarray:
     with Image.open(path) as im:
         im.load()
         grey = im.getbands() in (("L",), ("L", "A"), ("1",), ("I",), ("F",)) or im.mode.startswith("I;")
-        if grey and im.mode not in ("L", "LA", "1"):
-            # 16/32-bit and float grey: scale the file's own range to 0..255 rather than clipping.
+        if im.mode.startswith("I;16"):  # 16-bit grey: 0..65535 → 0..255
+            return np.round(np.asarray(im, dtype=np.float64) / 257.0).astype(np.uint8)
+        if im.mode in ("I", "F"):
+            # 32-bit int and float grey have no fixed range: scale the image's own range to 0..255.
             a = np.asarray(im, dtype=np.float64)
             lo, hi = float(a.min()), float(a.max())
             return np.round((a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)).astype(np.uint8)

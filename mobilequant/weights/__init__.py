@@ -1,0 +1,71 @@
+"""Shipped Fashion-MNIST checkpoints of the zoo's small models.
+
+``manifest.json`` lists each checkpoint: the zoo model and its ``create_model`` kwargs, the
+preprocessing it was trained with, test accuracy on the full 10k Fashion-MNIST test split, parameters,
+the training recipe and the exact command (``scripts/train_defaults.py``) that produced it, and the
+file's sha256. The product's default model is MobileNetV2 0.5 (``mobilenetv2_050``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..errors import InputError, UsageError, did_you_mean
+from ..models import PreprocessConfig, create_model
+
+__all__ = ["DEFAULT_WEIGHTS", "WEIGHTS_DIR", "default_model", "list_default_weights", "weights_info"]
+
+WEIGHTS_DIR = Path(__file__).parent
+DEFAULT_WEIGHTS = "mobilenetv2_050"
+
+
+@lru_cache(maxsize=None)
+def _manifest() -> dict:
+    path = WEIGHTS_DIR / "manifest.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read the weights manifest {path}: {e}; reinstall mobilequant") from None
+
+
+def list_default_weights() -> list[str]:
+    """Names of the shipped checkpoints (the zoo model names they were trained for), sorted."""
+    return sorted(_manifest()["weights"])
+
+
+def weights_info(name: str = DEFAULT_WEIGHTS) -> dict:
+    """The manifest entry of one shipped checkpoint (a copy)."""
+    weights = _manifest()["weights"]
+    if name not in weights:
+        raise UsageError(f"no shipped weights named {name!r}{did_you_mean(name, weights)}; "
+                         f"shipped: {', '.join(sorted(weights))}")
+    return json.loads(json.dumps(weights[name]))
+
+
+def default_model(name: str = DEFAULT_WEIGHTS) -> nn.Module:
+    """A zoo model with its shipped Fashion-MNIST weights, in eval mode.
+
+    Built with the manifest's ``create_model`` kwargs and ``preprocess=`` the preprocessing it was
+    trained with (28×28 grey zero-padded to 32×32, see :data:`mobilequant.models.FASHION_MNIST`).
+    The checkpoint's sha256 is checked before it is loaded with ``torch.load(weights_only=True)``.
+    """
+    info = weights_info(name)
+    path = WEIGHTS_DIR / info["file"]
+    try:
+        blob = path.read_bytes()
+    except OSError as e:
+        raise InputError(f"cannot read shipped weights {path}: {e}; reinstall mobilequant") from None
+    if hashlib.sha256(blob).hexdigest() != info["sha256"]:
+        raise InputError(f"{path} does not match the sha256 in the weights manifest; reinstall mobilequant")
+    p = info["preprocess"]
+    preprocess = PreprocessConfig(input_size=tuple(p["input_size"]), mean=tuple(p["mean"]), std=tuple(p["std"]),
+                                  resize=p["resize"], layout=p["layout"])
+    model = create_model(info["model"], **info["kwargs"], preprocess=preprocess)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    return model.eval()
