@@ -141,10 +141,13 @@ def _output_path(out: str | None, name: str, suffix: str, target: str):
         path = out / f"{name.replace(':', '_').replace('/', '_')}-{target}{suffix}"
     if not path.parent.is_dir():
         raise UsageError(f"output directory {path.parent} does not exist")
-    import os
+    import tempfile
 
-    if not os.access(path.parent, os.W_OK):
-        raise UsageError(f"output directory {path.parent} is not writable")
+    try:  # a real probe: permission bits say nothing for root or on a read-only file system
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as e:
+        raise UsageError(f"output directory {path.parent} is not writable ({e.strerror or e})") from None
     return path
 
 

@@ -1,0 +1,167 @@
+"""The CLI as a user meets it: every user error the issues name gives one line on stderr, the right exit
+code, no traceback, and nothing half-written at the output path. Driven through ``main(argv)``."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from mobilequant.cli import main
+
+TINY_FACTORY = textwrap.dedent("""
+    import torch
+    import torch.nn as nn
+    from mobilequant.models import FASHION_MNIST
+
+    class Tiny(nn.Module):
+        def __init__(self, act=None):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 8, 3, stride=2, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(8)
+            self.act = act or nn.ReLU6()
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(8, 10)
+            self.preprocess = FASHION_MNIST
+
+        def forward(self, x):
+            return self.fc(torch.flatten(self.pool(self.act(self.bn(self.conv(x)))), 1))
+
+    def build():
+        torch.manual_seed(0)
+        return Tiny().eval()
+
+    def build_unsupported():
+        torch.manual_seed(0)
+        return Tiny(act=nn.Softplus()).eval()
+""")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this checkpoint runs code",))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    (d / "tiny.py").write_text(TINY_FACTORY)
+    torch.save({"conv.weight": torch.zeros(8, 1, 3, 3)}, d / "partial.pt")
+    (d / "corrupt.pt").write_bytes(b"PK\x03\x04 this is not a checkpoint")
+    with open(d / "evil.pt", "wb") as f:
+        pickle.dump({"state_dict": _Evil()}, f)
+    x = np.random.default_rng(0).standard_normal((16, 1, 32, 32)).astype(np.float32)
+    nan = x.copy()
+    nan[3, 0, 0, 0] = np.nan
+    np.save(d / "nan.npy", nan)
+    np.save(d / "wrong_shape.npy", np.zeros((4, 3, 20, 20), np.float32))
+    np.save(d / "good.npy", x)
+    (d / "empty_dir").mkdir()
+    (d / "bad_recipe.yaml").write_text("target: tflite-int8\nquantisation:\n  per_channel: true\n")
+    (d / "truncated.tflite").write_bytes(b"\x1c\x00\x00\x00TFL3" + b"\x00" * 20)
+    (d / "not_a_model.onnx").write_text("hello")
+    ro = d / "readonly"
+    ro.mkdir()
+    os.chmod(ro, 0o555)
+    return d
+
+
+def _read_only_dir(d):
+    """A directory this process cannot write to: mode 0555, or /proc when running as root (CI is root,
+    and root ignores permission bits)."""
+    from pathlib import Path
+
+    return Path("/proc") if os.geteuid() == 0 else d / "readonly"
+
+
+def _tiny(d, factory="build"):
+    return ["--model", f"{d / 'tiny.py'}:{factory}"]
+
+
+# (id, argv builder, exit code, a phrase the one-line message must contain)
+CASES = [
+    ("unknown-model", lambda d: ["export", "--target", "tflite-int8", "--model", "mobilenetv2_05"], 2,
+     "did you mean"),
+    ("unknown-target", lambda d: ["export", "--target", "tflite-int9", *_tiny(d)], 2, "tflite-int8"),
+    ("unknown-command", lambda d: ["exprot"], 2, "did you mean 'export'"),
+    ("unknown-option", lambda d: ["export", "--target", "tflite-int8", "--no-verfy"], 2, "--no-verify"),
+    ("unknown-recipe-key", lambda d: ["export", "--target", "tflite-int8", *_tiny(d), "--recipe",
+                                      str(d / "bad_recipe.yaml")], 2, "quantization"),
+    ("missing-recipe", lambda d: ["export", "--target", "tflite-int8", *_tiny(d), "--recipe",
+                                  str(d / "nope.yaml")], 2, "nope.yaml"),
+    ("checkpoint-mismatch", lambda d: ["export", "--target", "tflite-int8", *_tiny(d), "--weights",
+                                       str(d / "partial.pt")], 2, "missing"),
+    ("corrupt-checkpoint", lambda d: ["export", "--target", "tflite-int8", *_tiny(d), "--weights",
+                                      str(d / "corrupt.pt")], 2, "corrupt.pt"),
+    ("code-carrying-checkpoint", lambda d: ["export", "--target", "tflite-int8", *_tiny(d), "--weights",
+                                            str(d / "evil.pt")], 2, "evil.pt"),
+    ("nan-calibration", lambda d: ["export", "--target", "tflite-int8", *_tiny(d), "--data",
+                                   str(d / "nan.npy"), "--eval-data", str(d / "good.npy")], 2, "nan"),
+    ("empty-calibration", lambda d: ["export", "--target", "tflite-int8", *_tiny(d), "--data",
+                                     str(d / "empty_dir"), "--eval-data", str(d / "good.npy")], 2, "empty_dir"),
+    ("wrong-input-shape", lambda d: ["export", "--target", "tflite-int8", *_tiny(d), "--data",
+                                     str(d / "wrong_shape.npy"), "--eval-data", str(d / "good.npy")], 2,
+     "shape"),
+    ("unsupported-op", lambda d: ["export", "--target", "tflite-int8", *_tiny(d, "build_unsupported"),
+                                  "--data", str(d / "good.npy"), "--eval-data", str(d / "good.npy")], 2,
+     "act"),
+    ("read-only-output", lambda d: ["export", "--target", "tflite-int8", *_tiny(d), "-o",
+                                    str(_read_only_dir(d) / "m.tflite")], 2, "not writable"),
+    ("missing-output-dir", lambda d: ["export", "--target", "onnx-fp32", *_tiny(d), "-o",
+                                      str(d / "no" / "such" / "m.onnx")], 2, "does not exist"),
+    ("truncated-artifact", lambda d: ["audit", str(d / "truncated.tflite")], 2, "truncated.tflite"),
+    ("not-an-artifact", lambda d: ["bench", str(d / "not_a_model.onnx")], 2, "not_a_model.onnx"),
+    ("bad-number", lambda d: ["bench", str(d / "truncated.tflite"), "--runs", "many"], 2, "--runs"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_user_errors_are_one_line_with_exit_code(case, files, capsys):
+    _, argv, code, phrase = case
+    before = {p.name for p in files.rglob("*")}
+    rc = main(argv(files))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == code, err
+    assert "Traceback" not in "\n".join(err)
+    message = [line for line in err if line.startswith("mobilequant: error:")]
+    assert len(message) == 1, err
+    assert phrase.lower() in message[0].lower(), message[0]
+    after = {p.name for p in files.rglob("*")}
+    assert after == before, f"files left behind: {sorted(after - before)}"
+
+
+def test_help_of_every_command_has_examples(capsys):
+    for command in ("export", "qat", "audit", "zoo", "bench", "calibrate"):
+        with pytest.raises(SystemExit) as e:
+            main([command, "--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert "examples:" in out and f"mobilequant {command}" in out
+
+
+def test_zoo_info_json(capsys):
+    assert main(["zoo", "info", "mobilenetv2_100", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["params"] == 3_504_872
+    assert abs(info["madds"] / 1e6 - 300.8) < 0.1
+
+
+def test_export_fp32_then_bench_and_audit_exit_codes(files, tmp_path, capsys):
+    """A real export through the CLI, its file benchmarked, and the audit gate's exit code both ways."""
+    out = tmp_path / "tiny.tflite"
+    rc = main(["export", "--target", "tflite-int8", *_tiny(files), "--data", str(files / "good.npy"),
+               "--eval-data", str(files / "good.npy"), "-o", str(out), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0, report
+    assert out.is_file() and report["size_bytes"] == out.stat().st_size
+    assert main(["bench", str(out), "--runs", "5", "--json"]) == 0
+    bench = json.loads(capsys.readouterr().out)
+    assert bench["results"][0]["runtime"] == "litert" and bench["results"][0]["median_ms"] > 0
+    common = ["audit", str(out), *_tiny(files), "--data", str(files / "good.npy"), "--num-images", "16", "-q"]
+    assert main([*common, "--min-sqnr", "0"]) == 0
+    assert main([*common, "--min-sqnr", "200"]) == 1
