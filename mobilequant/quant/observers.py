@@ -85,11 +85,17 @@ _QMIN, _QMAX = -128, 127  # int8 asymmetric activations (TFLite)
 _HIST_MIN_EXPONENT = -100  # smallest histogram range 2**-100: keeps bins / R finite in float32
 
 
+def _non_finite_error(x: torch.Tensor) -> ValueError:
+    return ValueError(f"observed tensor has {int(torch.isnan(x).sum())} NaN and {int(torch.isinf(x).sum())} Inf values")
+
+
 def _check_finite(x: torch.Tensor) -> None:
     if not bool(torch.isfinite(x).all()):
-        n_nan = int(torch.isnan(x).sum())
-        n_inf = int(torch.isinf(x).sum())
-        raise ValueError(f"observed tensor has {n_nan} NaN and {n_inf} Inf values")
+        raise _non_finite_error(x)
+
+
+def _finite(*values: torch.Tensor) -> bool:
+    return all(math.isfinite(float(v)) for v in values)
 
 
 def _check_relu6(relu6: str | None) -> None:
@@ -134,6 +140,19 @@ class _ActivationRange:
         )
 
 
+def _forward_checked(obs, forward, x: torch.Tensor) -> torch.Tensor:
+    """Run torchao's min/max update, then refuse NaN / Inf: NaN propagates into the running min / max
+    (and their moving averages) and an infinity becomes one, so two scalar checks replace a pass over
+    the tensor. The previous statistics are restored before raising."""
+    before = obs.min_val.clone(), obs.max_val.clone()
+    out = forward(x)
+    if x.numel() and not _finite(obs.min_val, obs.max_val):
+        obs.min_val.copy_(before[0])
+        obs.max_val.copy_(before[1])
+        raise _non_finite_error(x.detach())
+    return out
+
+
 class MinMaxActivationObserver(_ActivationRange, MinMaxObserver):
     """torchao ``MinMaxObserver`` for int8 activations, with the ReLU6 modes and the degenerate flag."""
 
@@ -144,8 +163,7 @@ class MinMaxActivationObserver(_ActivationRange, MinMaxObserver):
         self.relu6 = relu6
 
     def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
-        _check_finite(x_orig.detach())
-        return super().forward(x_orig)
+        return _forward_checked(self, super().forward, x_orig)
 
     def calculate_qparams(self):
         rng = self._observed_range()
@@ -168,8 +186,7 @@ class MovingAverageActivationObserver(_ActivationRange, MovingAverageMinMaxObser
         self.relu6 = relu6
 
     def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
-        _check_finite(x_orig.detach())
-        return super().forward(x_orig)
+        return _forward_checked(self, super().forward, x_orig)
 
     def calculate_qparams(self):
         rng = self._observed_range()
@@ -210,31 +227,44 @@ class HistogramActivationObserver(_ActivationRange, UniformQuantizationObserverB
         if x_orig.numel() == 0:
             return x_orig
         x = x_orig.detach().reshape(-1).to(torch.float32)
-        _check_finite(x)
         lo, hi = torch.aminmax(x)
+        if not _finite(lo, hi):  # NaN propagates through aminmax; an infinity is an extreme
+            raise _non_finite_error(x)
         self.min_val.copy_(torch.minimum(self.min_val, lo))
         self.max_val.copy_(torch.maximum(self.max_val, hi))
-        pos = x[x > 0]
-        neg = -x[x < 0]
-        self.zero_count += x.numel() - pos.numel() - neg.numel()
-        self._accumulate(pos, self.pos_hist, self.pos_exp)
-        self._accumulate(neg, self.neg_hist, self.neg_exp)
+        lo, hi = float(lo), float(hi)
+        # Grow the ranges first (exact merges), then count. Zeros are counted once; each side then bins
+        # all values with its own scale, the other sign's values going to a discarded slot.
+        zeros = int((x == 0).sum())
+        self.zero_count += zeros
+        if hi > 0:
+            self._grow(self.pos_hist, self.pos_exp, hi)
+            self._count(x, self.pos_hist, self.pos_exp, 1.0, zeros)
+        if lo < 0:
+            self._grow(self.neg_hist, self.neg_exp, -lo)
+            self._count(x, self.neg_hist, self.neg_exp, -1.0, zeros)
         self._cached = None
         return x_orig
 
-    def _accumulate(self, values: torch.Tensor, hist: torch.Tensor, exp: torch.Tensor) -> None:
-        if values.numel() == 0:
-            return
-        # values.max() < 2**e (frexp mantissa is in [0.5, 1)), so every value falls in [0, 2**e).
-        e = max(int(torch.frexp(values.max()).exponent), _HIST_MIN_EXPONENT)
+    def _count(self, x: torch.Tensor, hist: torch.Tensor, exp: torch.Tensor, sign: float, zeros: int) -> None:
+        """Add the values of ``sign · x`` that are > 0 to ``hist``: bin ``floor(v · bins / 2**exp)``, exact
+        as ``2**exp`` is a power of two. Values of the other sign land in slot 0 of the bincount and zeros
+        in slot 1 (bin 0), so the zeros are taken back out of bin 0."""
+        per_unit = sign * math.ldexp(float(self.bins), -int(exp))
+        idx = (x * per_unit).floor_().clamp_(-1, self.bins - 1).add_(1).to(torch.int32)
+        counts = torch.bincount(idx, minlength=self.bins + 1)[1:]
+        counts[0] -= zeros
+        hist += counts
+
+    def _grow(self, hist: torch.Tensor, exp: torch.Tensor, largest: float) -> None:
+        """Make the side's range ``2**exp`` exceed ``largest``, merging bins exactly if it grows."""
+        # largest < 2**e (frexp's mantissa is in [0.5, 1)), so every value falls in [0, 2**e).
+        e = max(math.frexp(largest)[1], _HIST_MIN_EXPONENT)
         if int(hist.sum()) == 0:
             exp.fill_(e)
         elif e > int(exp):
             hist.copy_(_merge_bins(hist, e - int(exp)))
             exp.fill_(e)
-        per_unit = math.ldexp(float(self.bins), -int(exp))  # bins / R, exact: R is a power of two
-        idx = (values * per_unit).floor_().to(torch.int64).clamp_(0, self.bins - 1)
-        hist += torch.bincount(idx, minlength=self.bins)
 
     def reset_min_max_vals(self) -> None:
         self.pos_hist.zero_()
