@@ -165,3 +165,14 @@ def test_export_fp32_then_bench_and_audit_exit_codes(files, tmp_path, capsys):
     common = ["audit", str(out), *_tiny(files), "--data", str(files / "good.npy"), "--num-images", "16", "-q"]
     assert main([*common, "--min-sqnr", "0"]) == 0
     assert main([*common, "--min-sqnr", "200"]) == 1
+
+
+def test_cli_reference_in_docs_is_generated_from_the_parser():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gen_cli_docs.py"
+    spec = importlib.util.spec_from_file_location("gen_cli_docs", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--check"]) == 0, "docs/cli.md is stale: run python scripts/gen_cli_docs.py"
