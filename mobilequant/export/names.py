@@ -15,6 +15,7 @@ and their ``mq_name``. int8 layers map to their output ``QuantizeLinear``'s outp
 from __future__ import annotations
 
 import torch
+from torch.ao.quantization.fx._decomposed import quantized_decomposed_lib  # noqa: F401 (registers the q/dq ops)
 from torch.fx import GraphModule, Node
 
 from ..capture import layer_name

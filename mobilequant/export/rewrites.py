@@ -9,6 +9,9 @@ float graph), changes no value the torch simulation computes, and is reported as
   spells that out with int8 tensors: ``dq(x) → add(3) → clamp(0, 6) → q(6·s, z) → dq → mul(1/6) → q(s, z)``
   with ``(s, z)`` the hardsigmoid's output parameters. The middle scale is exactly 6·s, so the MUL maps
   each middle level onto one output level and the result equals ``q(hardsigmoid(x))``.
+* ``flatten_linear``: a classifier that flattens an N×C×H×W map (H·W > 1) reads it in NCHW order, which
+  costs a TRANSPOSE in NHWC; flattening in NHWC order with the weight's columns permuted to match gives
+  the same products.
 * ``channel_shuffle``: ``reshape(N,g,C/g,H,W) → transpose(1,2) → reshape(N,C,H,W)`` lowers to three
   TRANSPOSEs in NHWC; written as ``permute(0,2,3,1) → reshape(N,H,W,g,C/g) → transpose(3,4) →
   reshape(N,H,W,C) → permute(0,3,1,2)`` it lowers to one TRANSPOSE (the outer permutes cancel against the
@@ -20,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.ao.quantization.fx._decomposed import quantized_decomposed_lib  # noqa: F401 (registers the q/dq ops)
 from torch.fx import GraphModule, Node
 
 from ..capture import layer_name
@@ -33,12 +37,13 @@ _qd = torch.ops.quantized_decomposed
 _Q = (_qd.quantize_per_tensor.default,)
 _DQ = (_qd.dequantize_per_tensor.default,)
 _RESHAPES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
+_IDENTITIES = (aten.dropout.default, aten.clone.default, aten.alias.default, aten.contiguous.default)
 _META_KEYS = ("nn_module_stack", "stack_trace", "mq_name", "source_fn_stack", "from_node")
 
 
 @dataclass(frozen=True)
 class Rewrite:
-    kind: str  # "hardsigmoid" | "channel_shuffle"
+    kind: str  # "hardsigmoid" | "channel_shuffle" | "flatten_linear"
     layer: str
     detail: str
 
@@ -52,6 +57,7 @@ def rewrite_for_tflite(gm: GraphModule, quantized: bool) -> list[Rewrite]:
     if quantized:
         done += _rewrite_hardsigmoid(gm)
     done += _rewrite_channel_shuffle(gm, quantized)
+    done += _rewrite_flatten_linear(gm, quantized)
     if done:
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
@@ -204,3 +210,77 @@ def _rewrite_channel_shuffle(gm: GraphModule, quantized: bool) -> list[Rewrite]:
                             f"groups={g}, written in NHWC (one TRANSPOSE)"))
     return done
 
+
+
+# ------------------------------------------------------------------------------ flatten → linear
+def _is_flatten(node: Node) -> bool:
+    if node.op != "call_function":
+        return False
+    if node.target == aten.flatten.using_ints:
+        start = node.args[1] if len(node.args) > 1 else 0
+        end = node.args[2] if len(node.args) > 2 else -1
+        return start == 1 and end in (-1, 3)
+    if node.target in _RESHAPES:
+        shape = _shape(node)
+        return shape is not None and len(shape) == 2
+    return False
+
+
+def _weight_attr(w: Node) -> Node | None:
+    """The ``get_attr`` holding a linear weight, through ``dq(q(·))`` in a quantized graph."""
+    if w.op == "get_attr":
+        return w
+    if w.op == "call_function" and w.target in (_qd.dequantize_per_channel.default, *_DQ):
+        q = w.args[0]
+        if isinstance(q, Node) and q.op == "call_function" and isinstance(q.args[0], Node):
+            return q.args[0] if q.args[0].op == "get_attr" else None
+    return None
+
+
+def _rewrite_flatten_linear(gm: GraphModule, quantized: bool) -> list[Rewrite]:
+    """``flatten(N,C,H,W) → linear`` with H·W > 1 becomes ``permute(0,2,3,1) → flatten → linear`` with the
+    weight's input columns permuted to (H, W, C) order: same products, no TRANSPOSE in NHWC. Per-output
+    channel weight scales are unchanged (a column permutation keeps each row's range)."""
+    done = []
+    for f in list(gm.graph.nodes):
+        if not _is_flatten(f):
+            continue
+        x = f.args[0]
+        shape = _shape(x)
+        if shape is None or len(shape) != 4 or shape[2] * shape[3] == 1 or min(shape[1:]) < 1:
+            continue
+        _, c, h, w = shape
+        after, qargs = _through_qdq(f)
+        lin = _single_user(after)
+        while lin is not None and lin.op == "call_function" and lin.target in _IDENTITIES:
+            after, _ = _through_qdq(lin)  # eval-mode dropout / clone between flatten and linear
+            lin = _single_user(after)
+        if lin is None or lin.target != aten.linear.default or lin.args[0] is not after:
+            continue
+        if quantized and qargs is None:
+            continue
+        attr = _weight_attr(lin.args[1])
+        if attr is None or len(attr.users) != 1:
+            continue
+        obj = gm
+        for part in str(attr.target).split("."):
+            obj = getattr(obj, part)
+        weight = obj.detach()
+        if weight.ndim != 2 or weight.shape[1] != c * h * w:
+            continue
+        permuted = weight.reshape(weight.shape[0], c, h, w).permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+        with gm.graph.inserting_before(attr):
+            new_attr = _const(gm, "_mq_linear_weight_nhwc", permuted.contiguous().clone())
+        _copy_meta(new_attr, attr)
+        attr.replace_all_uses_with(new_attr)
+        with gm.graph.inserting_before(f):
+            p = gm.graph.call_function(aten.permute.default, (x, [0, 2, 3, 1]))
+            _copy_meta(p, f)
+            p.meta[INTERNAL_KEY] = True
+            src = _qdq(gm, p, *qargs, like=f) if quantized else p
+        f.replace_input_with(x, src)
+        if f.target == aten.flatten.using_ints:
+            f.args = (src, 1, -1)
+        done.append(Rewrite("flatten_linear", layer_name(lin) if "mq_name" in lin.meta else lin.name,
+                            f"flatten of {c}×{h}×{w} in NHWC order, weight columns permuted (no TRANSPOSE)"))
+    return done
