@@ -9,7 +9,6 @@ import torch.nn as nn
 from mobilequant.capture import capture, find_unsupported_ops
 from mobilequant.errors import InputError
 from mobilequant.fusion import BN_OPS, fold_conv_bn
-from mobilequant.models import create_model, list_models
 
 
 def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -139,40 +138,5 @@ def test_conv_with_other_users_is_not_folded():
         torch.testing.assert_close(gm(x), m(x))
 
 
-def _architectures() -> dict[str, list[str]]:
-    """Every zoo model, grouped by architecture: models whose module trees are identical (width variants,
-    ShuffleNetV1 group counts) give the same ATen graph up to tensor sizes, so folding is tested once per
-    group, on its first (smallest-named) member. Keeps the suite fast while covering every model."""
-    groups: dict[tuple, list[str]] = {}
-    for name in list_models():
-        model = create_model(name, num_classes=10)
-        signature = tuple((k, type(m).__name__) for k, m in model.named_modules())
-        groups.setdefault(signature, []).append(name)
-    return {members[0]: members for members in groups.values()}
-
-
-ARCHITECTURES = _architectures()
-
-
-def _zoo_input(name: str):
-    model = create_model(name, num_classes=10)
-    c, h, _ = model.preprocess.input_size
-    side = min(64, h)
-    return model, torch.randn(1, c, side, side, generator=torch.Generator().manual_seed(0))
-
-
-def test_every_zoo_model_has_an_architecture_representative():
-    covered = sorted(n for members in ARCHITECTURES.values() for n in members)
-    assert covered == list_models()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
-def test_zoo_fused_equals_unfused(name):
-    model, x = _zoo_input(name)
-    model = _randomize_bn(model)
-    gm = capture(model, x)
-    fold_conv_bn(gm)
-    assert not any(n.target in BN_OPS for n in gm.graph.nodes), "every BN follows a conv in the zoo"
-    with torch.no_grad():
-        assert _rel_err(model(x), gm(x)) < 1e-5
+# Every zoo architecture is folded and checked against its float model (within 1e-5 relative) in
+# tests/test_ptq.py::test_zoo_architecture_fuses_and_quantizes, which reuses that capture for quantization.

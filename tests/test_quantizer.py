@@ -193,3 +193,47 @@ def test_config_suggests_close_names():
     with pytest.raises(UsageError, match="did you mean 'per_channel'"):
         QuantConfig().replace(per_chanel=False)
     assert QuantConfig.from_dict(QuantConfig(cle=True).to_dict()) == QuantConfig(cle=True)
+
+
+class ConvBNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU6())
+        self.b = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8))
+
+    def forward(self, x):
+        y = self.a(x)
+        return y + self.b(y)
+
+
+@pytest.mark.parametrize("learn_scales", [False, True])
+def test_qat_differs_only_by_constructors(learn_scales):
+    from torchao.quantization.pt2e import FakeQuantize, LearnableFakeQuantize, move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
+
+    from mobilequant.capture import name_layers
+    from mobilequant.quant import QuantTable
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    gm = torch.export.export(ConvBNNet().train(), (x,)).module()  # QAT: BN stays, in training mode
+    name_layers(gm)
+    q = MobileQuantizer(QuantConfig(), is_qat=True, learn_scales=learn_scales)
+    prepared = prepare_qat_pt2e(gm, q)
+    fq = LearnableFakeQuantize if learn_scales else FakeQuantize
+    assert any(isinstance(m, fq) for m in prepared.modules())
+    opt = torch.optim.SGD(prepared.parameters(), lr=1e-3)
+    for _ in range(2):
+        loss = prepared(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    table = QuantTable.from_graph(convert_pt2e(move_exported_model_to_eval(prepared), fold_quantize=False))
+    relu6 = table.get("a.0", "output")
+    assert relu6.zero_point == (-128,) and relu6.scale[0] <= 6 / 255 * (1 + 1e-6)
+    assert table.get("b.0", "output") is not None and table.get("a.0", "weight").axis == 0
+
+
+def test_learn_scales_needs_qat():
+    with pytest.raises(UsageError, match="is_qat"):
+        MobileQuantizer(QuantConfig(), learn_scales=True)

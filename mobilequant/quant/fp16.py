@@ -1,16 +1,20 @@
 """Float16 weights: the ``tflite-fp16`` / ``onnx-fp16`` path.
 
-Decision: float16 here means what TFLite's float16 post-training quantization means — **weights stored
-in float16, computation and I/O in float32** (the CPU kernels dequantize the weights once; a GPU delegate
-may compute in half). :func:`to_float16` returns a :class:`Float16Result` whose ``graph`` is the captured,
-BN-folded model with every floating-point constant (weights, biases) rounded to and *stored as* float16,
-and an explicit ``aten.to(float32)`` cast at each use. So
+Decision: float16 here means what TFLite's float16 post-training quantization means — **conv / linear
+weights stored in float16, biases, computation and I/O in float32** (the CPU kernels dequantize the
+weights once; a GPU delegate may compute in half). :func:`to_float16` returns a :class:`Float16Result`
+whose ``graph`` is the captured, BN-folded model with every conv / linear weight rounded to and *stored
+as* float16, with an explicit ``aten.to(float32)`` cast where it is used. So
 
 * ``result.graph(x)`` in torch gives exactly the float16-weight model's outputs (float32 I/O);
-* export re-exports ``result.graph`` and finds float16 constants followed by a cast, which is the
-  TFLite float16 layout (float16 tensor → ``DEQUANTIZE`` → float32 op) and, in ONNX, float16
-  initializers → ``Cast(to=FLOAT)`` with float32 graph inputs/outputs (``keep_io_types``);
-* ``graph.meta["mq_precision"] == "float16"`` marks it for the exporter (and for the audit).
+* ``graph.meta["mq_precision"] == "float16"`` marks it for the exporter (and for the audit);
+* TFLite: litert-torch constant-folds the cast (the file would hold float32 copies of the rounded
+  weights), so the exporter converts ``result.graph`` with
+  ``quant_config=litert_torch.generative.quantize.quant_recipes.full_fp16_recipe()``, which stores the
+  weights as float16 tensors + ``DEQUANTIZE`` and keeps biases float32 — the same split as here.
+  Verified on a small conv/depthwise/residual/linear net: float16 weight tensors, float32 biases, outputs
+  equal to ``result.graph`` within 3e-8;
+* ONNX: float16 initializers → ``Cast(to=FLOAT)``, float32 graph inputs / outputs (``keep_io_types``).
 
 A weight whose magnitude exceeds the float16 range (65504) cannot be stored and raises
 :class:`InputError` naming the layer.
@@ -26,22 +30,23 @@ from torch.fx import GraphModule
 
 from ..capture import capture, layer_name
 from ..errors import InputError
-from ..fusion import FusionReport, fold_conv_bn
+from ..fusion import CONV_OPS, FusionReport, fold_conv_bn
 
 __all__ = ["Float16Result", "to_float16", "FP16_MAX"]
 
 FP16_MAX = float(torch.finfo(torch.float16).max)
 PRECISION_KEY = "mq_precision"
+_WEIGHTED = CONV_OPS | {torch.ops.aten.linear.default}
 
 
 @dataclass
 class Float16Result:
-    graph: GraphModule  # float32 in / out; constants stored as float16, cast to float32 where used
+    graph: GraphModule  # float32 in / out; weights stored as float16, cast to float32 where used
     float_model: nn.Module
     example_input: torch.Tensor
     fusion: FusionReport = field(default_factory=FusionReport)
     precision: str = "float16"
-    num_constants: int = 0  # how many constants were stored in float16
+    num_constants: int = 0  # how many weight tensors are stored in float16
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -49,19 +54,27 @@ class Float16Result:
 
 
 def to_float16(model: nn.Module, example_input: torch.Tensor) -> Float16Result:
-    """Capture ``model``, fold conv-BN and store its floating-point constants in float16."""
+    """Capture ``model``, fold conv-BN and store its conv / linear weights in float16."""
     gm = capture(model, example_input)
     fusion = fold_conv_bn(gm)
     n = store_constants_fp16(gm)
     return Float16Result(gm, model, example_input, fusion, num_constants=n)
 
 
+def _is_weight(node) -> bool:
+    """A constant read as the weight (argument 1) of a conv / linear."""
+    return bool(node.users) and all(
+        u.op == "call_function" and u.target in _WEIGHTED and len(u.args) > 1 and u.args[1] is node
+        for u in node.users
+    )
+
+
 def store_constants_fp16(gm: GraphModule) -> int:
-    """Rewrite every float32 ``get_attr`` used by compute ops as float16 + cast; return how many."""
+    """Rewrite every float32 conv / linear weight as float16 + cast to float32; return how many."""
     graph = gm.graph
     count = 0
     for node in list(graph.nodes):
-        if node.op != "get_attr" or not node.users:
+        if node.op != "get_attr" or not _is_weight(node):
             continue
         *path, leaf = str(node.target).split(".")
         owner = gm.get_submodule(".".join(path)) if path else gm

@@ -30,7 +30,7 @@ from torch.fx import GraphModule, Node
 from torchao.quantization.pt2e.observer import FixedQParamsObserver, ObserverBase
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-from ..capture import capture, find_unsupported_ops, layer_name
+from ..capture import MQ_NAME, capture, find_unsupported_ops, layer_name
 from ..errors import InputError, UsageError
 from ..fusion import FusionReport, fold_conv_bn
 from .config import QuantConfig
@@ -153,7 +153,11 @@ def quantize(
     config: QuantConfig | None = None,
     example_input: torch.Tensor | None = None,
 ) -> QuantResult:
-    """Quantize ``model`` (put in eval mode) to the TFLite int8 scheme, calibrated on the batches."""
+    """Quantize ``model`` (put in eval mode) to the TFLite int8 scheme, calibrated on the batches.
+
+    ``model`` may also be a graph from :func:`mobilequant.capture.capture` (capture is then the
+    caller's; the graph is copied, never modified).
+    """
     config = config or QuantConfig()
     if not isinstance(config, QuantConfig):
         raise UsageError(f"config must be a QuantConfig, got {type(config).__name__}")
@@ -167,7 +171,7 @@ def quantize(
     expected = example_input.shape[1:]
     batches = _checked(itertools.chain([first], raw), expected)
 
-    gm = capture(model, example_input)
+    gm = copy.deepcopy(model) if is_captured(model) else capture(model, example_input)
     fusion = fold_conv_bn(gm)
     findings = [Finding("bn_not_folded", bn, f"batch norm kept in float: {why}") for bn, why in fusion.skipped]
 
@@ -223,9 +227,9 @@ def fold_bias_qdq(gm: GraphModule) -> GraphModule:
         q = dq.args[0]
         if not (isinstance(q, Node) and q.target in _QUANTIZE_OPS and q.args[0].op == "get_attr"):
             continue
-        value = _evaluate(gm, dq)
         target = f"{q.args[0].target}_int32grid".replace(".", "_")
-        gm.register_parameter(target, torch.nn.Parameter(value, requires_grad=False))
+        if not hasattr(gm, target):  # one constant even when the bias has several dequantize copies
+            gm.register_parameter(target, torch.nn.Parameter(_evaluate(gm, dq), requires_grad=False))
         with graph.inserting_before(dq):
             const = graph.get_attr(target)
         if "val" in dq.meta:
@@ -263,6 +267,11 @@ def _evaluate(gm: GraphModule, node: Node) -> torch.Tensor:
 
     with torch.no_grad():
         return node.target(*[value(a) for a in node.args], **{k: value(v) for k, v in node.kwargs.items()}).detach()
+
+
+def is_captured(model) -> bool:
+    """A graph module that :func:`mobilequant.capture.capture` produced (its ops carry layer names)."""
+    return isinstance(model, GraphModule) and any(MQ_NAME in n.meta for n in model.graph.nodes)
 
 
 def _keeping(batches: Iterator[torch.Tensor], kept: list) -> Iterator[torch.Tensor]:
@@ -345,7 +354,7 @@ def _repair_activation(obs: nn.Module, layer: str) -> Finding | None:
     known = isinstance(lo, torch.Tensor) and isinstance(hi, torch.Tensor) and lo.numel() == 1
     if known and not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
         _pin(obs, torch.tensor([DEGENERATE_ACT_SCALE]), torch.tensor([obs.quant_min]))
-        return Finding("unobserved_activation", layer, f"no calibration data reached this tensor; scale set to 1/255")
+        return Finding("unobserved_activation", layer, "no calibration data reached this tensor; scale set to 1/255")
     scale, zp = obs.calculate_qparams()
     scale = scale.reshape(-1)
     # Empty: the range, which always includes 0, has no width (all values 0). A tiny but non-empty range
