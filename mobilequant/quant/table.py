@@ -41,6 +41,7 @@ _DEQUANTIZE = {
     _qd.dequantize_per_channel.default,
 }
 _WEIGHTED_ROLES = {1: "weight", 2: "bias"}
+_ROLE_ORDER = {"input": 0, "weight": 1, "bias": 2, "output": 3}
 
 
 @dataclass(frozen=True)
@@ -172,31 +173,38 @@ class QuantTable:
     @classmethod
     def from_graph(cls, gm: GraphModule) -> QuantTable:
         """Read every quantized tensor from a ``convert_pt2e`` graph (``fold_quantize`` either way)."""
+        position = {n: i for i, n in enumerate(gm.graph.nodes)}
         entries: dict[str, QuantEntry] = {}
+        anchor: dict[str, int] = {}  # graph position of the layer an entry belongs to
         for dq in gm.graph.nodes:
             if dq.op != "call_function" or dq.target not in _DEQUANTIZE:
                 continue
             q = dq.args[0]
             source = q.args[0] if isinstance(q, Node) and q.target in _QUANTIZE else q
             params = _params(gm, dq)
-            for name, role in _names(source, dq):
+            for name, role, node in _names(source, dq):
                 entry = QuantEntry(name, role, *params)
                 old = entries.get(entry.key)
                 if old is None:
                     entries[entry.key] = entry
+                    anchor[entry.key] = position[node] if node in position else -1
                 elif not old._same_params(entry) and role == "output":
                     # the same tensor requantized for one consumer: list it as that consumer's input
                     for user in dq.users:
                         alt = QuantEntry(layer_name(user), "input", *params)
-                        entries.setdefault(alt.key, alt)
-        return cls(tuple(entries.values()))
+                        if alt.key not in entries:
+                            entries[alt.key], anchor[alt.key] = alt, position[user]
+        # Layer by layer (graph order), and within a layer: input, weight, bias, output.
+        ordered = sorted(entries.values(), key=lambda e: (anchor[e.key], _ROLE_ORDER[e.role]))
+        return cls(tuple(ordered))
 
 
-def _names(source, dq: Node) -> list[tuple[str, str]]:
+def _names(source, dq: Node) -> list[tuple[str, str, Node]]:
+    """(layer name, role, node that places it in the graph) of the tensor ``dq`` dequantizes."""
     if not isinstance(source, Node):
         return []
     if source.op == "placeholder":
-        return [(str(source.target), "input")]
+        return [(str(source.target), "input", source)]
     if source.op == "get_attr":  # a constant: named after the layer that consumes it
         out = []
         for user in dq.users:
@@ -204,9 +212,9 @@ def _names(source, dq: Node) -> list[tuple[str, str]]:
             for i, a in enumerate(user.args):
                 if a is dq:
                     role = _WEIGHTED_ROLES.get(i, "input") if _is_weighted(user) else "input"
-            out.append((layer_name(user), role))
+            out.append((layer_name(user), role, user))
         return out
-    return [(source.meta.get("mq_fused_into") or layer_name(source), "output")]
+    return [(source.meta.get("mq_fused_into") or layer_name(source), "output", source)]
 
 
 def _is_weighted(node: Node) -> bool:
