@@ -42,7 +42,8 @@ def report(tmp_path_factory):
     qr = quantize(model, (cal.images[i:i + 64] for i in range(0, 128, 64)), QuantConfig(num_calibration=128))
     art = export(qr, "tflite-int8", tmp_path_factory.mktemp("html") / "planted.tflite")
     data = builtin_dataset("fashion-mnist", "test", model.preprocess).subset(slice(0, 150))
-    return run_audit(art, data, model=model, quant_result=qr, min_sqnr=15, max_drop=1.0, progress=False)
+    return run_audit(art, data, model=model, quant_result=qr, min_sqnr=15, max_drop=1.0, fail_on_dead_kernels=True,
+                     progress=False)
 
 
 def test_html_is_self_contained(report, tmp_path):

@@ -27,8 +27,10 @@ every conv / linear layer):
     corrupted weights in the file. The layer's isolated SQNR shows what it costs.
 
 Severities: ``error`` fails the gate when ``fail_on_dead_kernels`` is set (dead kernels and zero γ in
-depthwise layers, and kernels killed by quantization anywhere); ``warning`` is reported; ``info`` is
-context (e.g. a range spread that per-channel quantization already absorbs).
+depthwise layers, and kernels killed by quantization anywhere); ``warning`` is reported (dead
+activations among them: trained networks commonly have ReLU channels that never fire on a data set, a
+training property rather than a defect of the file); ``info`` is context (e.g. a range spread that
+per-channel quantization already absorbs).
 """
 
 from __future__ import annotations
@@ -257,7 +259,7 @@ def dead_activation_findings(layers: Iterable[FusedLayer], channel_max: Mapping[
             where = ("the torch float model" if stage == "float" else
                      "the artifact" + (", alive in the float model" if exclude is not None else ""))
             out.append(Finding(
-                "dead_activation", layer.name, layer.kind, stage, _dead_severity(layer.kind), _ch(dead),
+                "dead_activation", layer.name, layer.kind, stage, "warning", _ch(dead),
                 f"{dead.sum()} of {m.size} channels are 0 after the {layer.activation.upper()} on all {images} "
                 f"evaluation images ({where}): they carry nothing", REMEDY["remove"], None, int(m.size)))
     return _indexed(out, list(order) if order is not None else layers)

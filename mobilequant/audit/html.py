@@ -33,7 +33,7 @@ tr.bad td{background:#fdecea}tr.error td:first-child{border-left:3px solid #d627
 ul.failures li{color:#a11;margin:2px 0}.muted{color:#777}.kv td:first-child{width:220px;color:#555}
 figure{margin:8px 0;background:#fff;border:1px solid #e3e3e3;padding:6px}figcaption{font-size:12px;color:#555}
 code{font-size:12px}
-td code{word-break:break-all}td{overflow-wrap:anywhere}
+td code{word-break:break-all}td{overflow-wrap:break-word}
 table.findings{table-layout:fixed}table.findings td{font-size:12px}
 """
 
@@ -152,8 +152,8 @@ def render_html(report: AuditReport) -> str:
                      f'<td>{escape(f.remedy)}</td></tr>')
     n_dead = sum(1 for f in r.findings if f.check in DEAD_CHECKS)
     parts.append(_section("findings", f"Weight and channel health ({len(r.findings)} findings, {n_dead} dead-channel)", (
-        '<table class="sortable findings"><colgroup><col style="width:62px"><col style="width:110px"><col style="width:130px">'
-        '<col style="width:72px"><col style="width:72px"><col style="width:150px"><col><col></colgroup>'
+        '<table class="sortable findings"><colgroup><col style="width:70px"><col style="width:122px"><col style="width:150px">'
+        '<col style="width:82px"><col style="width:84px"><col style="width:150px"><col><col></colgroup>'
         '<thead><tr><th>severity</th><th>check</th><th>layer</th><th>kind</th><th>stage</th>'
         '<th>channels</th><th>why it matters</th><th>remedy</th></tr></thead><tbody>' + "".join(frows) + "</tbody></table>"
         if frows else '<p class="muted">No findings.</p>')))

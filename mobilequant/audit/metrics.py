@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["SQNR_CAP_DB", "ErrorStats", "LAYER_METRICS", "sqnr_db", "cosine", "max_abs_error", "compute_metrics"]
+__all__ = ["SQNR_CAP_DB", "ErrorStats", "LAYER_METRICS", "sqnr_db", "cosine", "max_abs_error", "rel_max_abs_error",
+           "median_channel_sqnr_db", "compute_metrics"]
 
 SQNR_CAP_DB = 150.0  # float32 has ~24 bits of mantissa (~144 dB); anything above is "no error"
 
@@ -35,6 +36,8 @@ class ErrorStats:
     max_abs_err: float = 0.0
     max_abs_ref: float = 0.0
     cos_sum: float = 0.0  # Σ per-sample cosine
+    channel_ref_sq: np.ndarray | None = None  # Σ ref² per channel (axis 1)
+    channel_err_sq: np.ndarray | None = None  # Σ (ref − test)² per channel
 
     def update(self, ref: np.ndarray, test: np.ndarray) -> ErrorStats:
         """Add one batch (first axis = samples).
@@ -59,6 +62,14 @@ class ErrorStats:
         if a.size:
             self.max_abs_err = max(self.max_abs_err, float(np.abs(d).max()))
             self.max_abs_ref = max(self.max_abs_ref, float(np.abs(a).max()))
+        if ref.ndim >= 2:  # per channel (axis 1): tensor-level SQNR hides small channels crushed by a shared scale
+            c = ref.shape[1]
+            ra = a.reshape(n, c, -1)
+            rd = d.reshape(n, c, -1)
+            cr = np.einsum("ijk,ijk->j", ra, ra).astype(np.float64)
+            ce = np.einsum("ijk,ijk->j", rd, rd).astype(np.float64)
+            self.channel_ref_sq = cr if self.channel_ref_sq is None else self.channel_ref_sq + cr
+            self.channel_err_sq = ce if self.channel_err_sq is None else self.channel_err_sq + ce
         na, nb = np.sqrt(aa), np.sqrt(bb)
         both_zero = (na == 0) & (nb == 0)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -67,6 +78,9 @@ class ErrorStats:
         return self
 
     def merge(self, other: ErrorStats) -> ErrorStats:
+        def add(a, b):
+            return b if a is None else a if b is None else a + b
+
         return ErrorStats(
             self.samples + other.samples,
             self.elements + other.elements,
@@ -75,6 +89,8 @@ class ErrorStats:
             max(self.max_abs_err, other.max_abs_err),
             max(self.max_abs_ref, other.max_abs_ref),
             self.cos_sum + other.cos_sum,
+            add(self.channel_ref_sq, other.channel_ref_sq),
+            add(self.channel_err_sq, other.channel_err_sq),
         )
 
 
@@ -105,6 +121,23 @@ def rel_max_abs_error(s: ErrorStats) -> float:
     return s.max_abs_err / s.max_abs_ref if s.max_abs_ref else (0.0 if s.max_abs_err == 0 else math.inf)
 
 
+def median_channel_sqnr_db(s: ErrorStats) -> float:
+    """Median over channels of each channel's SQNR (channels whose reference is all zero left out).
+
+    One activation scale serves every channel of a tensor: a layer whose few large channels set the
+    scale can crush its small channels while its tensor-level SQNR, dominated by the large ones, looks
+    fine. The median channel shows it.
+    """
+    if s.channel_ref_sq is None:
+        return math.nan
+    live = s.channel_ref_sq > 0
+    if not live.any():
+        return math.nan
+    with np.errstate(divide="ignore"):
+        per = 10.0 * np.log10(s.channel_ref_sq[live] / s.channel_err_sq[live])
+    return float(np.clip(np.median(per), -SQNR_CAP_DB, SQNR_CAP_DB))
+
+
 Metric = Callable[[ErrorStats], float]
 
 LAYER_METRICS: dict[str, Metric] = {
@@ -112,6 +145,7 @@ LAYER_METRICS: dict[str, Metric] = {
     "cosine": cosine,
     "max_abs_error": max_abs_error,
     "rel_max_abs_error": rel_max_abs_error,
+    "median_channel_sqnr_db": median_channel_sqnr_db,
 }
 
 

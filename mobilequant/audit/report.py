@@ -101,7 +101,7 @@ class Gate:
 
     max_drop: float | None = 0.5  # pp of top-1 accuracy (without labels: pp of top-1 disagreement)
     min_sqnr: float | None = None  # dB, every layer's isolated SQNR
-    fail_on_dead_kernels: bool = True  # error-severity health findings fail the gate
+    fail_on_dead_kernels: bool = False  # error-severity health findings (dead depthwise kernels) fail the gate
 
     def to_dict(self) -> dict:
         return {"max_drop_pp": self.max_drop, "min_sqnr_db": self.min_sqnr,
@@ -234,17 +234,32 @@ def format_terminal(report: AuditReport, top: int = 10) -> str:
             flag = "✗" if limit is not None and not math.isnan(l.iso_sqnr) and l.iso_sqnr < limit else " "
             lines.append(f"{flag} {l.index:>3}  {l.name:<{w}}  {l.kind:<10} {_db(l.iso_sqnr):>6} {_db(l.acc_sqnr):>6} "
                          f"{l.accumulated['cosine']:7.4f} {l.accumulated['max_abs_error']:9.4f}")
-    dead = sorted(r.dead_findings(), key=lambda f: f.sort_key)
+    dead = sorted((f for f in r.dead_findings() if f.check != "dead_activation"), key=lambda f: f.sort_key)
     remedies: dict[str, str] = {}
     if dead:
-        lines.append("Dead kernels / channels (!! fails the gate with fail_on_dead_kernels):")
+        lines.append("Dead kernels (!! fails the gate with fail_on_dead_kernels):")
         w = max(len(f.layer) for f in dead)
         for f in dead:
             mark = "!!" if f.severity == "error" else " !"
-            lines.append(f" {mark} {f.layer:<{w}}  {f.layer_kind:<9} {f.check:<15} {f.stage:<9} "
+            lines.append(f" {mark} {f.layer:<{w}}  {f.layer_kind:<9} {f.check:<13} {f.stage:<9} "
                          f"{len(f.channels)}/{f.channel_count} ch [{_channels(f.channels, 8)}]")
             remedies.setdefault(f.check, f.remedy)
-    other = sorted((f for f in r.findings if f.check not in DEAD_CHECKS and f.severity != "info"), key=lambda f: f.sort_key)
+    acts = sorted((f for f in r.findings if f.check == "dead_activation"), key=lambda f: f.sort_key)
+    if acts:
+        fl = [f for f in acts if f.stage == "float"]
+        ql = [f for f in acts if f.stage == "quantized"]
+        lines.append(f"Dead activations (0 on every image): {sum(len(f.channels) for f in fl)} channels in {len(fl)} "
+                     f"layers of the float model; {sum(len(f.channels) for f in ql)} more in {len(ql)} layers of "
+                     "the artifact only (alive in float)")
+        w = max(len(f.layer) for f in acts)
+        for f in sorted(acts, key=lambda f: (-len(f.channels) / max(f.channel_count, 1), f.layer_index))[:top // 2 or 1]:
+            lines.append(f"  ! {f.layer:<{w}}  {f.layer_kind:<9} {f.stage:<9} {len(f.channels)}/{f.channel_count} ch "
+                         f"[{_channels(f.channels, 8)}]")
+        if len(acts) > (top // 2 or 1):
+            lines.append(f"    … {len(acts) - (top // 2 or 1)} more layers in the report")
+        remedies.setdefault("dead_activation", acts[0].remedy)
+    other = sorted((f for f in r.findings if f.check not in DEAD_CHECKS and f.severity != "info"),
+                   key=lambda f: f.sort_key)
     if other:
         lines.append("Other weight-health findings:")
         for f in other[:top]:

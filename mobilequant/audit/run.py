@@ -66,6 +66,7 @@ def _export_for_audit(source, target: str, out_dir, calibration_data, recipe):
         cal = calibration_set(cfg=cfg)  # the shipped Fashion-MNIST training subset: disjoint from the test split
         calibration_data = [cal.images[i:i + 64] for i in range(0, len(cal), 64)]
     out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="mobilequant-audit-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
     name = getattr(model, "model_name", None) or type(model).__name__
     try:
         return export(source, target, out_dir / f"{name}-{spec.name}{spec.suffix}", recipe,
@@ -209,7 +210,7 @@ def run_audit(
     name_map: Mapping[str, str] | None = None,
     max_drop: float | None = 0.5,
     min_sqnr: float | None = None,
-    fail_on_dead_kernels: bool = True,
+    fail_on_dead_kernels: bool = False,
     images: int | None = DEFAULT_IMAGES,
     batch_size: int = 250,
     layer_checks: bool = True,

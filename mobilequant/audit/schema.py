@@ -17,6 +17,7 @@ _METRICS = {
         "max_abs_error": _NUM,
         "rel_max_abs_error": _NUM,
         "weight_sqnr_db": _NUM,
+        "median_channel_sqnr_db": _NUM,
     },
     "required": ["sqnr_db", "cosine", "max_abs_error"],
     "additionalProperties": _NUM,
