@@ -149,7 +149,7 @@ def name_layers(gm: GraphModule) -> None:
             by_module[_module_id(node)].append(node)
     used: set[str] = set()
     for mid, nodes in by_module.items():
-        compute = [n for n in nodes if not is_structural(n)]
+        compute = [n for n in nodes if not is_structural(n) and not _updates_buffer(n)]
         counters: dict[str, int] = defaultdict(int)
         for n in nodes:
             if n.target is operator.getitem:
@@ -166,6 +166,14 @@ def name_layers(gm: GraphModule) -> None:
             src, idx = node.args[0], node.args[1]
             base = src.meta.get(MQ_NAME, src.name) if isinstance(src, Node) else str(src)
             node.meta[MQ_NAME] = _unique(f"{base}[{idx}]", used)
+
+
+def _updates_buffer(node: Node) -> bool:
+    """An in-place op on a module buffer, e.g. a training-mode BN's ``add_(num_batches_tracked, 1)``:
+    bookkeeping, so the BN keeps its module path as its name in training and eval graphs alike."""
+    t = node.target
+    return (isinstance(t, torch._ops.OpOverload) and t._schema.name.endswith("_")
+            and bool(node.args) and isinstance(node.args[0], Node) and node.args[0].op == "get_attr")
 
 
 def _unique(name: str, used: set[str]) -> str:
