@@ -179,6 +179,28 @@ def test_num_calibration_caps_the_images_used():
     assert r.num_calibration_samples == 5
 
 
+def test_float_fallback_keeps_unsupported_ops_in_float():
+    class WithGelu(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.act, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.GELU(), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            return self.fc(self.act(self.conv(x)))
+
+    torch.manual_seed(0)
+    model = WithGelu().eval()
+    with pytest.raises(InputError, match="act"):
+        quantize(model, _batches())
+    r = quantize(model, _batches(), QuantConfig(float_fallback=True))
+    assert [(f.kind, f.layer) for f in r.findings] == [("float_fallback", "act")]
+    assert r.table.get("conv", "output") is not None and r.table.get("fc", "weight") is not None
+    x = _batches()[0]  # inside the calibrated ranges
+    with torch.no_grad():
+        ref = model(x)
+        assert float((r(x) - ref).abs().max() / ref.abs().max()) < 0.05
+
+
 def test_float16_stores_weights_in_half():
     torch.manual_seed(0)
     model = ReLU6Net().eval()
