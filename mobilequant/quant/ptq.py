@@ -9,6 +9,16 @@ Calibration data is an iterable of float NCHW batches (or ``(images, labels)`` p
 normalised like the model's input. At most ``config.num_calibration`` images are used. A batch with NaN
 or Inf values, a wrong shape, or an empty set raises :class:`InputError`.
 
+Optional steps are modules of this package, called by contract:
+
+* ``QuantConfig.cle``: ``mobilequant.quant.cle.equalize(gm) -> (gm, EqualizationReport)`` on the
+  BN-folded float graph, before the quantizer sees it (the report is ``QuantResult.cle``);
+* ``QuantConfig.bias_correction``: ``mobilequant.quant.bias_correction.correct(prepared, float_graph,
+  batches)`` after calibration, with the calibrated prepared graph (its weight observers give the
+  quantized weights, its activation observers the ranges), the BN-folded float graph and the calibration
+  batches actually used; it rewrites the conv / linear bias constants of ``prepared`` in place, before
+  the int32 bias parameters are derived at conversion.
+
 Degenerate ranges never reach the graph as a zero or NaN scale: an all-zero (dead) weight channel gets
 the layer's median channel scale, an all-zero activation gets scale 1/255 (the [0, 1] range), and a
 weight scale is raised where the int32 bias (scale = input × weight scale) would otherwise overflow.
@@ -118,13 +128,15 @@ def _checked(batches: Iterable, expected: torch.Size | None) -> Iterator[torch.T
         yield x
 
 
-def calibrate(prepared: GraphModule, batches: Iterable[torch.Tensor], limit: int) -> int:
-    """Run at most ``limit`` images through the observers; return how many were used."""
+def calibrate(prepared: GraphModule, batches: Iterable[torch.Tensor], limit: int,
+              keep: list[torch.Tensor] | None = None) -> int:
+    """Run at most ``limit`` images through the observers; return how many were used.
+
+    ``keep``: if given, receives the tensors actually fed (the last one trimmed to the limit).
+    """
     seen = 0
     with torch.no_grad():
         for i, x in enumerate(batches):
-            if seen >= limit:
-                break
             x = x[: limit - seen]
             try:
                 prepared(x)
@@ -132,7 +144,11 @@ def calibrate(prepared: GraphModule, batches: Iterable[torch.Tensor], limit: int
                 if "NaN" not in str(e) and "Inf" not in str(e):
                     raise
                 raise InputError(f"calibration batch {i}: the model produces non-finite values ({e})") from None
+            if keep is not None:
+                keep.append(x)
             seen += x.shape[0]
+            if seen >= limit:
+                break
     return seen
 
 
@@ -188,10 +204,8 @@ def quantize(
     float_graph = copy.deepcopy(gm) if config.bias_correction else None
     prepared = prepare_pt2e(gm, quantizer)
 
-    kept: list[torch.Tensor] = []
-    if config.bias_correction:
-        batches = _keeping(batches, kept)
-    n = calibrate(prepared, batches, config.num_calibration)
+    kept: list[torch.Tensor] | None = [] if config.bias_correction else None
+    n = calibrate(prepared, batches, config.num_calibration, keep=kept)
     if n == 0:
         raise InputError("calibration set is empty: the batches hold no images")
 
@@ -272,12 +286,6 @@ def _evaluate(gm: GraphModule, node: Node) -> torch.Tensor:
 def is_captured(model) -> bool:
     """A graph module that :func:`mobilequant.capture.capture` produced (its ops carry layer names)."""
     return isinstance(model, GraphModule) and any(MQ_NAME in n.meta for n in model.graph.nodes)
-
-
-def _keeping(batches: Iterator[torch.Tensor], kept: list) -> Iterator[torch.Tensor]:
-    for x in batches:
-        kept.append(x)
-        yield x
 
 
 # ---------------------------------------------------------------------------------------------------
