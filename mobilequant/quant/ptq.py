@@ -95,6 +95,7 @@ class QuantResult:
     example_input: torch.Tensor | None = None
     num_calibration_samples: int = 0
     cle: object | None = None  # mobilequant.quant.cle.EqualizationReport when QuantConfig.cle
+    bias_correction: object | None = None  # ...bias_correction.BiasCorrectionReport when configured
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -209,8 +210,9 @@ def quantize(
     if n == 0:
         raise InputError("calibration set is empty: the batches hold no images")
 
+    bc_report = None
     if config.bias_correction:
-        _optional_module("bias_correction", "bias_correction").correct(prepared, float_graph, kept)
+        bc_report = _optional_module("bias_correction", "bias_correction").correct(prepared, float_graph, kept)
 
     findings += repair_degenerate_ranges(prepared, config)
     qdq_graph = convert_pt2e(copy.deepcopy(prepared), fold_quantize=False)
@@ -229,6 +231,7 @@ def quantize(
         example_input=example_input,
         num_calibration_samples=n,
         cle=cle_report,
+        bias_correction=bc_report,
     )
 
 
