@@ -234,8 +234,9 @@ def test_tflite_audit_maps_every_layer_and_passes(tflite_report, tflite_artifact
     assert kinds.count("depthwise") == 17 and "add" in kinds and kinds[-1] == "linear"
     for l in r.layers:
         assert l.isolated is not None and l.segment_ops, l.name
-        assert 15 < l.iso_sqnr < 80 and 10 < l.acc_sqnr < 80, (l.name, l.iso_sqnr, l.acc_sqnr)
-        assert 0.97 < l.accumulated["cosine"] <= 1.0
+        # int8 alone costs 20-60 dB per layer; in the chain a layer never does much better than alone
+        assert 15 < l.iso_sqnr < 80 and 0 < l.acc_sqnr < l.iso_sqnr + 3, (l.name, l.iso_sqnr, l.acc_sqnr)
+        assert 0.8 < l.accumulated["cosine"] <= 1.0 and 0.99 < l.isolated["cosine"] <= 1.0
         assert l.accumulated["weight_sqnr_db"] > 25 or l.kind not in ("depthwise", "pointwise", "conv", "linear")
     e = r.end_to_end
     assert e.labels_used and e.images == N_IMAGES and e.float_top1 > 0.85
@@ -277,7 +278,7 @@ def test_broken_layer_is_the_worst_in_isolation(tflite_artifact, tflite_report, 
     assert by[victim].iso_sqnr < 10 < good[victim].iso_sqnr
     # the layers after it inherit the error (accumulated drops) but are fine on their own (isolated)
     for after in ("features.6.conv.2", "features.7.conv.0.0"):
-        assert by[after].acc_sqnr < good[after].acc_sqnr - 10
+        assert by[after].acc_sqnr < good[after].acc_sqnr - 3 and by[after].acc_sqnr < by[after].iso_sqnr - 10
         assert abs(by[after].iso_sqnr - good[after].iso_sqnr) < 1.0
     assert r.failures[0].check == "layer_sqnr" and r.failures[0].subject == victim
     assert [f.subject for f in r.failures] == [victim]  # inherited error does not fail the gate

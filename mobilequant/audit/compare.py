@@ -34,14 +34,17 @@ class LayerMatch:
 
 
 def match_layers(layers: list[FusedLayer], name_map: Mapping[str, str], graph,
-                 inputs: Iterable[str] = ()) -> tuple[list[LayerMatch], list[str], list[str]]:
+                 inputs: Iterable[str] = (), output: tuple[str, str] | None = None,
+                 ) -> tuple[list[LayerMatch], list[str], list[str]]:
     """Pair fused layers with the artifact's tensors.
 
     A name-map key may be any member of a fused group (conv, its BN or its activation); the key of the
     member closest to the group's output wins. Keys naming a graph input (``inputs``: the placeholders, e.g. ``x`` for the
     quantized input tensor) are known but are no layer. Returns ``(matches, unmapped layer names,
     unknown keys)``: unknown keys are names the float model does not have, or tensors the file does not
-    have (``name → tensor`` shown).
+    have (``name → tensor`` shown). ``output``: (fx node name of the float graph's output, the
+    artifact's output tensor) — the model output is the model output, whatever the names; it pairs the
+    last layer with the file's output when the name map lacks it.
     """
     group_of = {m: l for l in layers for m in l.members}
     inputs = set(inputs)
@@ -57,6 +60,10 @@ def match_layers(layers: list[FusedLayer], name_map: Mapping[str, str], graph,
             if t is not None and graph.has_tensor(t) and layer.name not in matched and t not in used_tensors:
                 matched[layer.name] = t
                 used_tensors.add(t)
+    if output is not None and output[1] not in used_tensors and graph.has_tensor(output[1]):
+        last = next((l for l in layers if l.output_node == output[0]), None)
+        if last is not None and last.name not in matched:
+            matched[last.name] = output[1]
     matches = [LayerMatch(i, l, matched[l.name]) for i, l in enumerate(layers) if l.name in matched]
     unmapped = [l.name for l in layers if l.name not in matched]
     return matches, unmapped, unknown

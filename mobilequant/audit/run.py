@@ -282,7 +282,10 @@ def run_audit(
     placeholders = [n.name for n in (ref_gm if ref_gm is not None else gm).graph.nodes if n.op == "placeholder"]
     input_tensors = [t for k, t in (name_map or {}).items() if k in placeholders and graph.has_tensor(t)]
     if layer_checks and name_map:
-        matches, unmapped, unknown = match_layers(ref_layers, name_map, graph, placeholders)
+        out_node = next(n for n in (ref_gm if ref_gm is not None else gm).graph.nodes if n.op == "output").args[0]
+        out_node = out_node[0] if isinstance(out_node, (tuple, list)) else out_node
+        matches, unmapped, unknown = match_layers(ref_layers, name_map, graph, placeholders,
+                                                  output=(out_node.name, graph.output_info().name))
         if unknown:
             raise InputError(f"{len(unknown)} name-map entries of the artifact are not in the model or the file "
                              f"(e.g. {unknown[0]}): artifact and model do not belong together")
