@@ -39,6 +39,16 @@ treatments (``relu6=``):
 (Equalizing only channels with ``s_i ≥ 1`` and keeping the ReLU6 is not exact either: the clip at 6
 would then apply to ``x / s_i`` and let through values in ``(6 / s_i, 6]`` that used to be clipped.)
 
+Measured on torchvision's ImageNet MobileNetV2 1.0 (BN folded, 37 pairs; 96 crops of scikit-image photos,
+no ImageNet labels here, so against the float model): ``"clamp"`` keeps the float logits within 1e-5
+(SQNR 113 dB) while ``"relu"`` moves them to 23 dB SQNR and changes the top-1 class on 5 % of the crops.
+Per-tensor int8 weights, float activations — logit SQNR / top-1 agreement with float: plain 10.3 dB / 65 %,
+CLE clamp 15.7 dB / 86 %, CLE clamp + bias correction 25.0 dB / 98 %, CLE relu + bias correction
+20.6 dB / 94 % (per-channel int8 weights, no CLE: 18.2 dB / 95 %). For int8 activations the quantizer must
+treat ``conv → clamp.Tensor`` like ``conv → ReLU6``: one quantized output after the clamp (range
+``[0, max_i 6 / s_i]``, zero point −128), not a separate range on the conv output, which would include
+the negative pre-activations.
+
 :func:`equalize` rewrites the graph module in place (new weight tensors: tensors shared with the
 user's model are never written) and returns it with an :class:`EqualizationReport`.
 """

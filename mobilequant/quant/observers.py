@@ -355,7 +355,9 @@ class EntropyObserver(HistogramActivationObserver):
     tensor and 256 for a one-sided one (all int8 levels then lie on one side). One deviation: exact zeros
     are left out of P. They are always representable, and after a ReLU they are a spike holding half the
     mass which Q smears over its neighbour as soon as two bins merge, so with them KL always picks the
-    smallest threshold. The range is ``[max(min, −T), min(max, T)]``.
+    smallest threshold. The range is ``[max(min, −T), min(max, T)]``: one threshold for both signs, so on
+    a two-sided tensor with a single long tail (a skewed residual sum) that tail is clipped hard — ``mse``
+    is the better method there.
     """
 
     def __init__(self, bins: int = 2048, relu6: str | None = None, levels: int | None = None, **kwargs) -> None:
