@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write the calibration subset shipped in ``mobilequant/data/calibration/``.
+"""Write the calibration subset shipped in the top-level ``calibration/``.
 
     python scripts/make_calibration_set.py
 

@@ -29,7 +29,10 @@ __all__ = ["BUILTIN_DATASETS", "CALIBRATION_DIR", "SPLITS", "builtin_dataset", "
 BUILTIN_DATASETS = ("fashion-mnist",)
 _ALIASES = {"builtin": "fashion-mnist", "fashion-mnist": "fashion-mnist", "fashion_mnist": "fashion-mnist"}
 SPLITS = ("calibration", "train", "test")
-CALIBRATION_DIR = Path(__file__).parent / "calibration"
+# The shipped calibration sets live in the repository's top-level ``calibration/`` (next to their manifests
+# and README); MOBILEQUANT_CALIBRATION_DIR points elsewhere (e.g. for a non-editable install).
+CALIBRATION_DIR = Path(os.environ.get("MOBILEQUANT_CALIBRATION_DIR",
+                                      Path(__file__).resolve().parents[2] / "calibration"))
 _CALIBRATION_FILES = {"fashion-mnist": "fashion-mnist-512"}
 
 
