@@ -1,20 +1,23 @@
-"""Float16 weights: the ``tflite-fp16`` / ``onnx-fp16`` path.
+"""Float16 weights: the torch reference of the ``tflite-fp16`` / ``onnx-fp16`` targets.
 
 Decision: float16 here means what TFLite's float16 post-training quantization means — **conv / linear
-weights stored in float16, biases, computation and I/O in float32** (the CPU kernels dequantize the
+weights stored in float16; biases, computation and I/O in float32** (the CPU kernels dequantize the
 weights once; a GPU delegate may compute in half). :func:`to_float16` returns a :class:`Float16Result`
 whose ``graph`` is the captured, BN-folded model with every conv / linear weight rounded to and *stored
-as* float16, with an explicit ``aten.to(float32)`` cast where it is used. So
+as* float16, with an explicit ``aten.to(float32)`` cast where it is used, and
+``graph.meta["mq_precision"] == "float16"``. ``result.graph(x)`` is the reference the exported files are
+checked against.
 
-* ``result.graph(x)`` in torch gives exactly the float16-weight model's outputs (float32 I/O);
-* ``graph.meta["mq_precision"] == "float16"`` marks it for the exporter (and for the audit);
-* TFLite: litert-torch constant-folds the cast (the file would hold float32 copies of the rounded
-  weights), so the exporter converts ``result.graph`` with
-  ``quant_config=litert_torch.generative.quantize.quant_recipes.full_fp16_recipe()``, which stores the
-  weights as float16 tensors + ``DEQUANTIZE`` and keeps biases float32 — the same split as here.
-  Verified on a small conv/depthwise/residual/linear net: float16 weight tensors, float32 biases, outputs
-  equal to ``result.graph`` within 3e-8;
-* ONNX: float16 initializers → ``Cast(to=FLOAT)``, float32 graph inputs / outputs (``keep_io_types``).
+What the exporter writes (both toolchains fold a ``float16 constant → cast`` back into float32, so the
+files are not made from this graph but from the float graph):
+
+* TFLite: the float32 conversion, then ai-edge-quantizer's float-casting weight-only recipe
+  (``litert_torch.generative.quantize.quant_recipes.full_fp16_recipe()``): float16 weight tensors +
+  ``DEQUANTIZE``, float32 biases — the same split as here; measured on a small conv / depthwise /
+  residual / linear net, the file's outputs equal ``result.graph`` within 3e-8;
+* ONNX: float16 initializers + ``Cast(to=FLOAT)`` with float32 graph inputs / outputs. The exporter casts
+  every initializer, biases included, so onnx-fp16 can differ from this reference by the float16
+  rounding of the biases.
 
 A weight whose magnitude exceeds the float16 range (65504) cannot be stored and raises
 :class:`InputError` naming the layer.
