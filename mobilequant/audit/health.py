@@ -176,12 +176,15 @@ def float_weight_findings(layers: Iterable[FusedLayer], th: HealthThresholds = H
 
 
 def quantized_weight_findings(layers: Iterable[FusedLayer], qweights: Mapping[str, QuantizedWeights],
-                              float_findings: Iterable[Finding] = (),
-                              th: HealthThresholds = HealthThresholds()) -> list[Finding]:
-    """Health of the artifact's int8 kernels (stage ``quantized``), next to the float model's."""
+                              th: HealthThresholds = HealthThresholds(), cle_applied: bool = False) -> list[Finding]:
+    """Health of the artifact's int8 kernels (stage ``quantized``).
+
+    ``layers``: the float layers the artifact was quantized from (after CLE when it was applied, so the
+    range spread is the one the quantizer saw). ``cle_applied`` tailors the remedies.
+    """
     layers = list(layers)
     out: list[Finding] = []
-    spread_float = {f.layer: f for f in float_findings if f.check == "range_spread"}
+    fix = REMEDY["per_channel"] + ("" if cle_applied else f"; or {REMEDY['cle']}")
     for layer in layers:
         q = qweights.get(layer.name)
         if q is None or layer.weight is None:
@@ -202,20 +205,24 @@ def quantized_weight_findings(layers: Iterable[FusedLayer], qweights: Mapping[st
             out.append(Finding(
                 "dead_kernel", layer.name, layer.kind, "quantized",
                 "error" if killed.any() else _dead_severity(layer.kind), _ch(all_zp), why,
-                (f"{REMEDY['per_channel']}; or {REMEDY['cle']}" if killed.any() else REMEDY["remove"]), 0.0, c))
+                fix if killed.any() else REMEDY["remove"], 0.0, c))
         if layer.kind in th.kinds and codes.shape[1] > 1:
             single = (codes == codes[:, :1]).all(axis=1) & ~all_zp
             if single.any():
                 out.append(Finding(
                     "single_code", layer.name, layer.kind, "quantized", "warning", _ch(single),
                     f"{single.sum()} of {c} kernels quantize to a single code: the kernel became a constant "
-                    "(its spatial / input pattern is lost)", f"{REMEDY['per_channel']}; or {REMEDY['cle']}", None, c))
-        if layer.name in spread_float and not q.per_channel:
-            f = spread_float[layer.name]
-            out.append(Finding(
-                "range_spread", layer.name, layer.kind, "quantized", "warning", f.channels,
-                f.why.replace("with one scale per tensor", "the artifact has one scale per tensor, so"),
-                f.remedy, f.value, c))
+                    "(its spatial / input pattern is lost)", fix, None, c))
+        if not q.per_channel and c > 1:
+            rng = np.abs(layer.folded_weight().reshape(c, -1)).max(axis=1)
+            med = float(np.median(rng))
+            if med > 0 and float(rng.max() / med) > th.range_spread:
+                spread = float(rng.max() / med)
+                out.append(Finding(
+                    "range_spread", layer.name, layer.kind, "quantized", "warning", _ch(rng > th.range_spread * med),
+                    f"per-channel weight ranges spread {spread:.1f}× (max / median"
+                    f"{', after CLE' if cle_applied else ''}) and the artifact has one scale per tensor: the median "
+                    f"channel gets ~{127 / spread:.0f} of 127 codes", fix, spread, c))
     return _indexed(out, layers)
 
 

@@ -319,7 +319,8 @@ def run_audit(
         r.accumulated.setdefault("weight_sqnr_db", wsqnr.get(r.name, math.nan))
 
     float_findings = float_weight_findings(layers, thresholds)
-    findings = float_findings + quantized_weight_findings(ref_layers, qweights, float_findings, thresholds)
+    cle = bool((meta.get("quant_config") or {}).get("cle", False))
+    findings = float_findings + quantized_weight_findings(ref_layers, qweights, thresholds, cle_applied=cle)
     findings += kernel_mismatch_findings(ref_layers, wsqnr, thresholds)
     float_dead = dead_activation_findings(ref_layers, res.float_channel_max, "float", len(data), order=layers)
     exclude = {f.layer: set(f.channels) for f in float_dead}
