@@ -69,13 +69,20 @@ def match_layers(layers: list[FusedLayer], name_map: Mapping[str, str], graph,
     return matches, unmapped, unknown
 
 
-def build_segments(graph, matches: list[LayerMatch], input_tensors: Iterable[str] = ()) -> dict[str, object]:
+def build_segments(graph, matches: list[LayerMatch], input_tensors: Iterable[str] = (),
+                   progress=None) -> dict[str, object]:
     """Layer name → a sub-model of the artifact computing that layer from its nearest mapped inputs.
 
     ``input_tensors``: artifact tensors holding the model input (e.g. the quantized input), fed ``x``.
+    ``progress``: a tqdm bar advanced once per layer.
     """
     boundary = [m.tensor for m in matches] + list(input_tensors)
-    return {m.layer.name: graph.segment(m.tensor, boundary) for m in matches}
+    out = {}
+    for m in matches:
+        out[m.layer.name] = graph.segment(m.tensor, boundary)
+        if progress is not None:
+            progress.update(1)
+    return out
 
 
 @dataclass

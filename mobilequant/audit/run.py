@@ -258,6 +258,7 @@ def run_audit(
         raise UsageError("target= is for auditing a model; an artifact file already has its target")
     else:
         export_note = None
+    t_load = time.perf_counter()
     path, given_map, given_meta = _resolve_artifact(artifact)
     graph = open_artifact(path, num_threads=num_threads)
     meta = {**artifact_provenance(graph), **given_meta}
@@ -267,7 +268,7 @@ def run_audit(
     if name_map is None:
         name_map = given_map if given_map is not None else meta.get("name_map")
     t = time.perf_counter()
-    timings["load"] = t - t_start
+    timings["load"] = t - t_load
 
     batch = min(batch_size, len(data))
     example = data.images[:batch]
@@ -300,14 +301,15 @@ def run_audit(
         note = graph.check_intermediates(data.images[:8].numpy(), [m.tensor for m in matches])
         if note:
             warnings.append(note)
-    segments = build_segments(graph, matches, input_tensors) if matches else {}
-    timings["prepare"] = time.perf_counter() - t
-
     from tqdm.auto import tqdm
 
+    bar_off = (not progress) if progress is not None else None  # None: tqdm shows bars on a terminal only
+    with tqdm(total=len(matches), desc="audit: cutting layers", unit="layer", disable=bar_off, leave=False) as bar:
+        segments = build_segments(graph, matches, input_tensors, progress=bar) if matches else {}
+    timings["prepare"] = time.perf_counter() - t
+
     batches = (data.images[s:s + batch_size] for s in range(0, len(data), batch_size))
-    with tqdm(total=len(data), desc="audit", unit="img", disable=(not progress) if progress is not None else None,
-              leave=False) as bar:
+    with tqdm(total=len(data), desc="audit", unit="img", disable=bar_off, leave=False) as bar:
         res = compare_batches(graph, reference, matches, segments, batches, progress=bar, input_tensors=input_tensors)
     timings.update(res.timings)
 
