@@ -82,6 +82,32 @@ def test_layout_nhwc_and_squeezed_shapes():
         to_nchw(np.ones((2, 8, 8, 4), np.float32), (2, 3, 8, 8), prefer_nhwc=True)
 
 
+def test_float_reference_is_not_overwritten_by_inplace_ops():
+    """conv → BN → hardswish_ (in place, not fused by TFLite): the BN output must be recorded before the
+    activation overwrites its storage."""
+    import torch.nn as nn
+
+    from mobilequant.audit import FloatReference
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Hardswish(inplace=True),
+                          nn.Conv2d(8, 4, 1), nn.ReLU6(inplace=True)).eval()
+    x = torch.randn(4, 3, 8, 8)
+    gm = capture(model, x, dynamic_batch=False)
+    layers = fused_layers(gm)
+    seen = {}
+    model[1].register_forward_hook(lambda m, i, o: seen.__setitem__("bn", o.detach().clone()))
+    model[4].register_forward_hook(lambda m, i, o: seen.__setitem__("relu6", o.detach().clone()))
+    with torch.no_grad():
+        want = model(x)
+    assert [(l.name, l.members) for l in layers] == [("0", ("0", "1")), ("2", ("2",)), ("3", ("3", "4"))]
+    out, vals = FloatReference(gm, layers, batch=4).run(x)
+    assert np.allclose(vals["0"], seen["bn"].numpy(), atol=1e-6)  # not hardswish(bn)
+    assert np.allclose(vals["3"], seen["relu6"].numpy(), atol=1e-6) and np.allclose(out, want.numpy(), atol=1e-6)
+    _, small = FloatReference(gm, layers, batch=4).run(x[:3])  # a short last batch is padded, then trimmed
+    assert small["0"].shape == (3, 8, 8, 8) and np.allclose(small["0"], seen["bn"].numpy()[:3], atol=1e-6)
+
+
 # ---------------------------------------------------------------------------- the trained model
 @pytest.fixture(scope="module")
 def trained():

@@ -3,9 +3,8 @@
 Like onnxruntime's ``augment_graph`` for ONNX, the float graph is *augmented*: a copy of the captured
 (unfused, float) graph whose output is the model output plus the output node of every fused group
 (post BN and activation, see :mod:`mobilequant.audit.layers`). The copy runs as compiled fx code —
-several times faster than a node-by-node ``torch.fx.Interpreter``. In-place activations
-(``hardtanh_``, ``relu_``) become their out-of-place versions in the copy, so a returned tensor can
-never be overwritten by a later op.
+several times faster than a node-by-node ``torch.fx.Interpreter``. Each returned value is a clone taken
+right after its node, so a later in-place op (``hardswish_`` on a BN output) cannot change it.
 """
 
 from __future__ import annotations
@@ -20,19 +19,16 @@ from .layers import FusedLayer
 
 __all__ = ["FloatReference"]
 
-_aten = torch.ops.aten
-_OUT_OF_PLACE = {
-    _aten.hardtanh_.default: _aten.hardtanh.default,
-    _aten.relu_.default: _aten.relu.default,
-    _aten.clamp_.default: _aten.clamp.default,
-    _aten.add_.Tensor: _aten.add.Tensor,
-}
-
-
 def _augmented(gm: GraphModule, keep: list[str]) -> GraphModule:
-    """A copy of ``gm`` returning ``(original output, *values of the nodes named in keep)``."""
+    """A copy of ``gm`` returning ``(original output, *copies of the nodes named in keep)``.
+
+    Each kept value is cloned right after the node that makes it: the graph may overwrite it later with
+    an in-place op (``hardtanh_``, ``hardswish_``, ``relu_`` ... act on their input's storage).
+    """
     graph = Graph()
     env: dict = {}
+    kept: dict = {}
+    wanted = set(keep)
     old_out = None
     for node in gm.graph.nodes:
         if node.op == "output":
@@ -40,13 +36,12 @@ def _augmented(gm: GraphModule, keep: list[str]) -> GraphModule:
             continue
         if node.op == "call_module" and str(node.target).startswith("_guards"):
             continue  # torch.export's shape guards: not needed to compute values
-        new = graph.node_copy(node, lambda n: env[n])
-        if new.op == "call_function" and new.target in _OUT_OF_PLACE:
-            new.target = _OUT_OF_PLACE[new.target]
-        env[node] = new
+        env[node] = graph.node_copy(node, lambda n: env[n])
+        if node.name in wanted:
+            kept[node.name] = graph.call_function(torch.ops.aten.clone.default, (env[node],))
     result = old_out.args[0]
     first = result[0] if isinstance(result, (tuple, list)) else result
-    graph.output((env[first], *[env[n] for n in _nodes(gm, keep)]))
+    graph.output((env[first], *[kept[n] for n in keep]))
     out = GraphModule(gm, graph)
     out.eval()
     return out
