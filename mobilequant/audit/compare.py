@@ -23,7 +23,7 @@ from .metrics import ErrorStats, Metric, compute_metrics
 from .reference import FloatReference
 from .report import LayerResult
 
-__all__ = ["LayerMatch", "match_layers", "build_segments", "BatchResults", "compare_batches", "layer_results"]
+__all__ = ["LayerMatch", "match_layers", "check_shapes", "build_segments", "BatchResults", "compare_batches", "layer_results"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,8 @@ def match_layers(layers: list[FusedLayer], name_map: Mapping[str, str], graph,
     matched: dict[str, str] = {}
     used_tensors: set[str] = set()
     for layer in layers:
+        if not layer.is_tensor:
+            continue  # a multi-output op: its outputs are matched through their getitems
         # the group's output is its last member's: prefer the activation's key, then the BN's, then the conv's
         for m in reversed(layer.members):
             t = name_map.get(m)
@@ -67,6 +69,29 @@ def match_layers(layers: list[FusedLayer], name_map: Mapping[str, str], graph,
     matches = [LayerMatch(i, l, matched[l.name]) for i, l in enumerate(layers) if l.name in matched]
     unmapped = [l.name for l in layers if l.name not in matched]
     return matches, unmapped, unknown
+
+
+def check_shapes(matches: list[LayerMatch], graph) -> tuple[list[LayerMatch], list[str]]:
+    """Drop matches whose artifact tensor cannot be the layer's output in any layout (static shapes).
+
+    Returns the kept matches and one line per dropped layer. A name map that points one layer at the
+    wrong tensor (e.g. the PAD in front of a pooling op) costs that layer, not the audit; when most
+    layers misfit, the caller concludes that artifact and model do not belong together.
+    """
+    kept, dropped = [], []
+    prefer = graph.target == "tflite"
+    for m in matches:
+        shape = graph.info(m.tensor).shape
+        if shape and m.layer.out_shape:
+            probe = np.zeros((1, *m.layer.out_shape[1:]), np.float32)
+            try:
+                to_file_layout(probe, shape, prefer)
+            except LayoutMismatch:
+                dropped.append(f"{m.layer.name}: the name map points at {m.tensor!r} of shape {tuple(shape)}, "
+                               f"which cannot hold its output {tuple(m.layer.out_shape[1:])}; layer not compared")
+                continue
+        kept.append(m)
+    return kept, dropped
 
 
 def build_segments(graph, matches: list[LayerMatch], input_tensors: Iterable[str] = (),

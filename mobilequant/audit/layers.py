@@ -18,6 +18,7 @@ op name (``add``, ``mean``, ``adaptive_avg_pool2d``, ...).
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,6 +56,8 @@ class FusedLayer:
     bn_var: np.ndarray | None = field(default=None, repr=False)
     bn_eps: float = 1e-5
     groups: int = 1
+    is_tensor: bool = True  # False for a multi-output op (its getitems are the tensors)
+    out_shape: tuple[int, ...] = ()  # shape of the group's output in the captured graph (batch first)
     stride: tuple[int, ...] = ()
     padding: tuple[int, ...] = ()
     dilation: tuple[int, ...] = ()
@@ -108,6 +111,8 @@ def _kind(node: Node, weight: np.ndarray | None, groups: int) -> str:
         return "conv"
     if node.target in _LINEAR_OPS:
         return "linear"
+    if node.target is operator.getitem:
+        return "getitem"
     name = node.target._schema.name.split("::")[-1] if isinstance(node.target, torch._ops.OpOverload) else str(node.target)
     return name.rstrip("_")
 
@@ -126,7 +131,8 @@ def fused_layers(gm: GraphModule) -> list[FusedLayer]:
     groups: list[dict] = []
     group_of: dict[Node, dict] = {}
     for node in gm.graph.nodes:
-        if node.op != "call_function" or is_structural(node):
+        # getitem picks one output of a multi-output op (chunk, split): a tensor of its own in the artifact
+        if node.op != "call_function" or (is_structural(node) and node.target is not operator.getitem):
             continue
         src = node.args[0] if node.args and isinstance(node.args[0], Node) else None
         owner = group_of.get(src) if src is not None else None
@@ -175,15 +181,19 @@ def _make_layer(gm: GraphModule, g: dict) -> FusedLayer:
         if kw["bn_beta"] is None:
             kw["bn_beta"] = np.zeros_like(kw["bn_mean"])
     act = g["act"]
+    val = g["end"].meta.get("val")
     return FusedLayer(
         name=layer_name(start),
         kind=_kind(start, weight, groups),
-        op=start.target._schema.name.split("::")[-1] if isinstance(start.target, torch._ops.OpOverload) else str(start.target),
+        op=start.target._schema.name.split("::")[-1] if isinstance(start.target, torch._ops.OpOverload) else
+        getattr(start.target, "__name__", str(start.target)),
         members=tuple(layer_name(n) for n in g["members"]),
         output_node=g["end"].name,
         input_nodes=_activation_inputs(start),
         activation=activation_kind(act) if act is not None else None,
         weight=weight,
         groups=groups,
+        is_tensor=val is None or isinstance(val, torch.Tensor),
+        out_shape=tuple(int(d) for d in val.shape) if isinstance(val, torch.Tensor) else (),
         **kw,
     )

@@ -63,7 +63,7 @@ class FloatReference:
     def __init__(self, gm: GraphModule, layers: Iterable[FusedLayer], names: Iterable[str] | None = None,
                  batch: int | None = None):
         wanted = None if names is None else set(names)
-        self.layers = [l for l in layers if wanted is None or l.name in wanted]
+        self.layers = [l for l in layers if (wanted is None or l.name in wanted) and l.is_tensor]
         self.module = _augmented(gm, [l.output_node for l in self.layers])
         self.batch = batch
 

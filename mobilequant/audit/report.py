@@ -228,11 +228,12 @@ def format_terminal(report: AuditReport, top: int = 10) -> str:
     if r.layers:
         lines.append(f"Worst layers by isolated SQNR (the layer's own error; accumulated = what reaches it):")
         w = max(len(l.name) for l in r.layers)
-        lines.append(f"  {'#':>3}  {'layer':<{w}}  {'kind':<10} {'iso dB':>6} {'acc dB':>6} {'cos':>7} {'max|err|':>9}")
+        kw = max(10, max(len(l.kind) for l in r.layers))
+        lines.append(f"  {'#':>3}  {'layer':<{w}}  {'kind':<{kw}} {'iso dB':>6} {'acc dB':>6} {'cos':>7} {'max|err|':>9}")
         limit = r.gate.min_sqnr
         for l in r.worst_layers(top):
             flag = "✗" if limit is not None and not math.isnan(l.iso_sqnr) and l.iso_sqnr < limit else " "
-            lines.append(f"{flag} {l.index:>3}  {l.name:<{w}}  {l.kind:<10} {_db(l.iso_sqnr):>6} {_db(l.acc_sqnr):>6} "
+            lines.append(f"{flag} {l.index:>3}  {l.name:<{w}}  {l.kind:<{kw}} {_db(l.iso_sqnr):>6} {_db(l.acc_sqnr):>6} "
                          f"{l.accumulated['cosine']:7.4f} {l.accumulated['max_abs_error']:9.4f}")
     dead = sorted((f for f in r.dead_findings() if f.check != "dead_activation"), key=lambda f: f.sort_key)
     remedies: dict[str, str] = {}
@@ -275,6 +276,7 @@ def format_terminal(report: AuditReport, top: int = 10) -> str:
         lines.append(f"({len(info)} informational findings, e.g. range spreads absorbed by per-channel weights, "
                      "are in the JSON / HTML report)")
     if r.unmapped_layers:
-        lines.append(f"Layers with no tensor in the artifact (not compared): {', '.join(r.unmapped_layers)}")
+        shown = ", ".join(r.unmapped_layers[:8]) + (f", … (+{len(r.unmapped_layers) - 8})" if len(r.unmapped_layers) > 8 else "")
+        lines.append(f"Layers with no tensor in the artifact (not compared): {shown}")
     lines += [f"warning: {w}" for w in r.warnings]
     return "\n".join(lines)

@@ -24,7 +24,7 @@ import torch.nn as nn
 from ..capture import capture
 from ..errors import CheckFailed, InputError, UsageError
 from .artifact import artifact_provenance, open_artifact
-from .compare import build_segments, compare_batches, layer_results, match_layers
+from .compare import build_segments, check_shapes, compare_batches, layer_results, match_layers
 from .endtoend import end_to_end
 from .gate import evaluate_gate
 from .health import (HealthThresholds, dead_activation_findings, float_weight_findings, kernel_mismatch_findings,
@@ -290,6 +290,12 @@ def run_audit(
         if unknown:
             raise InputError(f"{len(unknown)} name-map entries of the artifact are not in the model or the file "
                              f"(e.g. {unknown[0]}): artifact and model do not belong together")
+        n_matched = len(matches)
+        matches, misfits = check_shapes(matches, graph)
+        if n_matched and len(misfits) > n_matched / 2:
+            raise InputError(f"{len(misfits)} of {n_matched} layers do not fit their tensors in the artifact "
+                             f"({misfits[0]}): artifact and model do not belong together")
+        warnings += misfits
     elif layer_checks:
         warnings.append("the artifact has no name map (stable layer name → tensor): per-layer checks skipped; "
                         "re-export it with this mobilequant")
