@@ -42,6 +42,15 @@ def _quant_mse(x: torch.Tensor, scale, zp) -> float:
     return float(((q - zp) * scale - x).pow(2).mean())
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: one thread is faster than two contending ones on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def gauss_outlier() -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
