@@ -116,12 +116,14 @@ def _float_graph(model: nn.Module, example: torch.Tensor):
     return gm
 
 
-def _check_ops(model: nn.Module, example: torch.Tensor, spec: Target) -> None:
+def _checked_float_graph(model: nn.Module, example: torch.Tensor, spec: Target):
+    """The captured, BN-folded float graph, after listing every op the target cannot take (all at once)."""
     gm = _float_graph(model, example)
     bad = find_unsupported_ops(gm, supported_ops(spec))
     if bad:
         listed = ", ".join(f"{name} ({op})" for name, op in bad)
         raise InputError(f"{len(bad)} op(s) cannot be exported to {spec.name}: {listed}")
+    return gm
 
 
 def export(
@@ -178,7 +180,8 @@ def export(
     name = model_name or getattr(model, "model_name", None) or type(model).__name__
     torch.manual_seed(seed)
 
-    _check_ops(model, example, spec)  # every unsupported op, before anything is written
+    # Every unsupported op, before anything is written. A QuantResult was checked by its quantizer.
+    float_graph = None if (spec.quantized and qr is not None) else _checked_float_graph(model, example, spec)
 
     if spec.quantized and qr is None:
         if calibration_data is None:
@@ -199,9 +202,9 @@ def export(
         "io_dtype": recipe.io.dtype,
     }
     if spec.format == "tflite":
-        data, graph, info_extra = _to_tflite(spec, recipe, qr, model, example, metadata)
+        data, graph, info_extra = _to_tflite(spec, recipe, qr, float_graph, example, metadata)
     else:
-        data, graph, info_extra = _to_onnx(spec, qr, model, example, metadata)
+        data, graph, info_extra = _to_onnx(spec, qr, float_graph, example, metadata)
     atomic_write(out_path, data)
     artifact = Artifact(path=out_path, target=spec.name, metadata=json.loads(metadata_json(metadata)),
                         name_map=dict(metadata["name_map"]), census=info_extra["census"],
@@ -222,17 +225,14 @@ def export(
     return artifact
 
 
-def _to_tflite(spec, recipe, qr, model, example, metadata):
+def _to_tflite(spec, recipe, qr, float_graph, example, metadata):
     from .names import tflite_name_map
     from .rewrites import rewrite_for_tflite
     from .tflite import lower_to_tflite
     from .tflite_file import read_tflite
     from .verify import tflite_census
 
-    if spec.quantized:
-        graph = copy.deepcopy(qr.export_graph)
-    else:
-        graph = _float_graph(model, example)
+    graph = copy.deepcopy(qr.export_graph) if spec.quantized else float_graph
     rewrites = rewrite_for_tflite(graph, quantized=spec.quantized)
     lowered = lower_to_tflite(graph, example, quantized=spec.quantized, io_dtype=recipe.io.dtype,
                               layout=recipe.io.layout)
@@ -278,14 +278,14 @@ def _tflite_fp16_weights(data: bytes) -> bytes:
     return bytes(result.quantized_model)
 
 
-def _to_onnx(spec, qr, model, example, metadata):
+def _to_onnx(spec, qr, float_graph, example, metadata):
     import onnx
 
     from .names import onnx_name_map
     from .onnx import lower_to_onnx
     from .verify import onnx_census
 
-    graph = qr.graph if spec.quantized else _float_graph(model, example)
+    graph = qr.graph if spec.quantized else float_graph
     proto, program = lower_to_onnx(graph, example, precision=spec.precision)
     metadata["name_map"] = dict(sorted(onnx_name_map(proto, program, graph, spec.quantized).items()))
     metadata["rewrites"] = []

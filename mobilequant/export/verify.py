@@ -235,6 +235,9 @@ def tflite_param_check(info, tensor_layer: dict[int, str], table, rtol: float,
             if layer is not None:
                 entry = table.get(layer, "output") or table.get(layer, "input")
         if where is not None and entry is None:
+            if where.endswith(":bias") and _converter_bias_ok(t, consumers, info, table, tensor_layer, rtol):
+                by_value += 1  # a zero bias the converter added to a bias-free conv: scale = in × w
+                continue
             failures.append(f"{where} has no quant-table entry")
             continue
         if entry is not None:
@@ -252,6 +255,24 @@ def tflite_param_check(info, tensor_layer: dict[int, str], table, rtol: float,
                  f"all, scales rel ≤ {rtol:g}, zero points equal",
                  "; ".join(failures[:3]) + (f" … {len(failures) - 3} more" if len(failures) > 3 else "")
                  if failures else f"{by_value} checked by value (shared parameters)")
+
+
+def _converter_bias_ok(t, consumers, info, table, tensor_layer, rtol: float) -> bool:
+    """TFLite convs always have a bias; for a torch conv without one the converter adds zeros with
+    scale = input scale × weight scale (per channel). Check that rule against the table's weight entry."""
+    for op, pos in consumers.get(t.index, []):
+        if pos != 2 or op.name not in _WEIGHTED:
+            continue
+        layer = tensor_layer.get(op.outputs[0])
+        weight = table.get(layer, "weight") if layer else None
+        x = info.tensors[op.inputs[0]]
+        if weight is None or len(x.scales) != 1:
+            return False
+        expected = tuple(x.scales[0] * s for s in weight.scale)
+        if len(expected) == 1 and len(t.scales) > 1:
+            expected = expected * len(t.scales)
+        return _close(t.scales, expected, max(rtol, 1e-6)) and not any(t.zero_points)
+    return False
 
 
 def onnx_param_check(model, table, rtol: float) -> Check:
