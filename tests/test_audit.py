@@ -314,12 +314,17 @@ def test_broken_layer_is_the_worst_in_isolation(tflite_artifact, tflite_report, 
 
 @pytest.fixture(scope="module")
 def planted(trained, tmp_path_factory):
-    """The trained model with planted dead channels, quantized and exported to TFLite."""
+    """The trained model with planted dead channels, quantized and exported to TFLite.
+
+    Written to the session's temp root, where tests/test_audit_html.py (same planting, same
+    quantization) picks it up instead of exporting it a second time."""
     from mobilequant.export import export
 
     model, cells, weak = _plant_dead(trained)
     qr = _quantize(model)
-    art = export(qr, "tflite-int8", tmp_path_factory.mktemp("planted") / "planted.tflite")
+    shared = tmp_path_factory.getbasetemp() / "audit-shared"
+    shared.mkdir(exist_ok=True)
+    art = export(qr, "tflite-int8", shared / "planted.tflite")
     return model, cells, weak, qr, art
 
 

@@ -1,6 +1,6 @@
 """The HTML audit report: self-contained, and rendered by a real browser (headless Chromium).
 
-The report comes from a real audit (shipped MobileNetV2 0.5 with two planted dead depthwise kernels,
+The report comes from a real audit (shipped MobileNetV2 0.5 with planted dead depthwise kernels,
 quantized, exported to TFLite, audited). Chromium renders it from a file:// URL with networking off;
 the test reads back the DOM after scripts ran (the report's script marks ``<body data-audit-ready="1">``
 as its last statement), scans the browser's console log for script errors, and checks the screenshot
@@ -25,25 +25,37 @@ from mobilequant.data import builtin_dataset, calibration_set
 
 SECTIONS = ("verdict", "failures", "end-to-end", "sqnr-plot", "acc-vs-iso", "kernel-heatmap", "findings", "layers",
             "notes")
-DEAD = ("features.5.conv.1.0", (7, 30))
+DEAD = ("features.4.conv.1.0", (3, 17))
+
+
+def _plant_dead(model):
+    """Same planting as tests/test_audit.py (so an artifact exported there can be reused here)."""
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        m.features[4].conv[1][0].weight[[3, 17]] = 0.0
+        m.features[9].conv[1][1].weight[5] = 0.0
+        m.features[12].conv[1][0].weight[40] *= 1e-4
+    return m
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    from mobilequant.export import export
-    from mobilequant.quant import QuantConfig, quantize
+    from mobilequant.export import load_artifact
     from mobilequant.weights import default_model
 
-    model = copy.deepcopy(default_model())
-    layer, channels = DEAD
-    with torch.no_grad():
-        model.features[5].conv[1][0].weight[list(channels)] = 0.0
-    cal = calibration_set(cfg=model.preprocess)
-    qr = quantize(model, (cal.images[i:i + 64] for i in range(0, 128, 64)), QuantConfig(num_calibration=128))
-    art = export(qr, "tflite-int8", tmp_path_factory.mktemp("html") / "planted.tflite")
+    model = _plant_dead(default_model())
+    shared = tmp_path_factory.getbasetemp() / "audit-shared" / "planted.tflite"
+    if shared.exists():  # exported by tests/test_audit.py in this session
+        art = load_artifact(shared)
+    else:
+        from mobilequant.export import export
+        from mobilequant.quant import QuantConfig, quantize
+
+        cal = calibration_set(cfg=model.preprocess)
+        qr = quantize(model, (cal.images[i:i + 64] for i in range(0, 256, 64)), QuantConfig(num_calibration=256))
+        art = export(qr, "tflite-int8", tmp_path_factory.mktemp("html") / "planted.tflite")
     data = builtin_dataset("fashion-mnist", "test", model.preprocess).subset(slice(0, 150))
-    return run_audit(art, data, model=model, quant_result=qr, min_sqnr=15, max_drop=1.0, fail_on_dead_kernels=True,
-                     progress=False)
+    return run_audit(art, data, model=model, min_sqnr=15, max_drop=1.0, fail_on_dead_kernels=True, progress=False)
 
 
 def test_html_is_self_contained(report, tmp_path):
@@ -61,7 +73,7 @@ def test_html_is_self_contained(report, tmp_path):
     # the dead kernels are marked in the heat map, with a tooltip naming them
     for c in DEAD[1]:
         assert f"{DEAD[0]} channel {c}: dead" in text
-    assert 'class="badge fail"' in text and "features.5.conv.1.0" in text
+    assert 'class="badge fail"' in text and DEAD[0] in text
 
 
 def test_html_escapes_text(report):
