@@ -241,10 +241,8 @@ def export_model(target: str = "tflite-int8", model: str | None = None, weights:
     extra = list(overrides)
     if not verify:
         extra.append("verification.enabled=false")
-    if num_eval is not None:
-        if num_eval < 1:
-            raise UsageError(f"--num-eval must be at least 1, got {num_eval}")
-        extra.append(f"verification.num_images={num_eval}")
+    if num_eval is not None and num_eval < 1:
+        raise UsageError(f"--num-eval must be at least 1, got {num_eval}")
     if extra:
         rec = rec.replace(extra)
     net = resolve_model(model, weights)
@@ -252,7 +250,9 @@ def export_model(target: str = "tflite-int8", model: str | None = None, weights:
     path = _output_path(out, name, spec.suffix, spec.name)
     cfg = net.preprocess
     calib = _load(data, cfg, "calibration", rec.quantization.num_calibration) if spec.quantized else None
-    evald = _load(eval_data, cfg, "test", rec.verification.num_images if num_eval is None else num_eval)
+    evald = _load(eval_data, cfg, "test", num_eval)  # default: the whole evaluation set (10k test images)
+    if len(evald) != rec.verification.num_images:  # verification runs on the same images as the summary
+        rec = rec.replace([f"verification.num_images={len(evald)}"])
     if progress:
         print(f"mobilequant: {name} → {spec.name}: calibrating on {0 if calib is None else len(calib)} images, "
               f"verifying on {len(evald)}", flush=True)

@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", default="out", help="output file or directory (default: out/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set quant.per_channel=false (repeatable)")
-    p.add_argument("--num-eval", type=int, default=None, help="evaluation images used by verification")
+    p.add_argument("--num-eval", type=int, default=None, help="evaluation images for the summary and the checks (default: all)")
     p.add_argument("--no-verify", action="store_true", help="skip the read-back verification")
     p.add_argument("--audit", action="store_true", help="run the per-layer accuracy audit after export")
     _common(p)
