@@ -66,32 +66,78 @@ def build_qat_graph(model: nn.Module, example_input: torch.Tensor, quantizer: Qu
         for m in model.modules():
             if isinstance(m, nn.Dropout):
                 m.p = float(dropout)
-    gm = capture(model, example_input, dynamic_batch=True)
-    prepared = prepare_qat_pt2e(gm, quantizer)
-    move_exported_model_to_eval(prepared)
+    with _rng_untouched():
+        gm = capture(model, example_input, dynamic_batch=True)
+        literals = _literals(gm)
+        prepared = prepare_qat_pt2e(gm, quantizer)
+        prepared._mq_literals = literals
+        move_exported_model_to_eval(prepared)
+        _restore_literals(prepared)
     return prepared
+
+
+# torchao's train / eval switches (and its QAT conv-BN rewrite) match patterns with ignore_literals=True and
+# write the pattern's own literals back: every dropout becomes p=0.5 and every BN momentum 0.1, eps 1e-5
+# (a TODO in torchao's export_utils / qat_utils). The captured values are recorded once, in graph order,
+# and written back after each rewrite.
+_DROPOUT = aten.dropout.default
+_BN_MOMENTUM_ARG, _BN_EPS_ARG, _DROPOUT_P_ARG = 6, 7, 1
+
+
+def _literals(gm: GraphModule) -> dict[str, list]:
+    bn = [(n.args[_BN_MOMENTUM_ARG], n.args[_BN_EPS_ARG]) for n in _bn_nodes(gm)
+          if n.target == aten.batch_norm.default]
+    dropout = [n.args[_DROPOUT_P_ARG] for n in gm.graph.nodes if n.op == "call_function" and n.target == _DROPOUT]
+    return {"bn": bn, "dropout": dropout}
+
+
+def _restore_literals(gm: GraphModule) -> None:
+    want = gm._mq_literals
+    bns = [n for n in _bn_nodes(gm) if n.target == aten.batch_norm.default]
+    drops = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == _DROPOUT]
+    if len(bns) != len(want["bn"]) or len(drops) != len(want["dropout"]):
+        raise RuntimeError(f"QAT graph rewrite changed the number of BN / dropout nodes "
+                           f"({len(bns)}/{len(drops)}, captured {len(want['bn'])}/{len(want['dropout'])})")
+    for n, (momentum, eps) in zip(bns, want["bn"]):
+        args = list(n.args)
+        args[_BN_MOMENTUM_ARG], args[_BN_EPS_ARG] = momentum, eps
+        n.args = tuple(args)
+    for n, p in zip(drops, want["dropout"]):
+        args = list(n.args)
+        args[_DROPOUT_P_ARG] = p
+        n.args = tuple(args)
+    gm.recompile()
 
 
 def _bn_nodes(gm: GraphModule) -> list[Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in BN_OPS]
 
 
+def _rng_untouched():
+    """torchao's graph rewrites trace patterns on ``torch.randn`` inputs; keep them off the global RNG, so
+    a mode switch does not shift the dropout stream (a resumed run must draw what the original drew)."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return torch.random.fork_rng(devices=devices)
+
+
 def set_mode(gm: GraphModule, train: bool, bn_frozen: bool = False) -> None:
     """Train (dropout on, BN on batch statistics unless ``bn_frozen``) or eval mode, in place."""
-    if train:
-        move_exported_model_to_train(gm)
-        if bn_frozen:
-            changed = False
-            for n in _bn_nodes(gm):
-                if n.target == aten.batch_norm.default and n.args[_TRAINING_ARG] is not False:
-                    args = list(n.args)
-                    args[_TRAINING_ARG] = False
-                    n.args = tuple(args)
-                    changed = True
-            if changed:
-                gm.recompile()
-    else:
+    with _rng_untouched():
+        _set_mode(gm, train, bn_frozen)
+
+
+def _set_mode(gm: GraphModule, train: bool, bn_frozen: bool) -> None:
+    if not train:
         move_exported_model_to_eval(gm)
+        _restore_literals(gm)
+        return
+    move_exported_model_to_train(gm)
+    for n in _bn_nodes(gm):
+        if n.target == aten.batch_norm.default:
+            args = list(n.args)
+            args[_TRAINING_ARG] = not bn_frozen
+            n.args = tuple(args)
+    _restore_literals(gm)  # recompiles
 
 
 def fake_quant_modules(gm: GraphModule) -> Iterator[tuple[str, FakeQuantizeBase]]:

@@ -305,6 +305,9 @@ def run_qat(
     """
     if not isinstance(config, QATJobConfig):
         raise UsageError(f"config must be a QATJobConfig, got {type(config).__name__}")
+    if config.quant.cle or config.quant.bias_correction:
+        raise UsageError("QAT trains the weights itself: QuantConfig.cle and bias_correction are PTQ-only; "
+                         "set them to False (or equalize the float model before QAT)")
     ctx = setup(config.device)
     try:
         with _reproducible(config.threads, ctx.device):
@@ -405,7 +408,7 @@ def _run(config: QATJobConfig, ctx: DistContext, model, train_data, val_data, pt
     net = ddp if ddp is not None else prepared
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     bn_frozen = config.freeze_bn_step is not None and step >= config.freeze_bn_step
-    obs_frozen = config.freeze_observer_step is not None and step >= config.freeze_observer_step
+    obs_frozen = False  # (re)applied by the first step due: idempotent, and a fresh run needs it at step 0
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / CSV_NAME
     last_ckpt = ckpt_path
@@ -531,6 +534,7 @@ def _run(config: QATJobConfig, ctx: DistContext, model, train_data, val_data, pt
     prepared = prepared.to("cpu")
     converted = convert_trained(prepared, model, config.quant, train_data.images[:1],
                                 train_data.images[: min(len(train_data), _CONVERT_CALIBRATION)])
+    freeze_observers(prepared)  # training is over: calling the returned graph must not move its ranges
     int8_acc = _evaluate(converted.graph, val_data, ctx, device=torch.device("cpu"))[0] if val_data else None
     parts = {f.name: getattr(converted, f.name) for f in dataclasses.fields(QuantResult)}
     parts["findings"] = findings + converted.findings
