@@ -250,7 +250,7 @@ def format_terminal(report: AuditReport, top: int = 10) -> str:
         fl = [f for f in acts if f.stage == "float"]
         ql = [f for f in acts if f.stage == "quantized"]
         lines.append(f"Dead activations (0 on every image): {sum(len(f.channels) for f in fl)} channels in {len(fl)} "
-                     f"layers of the float model; {sum(len(f.channels) for f in ql)} more in {len(ql)} layers of "
+                     f"layers of the float model; {sum(len(f.channels) for f in ql)} more in {len(ql)} layer{'' if len(ql) == 1 else 's'} of "
                      "the artifact only (alive in float)")
         w = max(len(f.layer) for f in acts)
         for f in sorted(acts, key=lambda f: (-len(f.channels) / max(f.channel_count, 1), f.layer_index))[:top // 2 or 1]:
