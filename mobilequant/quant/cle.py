@@ -49,6 +49,14 @@ treat ``conv → clamp.Tensor`` like ``conv → ReLU6``: one quantized output af
 ``[0, max_i 6 / s_i]``, zero point −128), not a separate range on the conv output, which would include
 the negative pre-activations.
 
+Shipped Fashion-MNIST MobileNetV2 0.5 (float 89.49 % on the 10k test split; 512 calibration images):
+per-tensor int8 weights alone give 10.00 % (chance), with CLE clamp 88.91 %, + bias correction 89.04 %
+(per-channel weights 89.39 %). Full int8 (per-tensor weights, minmax activations): 10.00 % without CLE;
+with CLE clamp 87.27 %, + bias correction 89.32 % when ``conv → clamp`` is quantized as one fused op
+(per-channel weights without CLE: 89.01 %). ``"relu"`` is as good on this checkpoint (its float accuracy
+moves only to 89.46 %), but on a shorter-trained checkpoint of the same model that relies on the clip it
+took float accuracy from 71.2 % to 10.0 %, where ``"clamp"`` (+ bias correction) kept 70.8 %.
+
 :func:`equalize` rewrites the graph module in place (new weight tensors: tensors shared with the
 user's model are never written) and returns it with an :class:`EqualizationReport`.
 """
