@@ -109,8 +109,12 @@ def resolve_model(model: str | None = None, weights: str | None = None):
         return default_model(DEFAULT_WEIGHTS)
     if model is None:
         model = DEFAULT_WEIGHTS
-    if weights is None and ":" not in model and model in list_default_weights():
-        return default_model(model)
+    if weights is None and ":" not in model:
+        from .models import model_info
+
+        model_info(model)  # an unknown name fails here, with close matches
+        if model in list_default_weights():
+            return default_model(model)
     net = load_model(model, checkpoint=weights)
     if ":" in model:  # a user factory: name artifacts after it
         net.model_name = model.rsplit(":", 1)[-1]
