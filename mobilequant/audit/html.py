@@ -34,7 +34,7 @@ ul.failures li{color:#a11;margin:2px 0}.muted{color:#777}.kv td:first-child{widt
 figure{margin:8px 0;background:#fff;border:1px solid #e3e3e3;padding:6px}figcaption{font-size:12px;color:#555}
 code{font-size:12px}
 td code{word-break:break-all}td{overflow-wrap:break-word}
-table.findings{table-layout:fixed}table.findings td{font-size:12px}
+table.findings,table.layers{table-layout:fixed}table.findings td{font-size:12px}
 """
 
 _SCRIPT = """
@@ -161,16 +161,26 @@ def render_html(report: AuditReport) -> str:
     lrows = []
     for l, is_bad in zip(layers, bad):
         a, i = l.accumulated, l.isolated or {}
+        short = l.tensor if len(l.tensor) <= 48 else "…" + l.tensor[-47:]
         lrows.append(
-            f'<tr class="{"bad" if is_bad else ""}"><td class="num">{l.index}</td><td>{escape(l.name)}</td><td>{escape(l.kind)}</td>'
+            f'<tr class="{"bad" if is_bad else ""}"><td class="num">{l.index}</td><td>{escape(l.name)}</td>'
+            f'<td>{escape(l.kind)}</td>'
             f'<td class="num">{_f(i.get("sqnr_db"), "{:.1f}")}</td><td class="num">{_f(a.get("sqnr_db"), "{:.1f}")}</td>'
+            f'<td class="num">{_f(a.get("median_channel_sqnr_db"), "{:.1f}")}</td>'
             f'<td class="num">{_f(a.get("cosine"), "{:.5f}")}</td><td class="num">{_f(a.get("max_abs_error"), "{:.4g}")}</td>'
             f'<td class="num">{_f(a.get("weight_sqnr_db"), "{:.1f}")}</td>'
-            f'<td><code>{escape(" ".join(l.segment_ops))}</code></td><td><code>{escape(l.tensor)}</code></td></tr>')
+            f'<td><code>{escape(" ".join(l.segment_ops))}</code></td>'
+            f'<td title="{escape(l.tensor)}"><code>{escape(short)}</code></td></tr>')
     parts.append(_section("layers", f"Layers ({len(layers)} compared)", (
-        '<p class="muted">Click a column to sort.</p><table class="sortable"><thead><tr><th>#</th><th>layer</th><th>kind</th>'
-        '<th>isolated SQNR dB</th><th>accumulated SQNR dB</th><th>cosine</th><th>max |err|</th><th>weight SQNR dB</th>'
-        '<th>ops run in isolation</th><th>artifact tensor</th></tr></thead><tbody>' + "".join(lrows) + "</tbody></table>"
+        '<p class="muted">SQNR in dB; "acc." = accumulated (as in the artifact), "iso." = isolated (the layer alone), '
+        '"median ch." = median over channels of the accumulated per-channel SQNR, "weight" = the artifact\'s kernel '
+        'against the float kernel. Click a column to sort; hover a tensor for its full name.</p>'
+        '<table class="sortable layers"><colgroup><col style="width:34px"><col style="width:150px"><col style="width:86px">'
+        '<col style="width:52px"><col style="width:52px"><col style="width:60px"><col style="width:66px">'
+        '<col style="width:62px"><col style="width:56px"><col style="width:120px"><col></colgroup>'
+        '<thead><tr><th>#</th><th>layer</th><th>kind</th><th>iso.</th><th>acc.</th><th>median ch.</th><th>cosine</th>'
+        '<th>max |err|</th><th>weight</th><th>ops run in isolation</th><th>artifact tensor</th></tr></thead><tbody>'
+        + "".join(lrows) + "</tbody></table>"
         if lrows else '<p class="muted">No layers compared.</p>')))
 
     notes = [escape(w) for w in r.warnings]
