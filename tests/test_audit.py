@@ -377,6 +377,10 @@ def test_onnx_audit(quantized, trained, test_data, tmp_path):
     assert all(15 < l.iso_sqnr < 80 for l in r.layers), [(l.name, l.iso_sqnr) for l in r.worst_layers(3)]
     assert r.end_to_end.top1_agreement > 0.95
     _validate(r.to_dict())
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(art.path.read_bytes()[:50_000])
+    with pytest.raises(InputError, match="not an ONNX model|neither a TFLite nor an ONNX model"):
+        run_audit(cut, test_data, model=trained)
 
 
 # -------------------------------------------------------------------------------------- bad input

@@ -38,7 +38,8 @@ def open_artifact(path: str | os.PathLike, num_threads: int | None = 1):
     try:
         return OnnxGraph(str(path), num_threads=num_threads)
     except InputError as e:
-        raise InputError(f"{path} is neither a TFLite nor an ONNX model ({e})") from None
+        detail = str(e).replace(str(path), "").strip(" :")
+        raise InputError(f"{path} is neither a TFLite nor an ONNX model ({detail})") from None
 
 
 def artifact_provenance(graph) -> dict:
