@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from ..errors import InputError
@@ -38,7 +39,8 @@ def open_artifact(path: str | os.PathLike, num_threads: int | None = 1):
     try:
         return OnnxGraph(str(path), num_threads=num_threads)
     except InputError as e:
-        detail = str(e).replace(str(path), "").strip(" :")
+        m = re.search(r"\(([^()]*)\)\s*$", str(e))  # the reader's reason, e.g. "DecodeError: truncated or corrupt"
+        detail = m.group(1) if m else str(e)
         raise InputError(f"{path} is neither a TFLite nor an ONNX model ({detail})") from None
 
 
