@@ -105,6 +105,25 @@ def test_export_graph_has_int8_ops_and_bias_on_the_int32_grid(relu6_results):
         torch.testing.assert_close(r.export_graph(x), r.graph(x), rtol=0, atol=1e-6)
 
 
+def test_cle_clamp_is_quantized_like_a_fused_relu6():
+    """CLE's exact ReLU6 is a per-channel clamp.Tensor: its conv output shares one range with the clamp,
+    observed after the clamp ([0, max_i hi_i], zero point −128), never the pre-activation range."""
+    torch.manual_seed(0)
+    model = ReLU6Net().eval()
+    batches = _batches(4)
+    r = quantize(model, batches, QuantConfig(cle=True))
+    clamps = [n for n in r.qdq_graph.graph.nodes if n.target == torch.ops.aten.clamp.Tensor]
+    assert len(clamps) == 2 and r.cle is not None and r.cle.pairs
+    for conv in ("big.0", "small.0"):
+        e = r.table.get(conv, "output")
+        assert e.zero_point == (-128,), conv  # one entry: conv output and clamp output agree
+    x = batches[0]
+    with torch.no_grad():
+        ref = model(x)
+        sqnr = 10 * torch.log10(ref.pow(2).mean() / (r(x) - ref).pow(2).mean())
+    assert float(sqnr) > 25
+
+
 class DeadNet(nn.Module):
     """A depthwise conv with dead channels (all-zero weights, non-zero bias), a layer whose output is all
     zero, and one whose output is constant."""

@@ -11,7 +11,9 @@ activations         int8 asymmetric per tensor, −128..127
 bias                int32, zero point 0, scale = input scale × weight scale (``DerivedQuantizationSpec``)
 conv / linear       input, weight and bias annotated; the output is quantized after the fused
                     ReLU / ReLU6 when one follows (one fused int8 op), else on the conv output itself
-                    (linear bottleneck: calibrated asymmetric range)
+                    (linear bottleneck: calibrated asymmetric range); before a per-channel
+                    ``clamp.Tensor`` (CLE's exact ReLU6) the conv output and the clamp share one range,
+                    observed after the clamp (MINIMUM/MAXIMUM keep their input's parameters)
 ReLU6 outputs       zero point exactly −128 (0.0 exact); max = min(6, calibrated) or exactly 6
 add / mul / sub     both inputs and the output quantized; ADD + ReLU/ReLU6 fused like conv
 shared parameters   concat, max/avg pool, reshape/view/transpose/permute (channel shuffle), pad,
@@ -37,6 +39,7 @@ is the conv's only user and puts the output spec after it.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import operator
 from dataclasses import dataclass
@@ -48,6 +51,7 @@ from torchao.quantization.pt2e.observer import (
     FixedQParamsObserver,
     MovingAverageMinMaxObserver,
     MovingAveragePerChannelMinMaxObserver,
+    ObserverBase,
 )
 from torchao.quantization.pt2e.quantizer import (
     DerivedQuantizationSpec,
@@ -67,6 +71,7 @@ from .config import QuantConfig
 
 __all__ = [
     "MobileQuantizer",
+    "ClampedRangeObserver",
     "Rule",
     "OP_RULES",
     "FIXED_QPARAMS",
@@ -214,6 +219,41 @@ def _is_fixed(ctr) -> bool:
     return isinstance(func, type) and issubclass(func, FixedQParamsObserver)
 
 
+class ClampedRangeObserver(ObserverBase):
+    """Observes ``clamp(x, lo, hi)`` (per-channel bound constants) with an inner activation observer.
+
+    For ``conv → clamp.Tensor``: TFLite has no fused per-channel clamp, so the conv output is quantized
+    and the clamp (MINIMUM / MAXIMUM, same parameters in and out) follows. Observing the conv output
+    through the clamp gives that shared range the clamp's output range (``[0, max_i hi_i]``, zero point
+    −128), so the pair computes what one fused op would. Written here because torchao's observers have no
+    input transform.
+    """
+
+    def __init__(self, observer, lo: torch.Tensor | None = None, hi: torch.Tensor | None = None,
+                 dtype=torch.int8, qscheme=torch.per_tensor_affine, quant_min=INT8_MIN, quant_max=INT8_MAX,
+                 is_dynamic=False, **kwargs):
+        super().__init__(dtype=dtype, is_dynamic=is_dynamic)
+        self.inner = observer(dtype=dtype, qscheme=qscheme, quant_min=quant_min, quant_max=quant_max, **kwargs)
+        self.qscheme, self.quant_min, self.quant_max = qscheme, quant_min, quant_max
+        self.register_buffer("lo", None if lo is None else lo.detach().clone())
+        self.register_buffer("hi", None if hi is None else hi.detach().clone())
+
+    def forward(self, x):
+        self.inner(torch.clamp(x.detach(), self.lo, self.hi))
+        return x
+
+    def calculate_qparams(self):
+        return self.inner.calculate_qparams()
+
+    @property
+    def min_val(self):
+        return getattr(self.inner, "min_val", None)
+
+    @property
+    def max_val(self):
+        return getattr(self.inner, "max_val", None)
+
+
 def _derive_bias_qparams(obs_or_fqs) -> tuple[torch.Tensor, torch.Tensor]:
     """TFLite bias parameters: scale = input scale × weight scale (per channel), zero point 0."""
     act_obs, w_obs = obs_or_fqs
@@ -243,9 +283,10 @@ class MobileQuantizer(Quantizer):
             raise UsageError("learn_scales=True needs is_qat=True (scales are learned while training)")
         self.global_config = _StaticGlobalConfig(is_qat=is_qat)
         cfg = self.config
+        self._act_observer = activation_observer(cfg, is_qat=is_qat)
         self.act_spec = QuantizationSpec(
             dtype=torch.int8,
-            observer_or_fake_quant_ctr=self._ctr(activation_observer(cfg, is_qat=is_qat)),
+            observer_or_fake_quant_ctr=self._ctr(self._act_observer),
             quant_min=INT8_MIN,
             quant_max=INT8_MAX,
             qscheme=torch.per_tensor_affine,
@@ -289,6 +330,7 @@ class MobileQuantizer(Quantizer):
     # ------------------------------------------------------------------------------------ Quantizer API
 
     def annotate(self, model: GraphModule) -> GraphModule:
+        self._model = model  # constants (clamp bounds) are read from it
         for node in model.graph.nodes:
             if node.op != "call_function" or is_structural(node) or _is_annotated(node):
                 continue
@@ -336,14 +378,38 @@ class MobileQuantizer(Quantizer):
     def _output_or_fused_activation(self, node: Node) -> QuantizationSpecBase | None:
         """Annotate a fusible ReLU / ReLU6 after ``node`` and return None, or return ``node``'s spec."""
         users = list(node.users)
-        if len(users) == 1 and not _is_annotated(users[0]):
-            kind = activation_kind(users[0])
-            if kind is not None and users[0].args[0] is node:
-                act = users[0]
+        if len(users) == 1 and not _is_annotated(users[0]) and users[0].args[0] is node:
+            act = users[0]
+            kind = activation_kind(act)
+            if kind is not None:
                 _annotate(act, {}, self.relu6_spec if kind == "relu6" else self.act_spec)
                 act.meta[FUSED_INTO] = layer_name(node)
                 return None
+            bounds = self._clamp_bounds(act)
+            if bounds is not None:
+                observer = ClampedRangeObserver.with_args(observer=self._act_observer, lo=bounds[0], hi=bounds[1])
+                _annotate(act, {node: SharedQuantizationSpec(node)}, SharedQuantizationSpec(node))
+                act.meta[FUSED_INTO] = layer_name(node)
+                return dataclasses.replace(self.act_spec, observer_or_fake_quant_ctr=self._ctr(observer))
         return self.act_spec
+
+    def _clamp_bounds(self, node: Node) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+        """Constant bounds of a ``clamp.Tensor`` node, or None (other op, or bounds computed at runtime)."""
+        if node.target != aten.clamp.Tensor:
+            return None
+        bounds = []
+        for i, name in ((1, "min"), (2, "max")):
+            b = node.args[i] if len(node.args) > i else node.kwargs.get(name)
+            if b is None:
+                bounds.append(None)
+            elif isinstance(b, Node) and b.op == "get_attr":
+                value = self._model
+                for part in str(b.target).split("."):
+                    value = getattr(value, part)
+                bounds.append(value)
+            else:
+                return None
+        return bounds[0], bounds[1]
 
     def _tensor_inputs(self, node: Node) -> dict[Node, QuantizationSpecBase]:
         return {a: self._input_spec(a) for a in node.args if isinstance(a, Node)}
