@@ -30,7 +30,7 @@ from torch.fx import GraphModule, Node
 
 from .errors import InputError
 
-__all__ = ["capture", "find_unsupported_ops", "layer_name", "op_name", "is_structural"]
+__all__ = ["MQ_NAME", "capture", "name_layers", "find_unsupported_ops", "layer_name", "op_name", "is_structural"]
 
 MQ_NAME = "mq_name"
 
