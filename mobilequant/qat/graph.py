@@ -33,7 +33,7 @@ from torchao.quantization.pt2e import (
 from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 from torchao.quantization.pt2e.quantizer import Quantizer
 
-from ..capture import capture, layer_name
+from ..capture import MQ_NAME, capture, layer_name
 from ..fusion import BN_OPS, CONV_OPS
 from ..quant.quantizer import FUSED_INTO
 
@@ -78,8 +78,8 @@ def build_qat_graph(model: nn.Module, example_input: torch.Tensor, quantizer: Qu
 
 # torchao's train / eval switches (and its QAT conv-BN rewrite) match patterns with ignore_literals=True and
 # write the pattern's own literals back: every dropout becomes p=0.5 and every BN momentum 0.1, eps 1e-5
-# (a TODO in torchao's export_utils / qat_utils). The captured values are recorded once, in graph order,
-# and written back after each rewrite.
+# (a TODO in torchao's export_utils / qat_utils), and the new nodes have no metadata. The captured values
+# (and dropout layer names) are recorded once, in graph order, and written back after each rewrite.
 _DROPOUT = aten.dropout.default
 _BN_MOMENTUM_ARG, _BN_EPS_ARG, _DROPOUT_P_ARG = 6, 7, 1
 
@@ -87,8 +87,9 @@ _BN_MOMENTUM_ARG, _BN_EPS_ARG, _DROPOUT_P_ARG = 6, 7, 1
 def _literals(gm: GraphModule) -> dict[str, list]:
     bn = [(n.args[_BN_MOMENTUM_ARG], n.args[_BN_EPS_ARG]) for n in _bn_nodes(gm)
           if n.target == aten.batch_norm.default]
-    dropout = [n.args[_DROPOUT_P_ARG] for n in gm.graph.nodes if n.op == "call_function" and n.target == _DROPOUT]
-    return {"bn": bn, "dropout": dropout}
+    drops = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == _DROPOUT]
+    return {"bn": bn, "dropout": [n.args[_DROPOUT_P_ARG] for n in drops],
+            "dropout_names": [n.meta.get(MQ_NAME) for n in drops]}
 
 
 def _restore_literals(gm: GraphModule) -> None:
@@ -102,10 +103,12 @@ def _restore_literals(gm: GraphModule) -> None:
         args = list(n.args)
         args[_BN_MOMENTUM_ARG], args[_BN_EPS_ARG] = momentum, eps
         n.args = tuple(args)
-    for n, p in zip(drops, want["dropout"]):
+    for n, p, name in zip(drops, want["dropout"], want["dropout_names"]):
         args = list(n.args)
         args[_DROPOUT_P_ARG] = p
         n.args = tuple(args)
+        if name is not None:  # the rewritten node lost its stable layer name too
+            n.meta[MQ_NAME] = name
     gm.recompile()
 
 

@@ -165,7 +165,12 @@ def _calibrate(gm: GraphModule, data: ImageData, batches: int, batch_size: int, 
             idx = order[i * batch_size:(i + 1) * batch_size]
             if len(idx) == 0:
                 break
-            gm(data.images[idx].to(device))
+            x = data.images[idx]
+            bad = (~torch.isfinite(x.reshape(len(x), -1)).all(1)).nonzero().reshape(-1)
+            if len(bad):
+                raise InputError(f"training images {idx[bad][:5].tolist()} of {data.source} contain NaN or Inf "
+                                 "values (seen while observing the starting ranges)")
+            gm(x.to(device))
 
 
 def _shard(n: int, ctx: DistContext) -> slice:
