@@ -111,6 +111,17 @@ class OnnxGraph:
     def output_info(self) -> TensorInfo:
         return self.info(self.graph_outputs[0])
 
+    def activation_elements(self) -> int:
+        """Elements of every tensor a node writes, per image (shapes from shape inference; unknown: 0)."""
+        total = 0
+        for name in self.producer:
+            vi = self.value_info.get(name)
+            if vi is not None and vi.type.HasField("tensor_type"):
+                dims = list(vi.type.tensor_type.shape.dim)[1:]
+                if dims and all(d.HasField("dim_value") for d in dims):
+                    total += int(np.prod([d.dim_value for d in dims]))
+        return total
+
     def producer_op(self, name: str) -> str | None:
         node = self.producer.get(name)
         return None if node is None else node.op_type

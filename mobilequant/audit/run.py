@@ -37,6 +37,8 @@ from .report import AuditReport, Gate
 __all__ = ["run_audit", "DEFAULT_IMAGES"]
 
 DEFAULT_IMAGES = 1000
+_BATCH_BYTES = 768 << 20  # memory for one batch of intermediates
+_COPIES = 4  # float reference, artifact values, segment outputs, layout / dtype conversions
 _WEIGHT_MISMATCH_DB = 10.0  # int8 kernels sit 35-50 dB from their float source; another checkpoint is < 0 dB
 
 
@@ -270,7 +272,10 @@ def run_audit(
     t = time.perf_counter()
     timings["load"] = t - t_load
 
-    batch = min(batch_size, len(data))
+    # Batches hold every layer's float reference and artifact values (and copies while comparing): bound
+    # the batch so that a 224×224 model does not need gigabytes (32×32 Fashion-MNIST: 250 fit in ~100 MB).
+    per_image = max(graph.activation_elements(), 1) * 4 * _COPIES
+    batch = max(1, min(batch_size, len(data), _BATCH_BYTES // per_image))
     example = data.images[:batch]
     gm = capture(model, example, dynamic_batch=False)  # static: much quicker; FloatReference pads the last batch
     layers = fused_layers(gm)  # the user's model as written: health checks
@@ -314,7 +319,7 @@ def run_audit(
         segments = build_segments(graph, matches, input_tensors, progress=bar) if matches else {}
     timings["prepare"] = time.perf_counter() - t
 
-    batches = (data.images[s:s + batch_size] for s in range(0, len(data), batch_size))
+    batches = (data.images[s:s + batch] for s in range(0, len(data), batch))
     with tqdm(total=len(data), desc="audit", unit="img", disable=bar_off, leave=False) as bar:
         res = compare_batches(graph, reference, matches, segments, batches, progress=bar, input_tensors=input_tensors)
     timings.update(res.timings)

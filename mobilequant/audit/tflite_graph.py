@@ -148,6 +148,10 @@ class TFLiteGraph:
     def output_info(self) -> TensorInfo:
         return self.tensors[self.outputs[0]]
 
+    def activation_elements(self) -> int:
+        """Elements of every tensor an op writes, per image (the batch dimension left out)."""
+        return sum(int(np.prod(self.tensors[t].shape[1:])) for t in self.producer if self.tensors[t].shape)
+
     def producer_op(self, name: str) -> str | None:
         k = self.producer.get(self.by_name[name])
         return None if k is None else self.ops[k][0]
