@@ -2,9 +2,17 @@
 
 Recipe: SGD with Nesterov momentum 0.9, one-cycle learning rate (warm-up 15 % of the steps, cosine
 down), weight decay on conv / linear weights only, cross-entropy with label smoothing 0.1, and light
-augmentation done on the normalised tensors: random crop with 2 pixels of replicated border and a
-horizontal flip (Fashion-MNIST's 32×32 images have a black 2-pixel border, so the replicated border
-is black too).
+augmentation done on the normalised tensors: a horizontal flip, and optionally a random crop with
+``crop_padding`` pixels of replicated border (Fashion-MNIST's 32×32 images have a black 2-pixel border,
+so the replicated border is black too). The crop is off by default: in ten-epoch schedules it cost
+accuracy (MobileNetV2 0.5, 15k images × 3 epochs: 81.9 % with a 2-pixel crop, 83.7 % without), and a
+peak rate of 0.05 beat 0.2 and 0.02 there (65.5 % and 78.4 %).
+
+After the last epoch the BatchNorm statistics are recomputed with the final weights ("precise BN", Wu &
+Johnson 2021): a plain average over ``precise_bn_images`` un-augmented training images. The running
+averages kept during training lag behind the weights; with MobileNetV3's BN momentum of 0.01 that lag
+left an eval-mode model at chance level after a short schedule, while the same model in train mode was
+at 75 %.
 
 Same seed, same data, same thread count → the same weights: shuffling and augmentation draw from one
 seeded ``torch.Generator``, the model's own randomness (dropout) from ``torch.manual_seed(seed)``,
@@ -26,7 +34,7 @@ import torch.nn.functional as F
 
 from .data import ImageData
 
-__all__ = ["EpochStats", "TrainHistory", "evaluate", "train_classifier"]
+__all__ = ["EpochStats", "TrainHistory", "evaluate", "recompute_bn_stats", "train_classifier"]
 
 
 @dataclass(frozen=True)
@@ -89,15 +97,16 @@ def train_classifier(
     train_data: ImageData,
     epochs: int,
     batch_size: int = 128,
-    lr: float = 0.2,
+    lr: float = 0.05,
     seed: int = 0,
     *,
     weight_decay: float = 5e-5,
     label_smoothing: float = 0.1,
-    crop_padding: int = 2,
+    crop_padding: int = 0,
     hflip: bool = True,
     warmup_fraction: float = 0.15,
     threads: int = 2,
+    precise_bn_images: int = 10_000,
     eval_data: ImageData | None = None,
     progress: bool = True,
 ) -> TrainHistory:
@@ -161,6 +170,9 @@ def train_classifier(
                 seen += len(y)
                 if b % 20 == 0:
                     bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+            if epoch == epochs:
+                n_bn = min(precise_bn_images, len(train_data)) // batch_size * batch_size  # full batches only
+                recompute_bn_stats(model, train_data.subset(order[:n_bn]), batch_size)
             seconds = time.perf_counter() - start
             eval_acc = evaluate(model, eval_data, threads=threads) if eval_data is not None else None
             stats = EpochStats(epoch, loss_sum / seen, correct / seen, seconds, eval_acc)
@@ -172,6 +184,32 @@ def train_classifier(
     model.to(memory_format=torch.contiguous_format)
     model.eval()
     return history
+
+
+@torch.no_grad()
+def recompute_bn_stats(model: nn.Module, data: ImageData, batch_size: int = 128) -> None:
+    """Replace every BatchNorm's running mean / variance by their plain average over ``data`` (no augmentation).
+
+    The model runs in train mode without gradients; nothing but the BN buffers changes. Each batch's
+    statistics are averaged with equal weight (``momentum=None``), so the result does not depend on a
+    momentum.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    try:
+        for x, _ in data.batches(batch_size):
+            model(x.contiguous(memory_format=torch.channels_last))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
 
 
 @torch.inference_mode()
