@@ -375,10 +375,12 @@ def _run(config: QATJobConfig, ctx: DistContext, model, train_data, val_data, pt
         _, more = ranges_from_table(prepared, ptq_result.table)
         findings += more
     scale_params = enable_scale_learning(prepared) if config.learn_scales else []
-    osc = OscillationControl(prepared, config.osc_dampen, config.osc_freeze_threshold, config.osc_momentum)
+    osc = OscillationControl(prepared, config.osc_dampen, config.osc_freeze_threshold,
+                             config.osc_momentum).to(ctx.device)
     optimizer = torch.optim.SGD(_param_groups(prepared, scale_params, config.weight_decay), lr=config.lr,
                                 momentum=0.9, nesterov=True)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    trainable = [q for group in optimizer.param_groups for q in group["params"]]
 
     step, epoch, position = 0, 0, 0
     history: list[dict[str, Any]] = []
@@ -484,6 +486,9 @@ def _run(config: QATJobConfig, ctx: DistContext, model, train_data, val_data, pt
                 loss = loss + extra
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            grads = [q.grad for q in trainable if q.grad is not None]
+            if grads and not math.isfinite(float(torch.nn.utils.get_total_norm(grads))):
+                stop("the gradients are NaN or infinite")  # (after DDP's all-reduce: the same on every process)
             optimizer.step()
             scheduler.step()
             step += 1

@@ -6,8 +6,10 @@ values from step to step; depthwise convolutions (few weights per channel, large
 most, and the BN statistics estimated while the weights oscillate are then wrong for the frozen model.
 The paper's two remedies, both on the integer weights of depthwise convs only:
 
-* **dampening**: an extra loss ``λ · mean((w − stopgrad(q(w)))²)`` pulling latent weights towards their bin
-  centres (``QATJobConfig.osc_dampen`` = λ);
+* **dampening**: an extra loss ``λ · mean(((w − q(w)) / s)²)`` (q(w) held constant) pulling latent weights
+  towards their bin centres (``QATJobConfig.osc_dampen`` = λ). The paper's term is the same distance in
+  weight units; measured here in quantization steps it lies in [0, 1/4] per weight, so λ means the same
+  for every layer and bit width;
 * **freezing**: the oscillation frequency of every integer weight is an EMA (momentum m) of "this step
   changed direction relative to the previous change"; a weight whose frequency exceeds the threshold is
   frozen at the rounded EMA of its integer values (``osc_freeze_threshold``, ``osc_momentum``).
@@ -90,9 +92,8 @@ class OscillationControl(nn.Module):
         with torch.no_grad():
             w_int = torch.clamp(torch.round(w.detach() / scale + zp), qmin, qmax)
         if self.training_step:
-            if self.dampen > 0:
-                target = ((w_int - zp) * scale).detach()
-                self._pending.append(((w - target) ** 2).mean())
+            if self.dampen > 0:  # in units of the quantization step, so λ does not depend on weight scales
+                self._pending.append((((w - (w_int - zp) * scale) / scale) ** 2).mean())
             with torch.no_grad():
                 self._update(st, w_int)
         if bool(st.frozen.any()):
@@ -123,7 +124,8 @@ class OscillationControl(nn.Module):
     # ------------------------------------------------------------------------------------ job API
 
     def dampening_loss(self) -> torch.Tensor | None:
-        """λ · Σ over depthwise layers of the mean squared distance to the bin centre (then cleared)."""
+        """λ · Σ over depthwise layers of the mean squared distance to the bin centre, in quantization
+        steps (then cleared)."""
         pending, self._pending = self._pending, []
         if self.dampen <= 0 or not pending:
             return None

@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""QAT vs PTQ vs float on the shipped Fashion-MNIST models, and what QAT costs per step.
+
+    python benchmarks/qat_bench.py                         # full: 60k training images, 1 epoch, 10k test
+    python benchmarks/qat_bench.py --train-images 2048 --test-images 2000   # a reduced run
+
+For each model (default: MobileNetV2 0.5 and ShuffleNetV2 0.5 with their shipped weights):
+
+* float top-1; PTQ top-1 (the default PTQ: per-channel int8 weights, min/max calibration on 512 images);
+* ≤ 1 epoch of QAT from the float weights, then int8 top-1 of the converted graph (the exported model);
+* the same at 4-bit per-channel weights / 8-bit activations (PTQ vs QAT), and QAT with the depthwise
+  oscillation remedies (dampening, freezing; Nagel et al. 2022) and with learned scales (LSQ);
+* time of one QAT training step / one float training step (same batch, same threads, train mode).
+
+Accuracies are measured on the first ``--test-images`` of a stratified subset of the 10k test split.
+``--weights NAME=PATH`` uses a float state dict instead of the shipped weights (e.g. before they ship).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared machines: idle OpenMP threads sleep
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mobilequant.data import builtin_dataset, calibration_set, stratified_indices  # noqa: E402
+from mobilequant.models import FASHION_MNIST, create_model  # noqa: E402
+from mobilequant.qat import QATJobConfig, run_qat  # noqa: E402
+from mobilequant.qat.graph import build_qat_graph, set_mode  # noqa: E402
+from mobilequant.qat.quantizer import qat_quantizer  # noqa: E402
+from mobilequant.quant import QuantConfig, quantize  # noqa: E402
+
+DEFAULT_MODELS = ("mobilenetv2_050", "shufflenetv2_x0_5")
+
+
+def accuracy(fn, data, batch: int = 500) -> float:
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(data), batch):
+            correct += int((fn(data.images[start:start + batch]).argmax(1) == data.labels[start:start + batch]).sum())
+    return correct / len(data)
+
+
+def load(name: str, weights: dict[str, str]) -> nn.Module:
+    if name in weights:
+        model = create_model(name, num_classes=10, in_chans=1)
+        model.load_state_dict(torch.load(weights[name], map_location="cpu", weights_only=True))
+        model.preprocess = FASHION_MNIST
+        return model.eval()
+    from mobilequant.weights import default_model
+
+    return default_model(name)
+
+
+def step_time_ratio(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> tuple[float, float]:
+    """Seconds per training step: (float eager model, QAT fake-quant graph), SGD, train mode."""
+    def timed(net, params) -> float:
+        opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+        for i in range(steps + 3):
+            if i == 3:
+                t0 = time.perf_counter()
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return (time.perf_counter() - t0) / steps
+
+    import copy
+
+    float_model = copy.deepcopy(model).train()
+    t_float = timed(float_model, float_model.parameters())
+    graph = build_qat_graph(model, x[:2], qat_quantizer(QuantConfig()))
+    with torch.no_grad():
+        graph(x)  # observe once
+    set_mode(graph, train=True)
+    t_qat = timed(graph, graph.parameters())
+    return t_float, t_qat
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
+    ap.add_argument("--weights", nargs="*", default=[], metavar="NAME=PATH")
+    ap.add_argument("--train-images", type=int, default=60_000, help="QAT training images (≤ 1 epoch)")
+    ap.add_argument("--test-images", type=int, default=10_000)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=0.002)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--timing-steps", type=int, default=10)
+    ap.add_argument("--osc-momentum", type=float, default=0.1,
+                    help="EMA momentum of oscillation frequencies (the paper's 0.01 suits long runs)")
+    ap.add_argument("--osc-threshold", type=float, default=0.15, help="freeze above this frequency")
+    ap.add_argument("--osc-dampen", type=float, default=0.05, help="λ of the dampening loss (step units)")
+    ap.add_argument("--skip", nargs="*", default=[], help="variants to skip, e.g. lsq dampen")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    weights = dict(w.split("=", 1) for w in args.weights)
+
+    full_train = builtin_dataset("fashion-mnist", "train")
+    train = full_train.subset(stratified_indices(full_train.labels.numpy(), args.train_images, 0)) \
+        if args.train_images < len(full_train) else full_train
+    full_test = builtin_dataset("fashion-mnist", "test")
+    test = full_test.subset(stratified_indices(full_test.labels.numpy(), args.test_images, 1)) \
+        if args.test_images < len(full_test) else full_test
+    calib = calibration_set()
+    steps = len(train) // args.batch_size
+    print(f"QAT: {len(train)} training images, 1 epoch = {steps} steps of {args.batch_size}; "
+          f"test: {len(test)} images; {args.threads} threads")
+
+    rows: list[tuple] = []
+    timing: list[tuple] = []
+    for name in args.models:
+        try:
+            model = load(name, weights)
+        except Exception as e:  # a model without weights is reported, not fatal
+            print(f"{name}: skipped ({e})")
+            continue
+        f_acc = accuracy(model, test)
+        rows.append((name, "float", "-", f_acc, 0.0))
+        variants = [
+            (8, "QAT", {}),
+            (4, "QAT", {"osc_momentum": args.osc_momentum}),
+            (4, "QAT + osc. dampening", {"osc_dampen": args.osc_dampen, "osc_momentum": args.osc_momentum}),
+            (4, "QAT + osc. freezing", {"osc_freeze_threshold": args.osc_threshold,
+                                        "osc_momentum": args.osc_momentum}),
+            (4, "QAT + LSQ", {"learn_scales": True}),
+        ]
+        for bits in (8, 4):
+            qc = QuantConfig(weight_bits=bits)
+            t0 = time.perf_counter()
+            ptq = quantize(model, calib.batches(64), qc)
+            rows.append((name, f"w{bits}a8", "PTQ", accuracy(ptq.graph, test), time.perf_counter() - t0))
+            for vbits, label, extra in variants:
+                key = "lsq" if "LSQ" in label else "dampen" if "damp" in label else "freeze" if "freez" in label \
+                    else "qat"
+                if vbits != bits or key in args.skip:
+                    continue
+                with tempfile.TemporaryDirectory() as out:
+                    cfg = QATJobConfig(model=name, out_dir=out, epochs=1, batch_size=args.batch_size, lr=args.lr,
+                                       quant=qc, freeze_bn_step=steps // 2, freeze_observer_step=(3 * steps) // 4,
+                                       ckpt_every=max(steps, 1), threads=args.threads, progress=False,
+                                       val_data=None, **extra)
+                    t0 = time.perf_counter()
+                    result = run_qat(cfg, model=model, train_data=train, val_data=None)
+                    seconds = time.perf_counter() - t0
+                row = (name, f"w{bits}a8", label, accuracy(result.graph, test), seconds)
+                if "osc" in label or label == "QAT" and bits == 4:
+                    row += (result.history[-1]["osc_freq"], result.history[-1]["osc_frozen"])
+                rows.append(row)
+                print(f"  {name} w{bits}a8 {label}: {row[3] * 100:.2f} % ({seconds:.0f} s)", flush=True)
+        x, y = train.images[:args.batch_size], train.labels[:args.batch_size]
+        t_float, t_qat = step_time_ratio(model, x, y, args.timing_steps)
+        timing.append((name, t_float, t_qat))
+
+    print()
+    print(f"{'model':<20} {'weights/acts':<12} {'method':<24} {'top-1':>7} {'Δ float':>8} {'time':>7}  osc. (freq / frozen)")
+    floats = {r[0]: r[3] for r in rows if r[1] == "float"}
+    for r in rows:
+        osc = f"  {r[5]:.4f} / {r[6] * 100:.2f} %" if len(r) > 5 else ""
+        delta = "" if r[1] == "float" else f"{(r[3] - floats[r[0]]) * 100:+.2f}"
+        spent = "" if r[1] == "float" else f"{r[4]:.0f} s"
+        print(f"{r[0]:<20} {r[1]:<12} {r[2]:<24} {r[3] * 100:6.2f}% {delta:>8} {spent:>7}{osc}")
+    print()
+    print(f"{'model':<20} {'float step':>11} {'QAT step':>10} {'ratio':>6}   (batch {args.batch_size}, "
+          f"{args.threads} threads)")
+    for name, tf, tq in timing:
+        print(f"{name:<20} {tf * 1000:9.1f}ms {tq * 1000:8.1f}ms {tq / tf:6.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
