@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
-# Installs mobilequant and everything its main job and tests need, on Debian with Python >= 3.10, no GPU.
-#   bash scripts/install.sh          # the package (editable) + test tools + offline data/weights
+# Installs mobilequant and everything its main job needs, on Debian with Python >= 3.10, no GPU.
+#   bash scripts/install.sh          # the package (editable) + offline data/weights: enough for the main job
+#   bash scripts/install.sh --test   # also what the tests need (pytest, scikit-image photos, Chromium)
 # Idempotent: steps already done are skipped quickly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+test_tools=0
+[ "${1:-}" = "--test" ] && test_tools=1
 
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+apt_packages=()
 # Fashion-MNIST (60k/10k, MIT licence) comes from Debian; evaluation and training read it from there.
-if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
-    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+[ -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ] || apt_packages+=(dataset-fashion-mnist)
+# The audit's HTML report is rendered in headless Chromium by the tests.
+[ "$test_tools" = 1 ] && ! command -v chromium >/dev/null && apt_packages+=(chromium)
+if [ ${#apt_packages[@]} -gt 0 ]; then
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${apt_packages[@]}"
 fi
 
 python3 -m pip install -q --disable-pip-version-check -e ".[dev]"
