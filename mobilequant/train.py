@@ -105,6 +105,7 @@ def train_classifier(
     crop_padding: int = 0,
     hflip: bool = True,
     warmup_fraction: float = 0.15,
+    optimizer: str = "sgd",
     threads: int = 2,
     precise_bn_images: int = 10_000,
     eval_data: ImageData | None = None,
@@ -112,7 +113,9 @@ def train_classifier(
 ) -> TrainHistory:
     """Train ``model`` in place on labelled ``train_data`` for ``epochs`` epochs; returns per-epoch stats.
 
-    ``lr`` is the one-cycle peak learning rate; ``eval_data`` (optional) is evaluated after each epoch
+    ``optimizer``: "sgd" (Nesterov momentum 0.9) or "adamw" (for networks without BatchNorm, such as
+    SqueezeNet, where SGD's ReLUs died in our runs; pair it with a decoupled ``weight_decay`` such as
+    0.05 and ``lr`` about 1e-3). ``lr`` is the one-cycle peak learning rate; ``eval_data`` (optional) is evaluated after each epoch
     for the log only (the returned model is always the last epoch's). ``progress``: a per-batch bar on
     a terminal and one line per epoch. The last, incomplete batch of an epoch is dropped (BatchNorm
     dislikes tiny batches).
@@ -129,7 +132,13 @@ def train_classifier(
                          f"{len(train_data)} images")
     steps_per_epoch = len(train_data) // batch_size
     total_steps = epochs * steps_per_epoch
-    optimizer = torch.optim.SGD(_param_groups(model, weight_decay), lr=lr, momentum=0.9, nesterov=True)
+    groups = _param_groups(model, weight_decay)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+    elif optimizer == "adamw":
+        opt = torch.optim.AdamW(groups, lr=lr)
+    else:
+        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
 
     def lr_at(step: int) -> float:  # one-cycle: linear warm-up from lr/25, cosine down to lr/1e4
         warm = max(1, round(warmup_fraction * total_steps))
@@ -157,13 +166,13 @@ def train_classifier(
                 x = _augment(train_data.images[idx], crop_padding, hflip, gen)
                 x = x.contiguous(memory_format=torch.channels_last)
                 y = train_data.labels[idx]
-                for group in optimizer.param_groups:
+                for group in opt.param_groups:
                     group["lr"] = lr_at(step)
                 logits = model(x)
                 loss = criterion(logits, y)
-                optimizer.zero_grad(set_to_none=True)
+                opt.zero_grad(set_to_none=True)
                 loss.backward()
-                optimizer.step()
+                opt.step()
                 step += 1
                 loss_sum += loss.item() * len(y)
                 correct += int((logits.argmax(1) == y).sum())

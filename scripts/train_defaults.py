@@ -38,23 +38,24 @@ sys.path.insert(0, str(REPO))
 from mobilequant.data import builtin_dataset  # noqa: E402
 from mobilequant.models import FASHION_MNIST, create_model  # noqa: E402
 from mobilequant.train import evaluate, train_classifier  # noqa: E402
-from mobilequant.weights import WEIGHTS_DIR  # noqa: E402
+from mobilequant.weights import WEIGHTS_DIR, weights_table_markdown  # noqa: E402
 
-# name → create_model kwargs beyond num_classes / in_chans, and the training recipe.
+# name → create_model kwargs beyond num_classes / in_chans, and train_classifier arguments beyond TRAIN.
 # Epochs: about 12 CPU-minutes each (about 6 minutes on 2 free cores), for >= 90 % top-1 with margin.
-# The recipe is train_classifier's default (peak lr 0.05, flip only, label smoothing 0.1).
 RECIPES: dict[str, dict] = {
-    "mobilenetv2_050": {"kwargs": {}, "epochs": 12, "lr": 0.05},
-    "mobilenetv1_050": {"kwargs": {}, "epochs": 14, "lr": 0.05},
+    "mobilenetv2_050": {"kwargs": {}, "train": {"epochs": 12, "lr": 0.05}},
+    "mobilenetv1_050": {"kwargs": {}, "train": {"epochs": 14, "lr": 0.05}},
     # MobileNetV3-Small at width 0.75: at 1.0 its 1,024-wide head makes a 6.1 MB checkpoint (limit 5 MB).
-    "mobilenetv3_small_075": {"kwargs": {}, "epochs": 16, "lr": 0.05},
-    "shufflenetv1_g3": {"kwargs": {}, "epochs": 10, "lr": 0.05},
-    "shufflenetv2_x0_5": {"kwargs": {}, "epochs": 20, "lr": 0.05},
-    "squeezenet1_1": {"kwargs": {}, "epochs": 30, "lr": 0.02},  # no BatchNorm: a lower peak rate
+    "mobilenetv3_small_075": {"kwargs": {}, "train": {"epochs": 16, "lr": 0.05}},
+    "shufflenetv1_g3": {"kwargs": {}, "train": {"epochs": 10, "lr": 0.05}},
+    "shufflenetv2_x0_5": {"kwargs": {}, "train": {"epochs": 20, "lr": 0.05}},
+    # No BatchNorm: with SGD (peak 0.02 or 0.05) every ReLU died within an epoch; AdamW trains it.
+    "squeezenet1_1": {"kwargs": {}, "train": {"epochs": 30, "lr": 1e-3, "optimizer": "adamw", "weight_decay": 0.05}},
 }
-BATCH_SIZE = 128
-SEED = 0
-THREADS = 2
+# train_classifier arguments shared by every recipe.
+TRAIN = {"batch_size": 128, "seed": 0, "optimizer": "sgd", "weight_decay": 5e-5, "label_smoothing": 0.1,
+         "crop_padding": 0, "hflip": True, "threads": 2, "precise_bn_images": 10_000}
+DOC_START, DOC_END = "<!-- weights-table:start -->", "<!-- weights-table:end -->"
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -79,18 +80,16 @@ def madds_at_32(model: torch.nn.Module) -> int | None:
 
 def train_one(name: str, recipe: dict, train, test, progress: bool) -> dict:
     kwargs = {"num_classes": 10, "in_chans": 1, **recipe["kwargs"]}
-    torch.manual_seed(SEED)
+    train_kwargs = {**TRAIN, **recipe["train"]}
+    torch.manual_seed(train_kwargs["seed"])
     model = create_model(name, **kwargs, preprocess=FASHION_MNIST)
-    print(f"== {name} {kwargs}: {recipe['epochs']} epochs, lr {recipe['lr']}", flush=True)
+    print(f"== {name} {kwargs}: {train_kwargs}", flush=True)
     # The test split is evaluated after each epoch for the log only; the last epoch's weights are kept.
-    train_kwargs = {"epochs": recipe["epochs"], "batch_size": BATCH_SIZE, "lr": recipe["lr"], "seed": SEED,
-                    "weight_decay": 5e-5, "label_smoothing": 0.1, "crop_padding": 0, "hflip": True,
-                    "threads": THREADS, "precise_bn_images": 10_000}
     cpu_start = time.process_time()
     history = train_classifier(model, train, **train_kwargs, eval_data=test, progress=progress)
     cpu_seconds = time.process_time() - cpu_start  # with the per-epoch evaluations
     seconds = history.seconds  # wall clock, training only: depends on what else the machine runs
-    accuracy = evaluate(model, test, threads=THREADS)
+    accuracy = evaluate(model, test, threads=train_kwargs["threads"])
     state = {k: v.detach().to(torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()
              for k, v in model.state_dict().items()}
     buf = io.BytesIO()
@@ -110,9 +109,10 @@ def train_one(name: str, recipe: dict, train, test, progress: bool) -> dict:
         "test_top1": round(accuracy * 100, 2),
         "params": sum(p.numel() for p in model.parameters()),
         "madds_1x32x32": madds_at_32(model),
-        "epochs": recipe["epochs"],
+        "epochs": train_kwargs["epochs"],
         "train_classifier": train_kwargs,
-        "recipe": "SGD Nesterov 0.9, one-cycle lr (15 % warm-up, cosine), no weight decay on 1-D params",
+        "recipe": "mobilequant.train.train_classifier: one-cycle lr (15 % warm-up, cosine), no weight decay on "
+                  "1-D params, label smoothing, flips, precise-BN statistics at the end",
         "train_seconds": round(seconds),
         "train_cpu_seconds": round(cpu_seconds),
         "torch": torch.__version__,
@@ -120,26 +120,18 @@ def train_one(name: str, recipe: dict, train, test, progress: bool) -> dict:
     }
 
 
-def markdown_table(manifest: dict) -> str:
-    """The docs table of the shipped weights, generated from the manifest so the two cannot drift."""
-    rows = ["| weights | model kwargs | top-1 (10k test) | params | mult-adds (1×32×32) | epochs | train time | command |",
-            "|---|---|---|---|---|---|---|---|"]
-    for name, e in manifest["weights"].items():
-        kwargs = ", ".join(f"{k}={v}" for k, v in e["kwargs"].items())
-        madds = "–" if e.get("madds_1x32x32") is None else f"{e['madds_1x32x32'] / 1e6:.2f} M"
-        rows.append(f"| `{e['file']}` | `{e['model']}({kwargs})` | {e['test_top1']:.2f} % | {e['params'] / 1e6:.3f} M "
-                    f"| {madds} | {e['epochs']} | {e['train_seconds'] / 60:.1f} min | `{e['command']}` |")
-    return "\n".join(rows)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help=f"models to train (default: all of {', '.join(RECIPES)})")
     parser.add_argument("--no-progress", action="store_true", help="no per-batch progress bar")
-    parser.add_argument("--table", action="store_true", help="print the docs table of manifest.json and exit")
+    parser.add_argument("--update-doc", type=Path, metavar="MD",
+                        help="rewrite the weights table between the weights-table markers of MD, and exit")
     args = parser.parse_args(argv)
-    if args.table:
-        print(markdown_table(json.loads((WEIGHTS_DIR / "manifest.json").read_text())))
+    if args.update_doc:
+        text = args.update_doc.read_text()
+        start, end = text.index(DOC_START), text.index(DOC_END)
+        text = text[:start + len(DOC_START)] + "\n" + weights_table_markdown() + "\n" + text[end:]
+        write_atomic(args.update_doc, text.encode())
         return 0
     unknown = [n for n in args.names if n not in RECIPES]
     if unknown:

@@ -19,7 +19,8 @@ import torch.nn as nn
 from ..errors import InputError, UsageError, did_you_mean
 from ..models import PreprocessConfig, create_model
 
-__all__ = ["DEFAULT_WEIGHTS", "WEIGHTS_DIR", "default_model", "list_default_weights", "weights_info"]
+__all__ = ["DEFAULT_WEIGHTS", "WEIGHTS_DIR", "default_model", "list_default_weights", "weights_info",
+           "weights_table_markdown"]
 
 WEIGHTS_DIR = Path(__file__).parent
 DEFAULT_WEIGHTS = "mobilenetv2_050"
@@ -69,3 +70,16 @@ def default_model(name: str = DEFAULT_WEIGHTS) -> nn.Module:
     model = create_model(info["model"], **info["kwargs"], preprocess=preprocess)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
     return model.eval()
+
+
+def weights_table_markdown() -> str:
+    """The Markdown table of the shipped weights (docs/zoo.md), generated from the manifest so they agree."""
+    rows = ["| weights | `create_model` | top-1, 10k test | params | mult-adds at 1×32×32 | epochs | CPU time | command |",
+            "|---|---|---:|---:|---:|---:|---:|---|"]
+    for name in list_default_weights():
+        e = weights_info(name)
+        kwargs = ", ".join(f"{k}={v}" for k, v in e["kwargs"].items())
+        madds = "—" if e.get("madds_1x32x32") is None else f"{e['madds_1x32x32'] / 1e6:.2f} M"
+        rows.append(f"| `{e['file']}` | `{e['model']}({kwargs})` | {e['test_top1']:.2f} % | {e['params']:,} "
+                    f"| {madds} | {e['epochs']} | {e['train_cpu_seconds'] / 60:.1f} min | `{e['command']}` |")
+    return "\n".join(rows)
