@@ -25,6 +25,9 @@ from mobilequant.data import ImageData, builtin_dataset, calibration_set
 from mobilequant.errors import InputError
 
 N_IMAGES = 300  # evaluation images per audit in these tests (the benchmark uses 1,000)
+# The exporter's own verification (file vs torch simulation) is export's test; the audit audits whatever
+# file it is given, so the exports here skip it (and its time).
+NO_VERIFY = ("verification.enabled=false",)
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -235,7 +238,7 @@ def quantized(trained):
 def tflite_artifact(quantized, tmp_path_factory):
     from mobilequant.export import export
 
-    return export(quantized, "tflite-int8", tmp_path_factory.mktemp("audit") / "mnv2.tflite")
+    return export(quantized, "tflite-int8", tmp_path_factory.mktemp("audit") / "mnv2.tflite", overrides=NO_VERIFY)
 
 
 @pytest.fixture(scope="module")
@@ -324,7 +327,7 @@ def planted(trained, tmp_path_factory):
     qr = _quantize(model)
     shared = tmp_path_factory.getbasetemp() / "audit-shared"
     shared.mkdir(exist_ok=True)
-    art = export(qr, "tflite-int8", shared / "planted.tflite")
+    art = export(qr, "tflite-int8", shared / "planted.tflite", overrides=NO_VERIFY)
     return model, cells, weak, qr, art
 
 
@@ -368,7 +371,7 @@ def test_real_model_findings_are_stable_across_runs(tflite_report, tflite_artifa
 def test_onnx_audit(quantized, trained, test_data, tmp_path):
     from mobilequant.export import export
 
-    art = export(quantized, "onnx-int8", tmp_path / "mnv2.onnx")
+    art = export(quantized, "onnx-int8", tmp_path / "mnv2.onnx", overrides=NO_VERIFY)
     r = run_audit(art.path, test_data.subset(slice(0, 150)), model=trained, quant_result=quantized, min_sqnr=15,
                   max_drop=2.0, progress=False)
     assert r.artifact["format"] == "onnx"
