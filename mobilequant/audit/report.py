@@ -249,9 +249,14 @@ def format_terminal(report: AuditReport, top: int = 10) -> str:
     if acts:
         fl = [f for f in acts if f.stage == "float"]
         ql = [f for f in acts if f.stage == "quantized"]
-        lines.append(f"Dead activations (0 on every image): {sum(len(f.channels) for f in fl)} channels in {len(fl)} "
-                     f"layers of the float model; {sum(len(f.channels) for f in ql)} more in {len(ql)} layer{'' if len(ql) == 1 else 's'} of "
-                     "the artifact only (alive in float)")
+        def n_layers(k: int) -> str:
+            return f"{k} layer{'' if k == 1 else 's'}"
+
+        head = (f"Dead activations (0 on every image): {sum(len(f.channels) for f in fl)} channels in "
+                f"{n_layers(len(fl))} of the float model")
+        if ql:
+            head += f"; {sum(len(f.channels) for f in ql)} more in {n_layers(len(ql))} of the artifact only (alive in float)"
+        lines.append(head)
         w = max(len(f.layer) for f in acts)
         for f in sorted(acts, key=lambda f: (-len(f.channels) / max(f.channel_count, 1), f.layer_index))[:top // 2 or 1]:
             lines.append(f"  ! {f.layer:<{w}}  {f.layer_kind:<9} {f.stage:<9} {len(f.channels)}/{f.channel_count} ch "
