@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from mobilequant.errors import InputError, UsageError
 from mobilequant.models import FASHION_MNIST, list_models
 from mobilequant.train import evaluate
 from mobilequant import weights as weights_mod
-from mobilequant.weights import WEIGHTS_DIR, default_model, list_default_weights, weights_info
+from mobilequant.weights import WEIGHTS_DIR, default_model, list_default_weights, weights_info, weights_table_markdown
 
 MANIFEST = json.loads((WEIGHTS_DIR / "manifest.json").read_text())
 
@@ -67,3 +68,10 @@ def test_unknown_or_tampered_weights_are_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(weights_mod, "WEIGHTS_DIR", tmp_path)
     with pytest.raises(InputError, match="sha256"):
         default_model("mobilenetv2_050")
+
+
+def test_docs_table_matches_the_manifest():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "zoo.md").read_text()
+    start, end = "<!-- weights-table:start -->\n", "\n<!-- weights-table:end -->"
+    block = doc[doc.index(start) + len(start):doc.index(end)]
+    assert block == weights_table_markdown(), "run: python scripts/train_defaults.py --update-doc docs/zoo.md"
