@@ -307,8 +307,8 @@ def _trained_default():
         return None
 
 
-@pytest.mark.slow
-def test_trained_default_model_keeps_its_accuracy():
+@pytest.fixture(scope="module")
+def trained():
     model = _trained_default()
     if model is None:
         pytest.skip("shipped Fashion-MNIST weights are not installed")
@@ -319,10 +319,22 @@ def test_trained_default_model_keeps_its_accuracy():
     except Exception as e:  # the full split comes from a system package
         pytest.skip(f"Fashion-MNIST test split not available: {e}")
     calib = calibration_set("fashion-mnist", model.preprocess)
-    r = quantize(model, [calib.images[i:i + 128] for i in range(0, len(calib.images), 128)], QuantConfig())
+    batches = [calib.images[i:i + 128] for i in range(0, len(calib.images), 128)]
     x, y = test.images[:1000], test.labels[:1000]
     with torch.no_grad():
         f = torch.cat([model(x[i:i + 250]).argmax(1) for i in range(0, 1000, 250)])
+    return model, batches, x, y, f
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", [QuantConfig(), QuantConfig(per_channel=False, cle=True)],
+                         ids=["per_channel", "per_tensor_cle"])
+def test_trained_default_model_keeps_its_accuracy(trained, config):
+    """Measured on the full 10k split (shipped MobileNetV2 0.5, float 91.11 %): per-channel minmax
+    90.96 %, mse 91.13 %, per-tensor 63.40 % (no CLE), per-tensor + CLE 91.02 %. Here: first 1000 images."""
+    model, batches, x, y, f = trained
+    r = quantize(model, batches, config)
+    with torch.no_grad():
         q = torch.cat([r(x[i:i + 250]).argmax(1) for i in range(0, 1000, 250)])
     float_acc, int8_acc = float((f == y).float().mean()), float((q == y).float().mean())
     assert float((f == q).float().mean()) >= 0.98
