@@ -19,7 +19,14 @@ RELU6_MODES = ("clamped", "fixed")
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """How a model is quantized to the TFLite int8 scheme (int8 weights and activations, int32 bias)."""
+    """How a model is quantized to the TFLite int8 scheme (int8 weights and activations, int32 bias).
+
+    Measured on the shipped MobileNetV2 0.5 (Fashion-MNIST, float 91.11 % on the 10k test split, 512
+    calibration images), top-1 of the simulated int8 model: per channel with minmax 90.96 %, mse 91.13 %,
+    percentile 91.06 %, entropy 90.08 %, minmax + bias correction 91.02 %; per tensor 63.40 %, per tensor
+    with CLE 91.02 %. Activation ranges cost more than weights there (top-1 agreement with float on 4k
+    images: weights only 99.70 %, activations only 99.15 %).
+    """
 
     per_channel: bool = True  # weights: one scale per output channel (False: one per tensor)
     calibration: str = "minmax"  # activation range method: minmax | moving_average | percentile | entropy | mse
