@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'model':<20} {'weights/acts':<12} {'method':<24} {'top-1':>7} {'Δ float':>8} {'time':>7}  osc. (freq / frozen)")
     floats = {r[0]: r[3] for r in rows if r[1] == "float"}
     for r in rows:
-        osc = f"  {r[5]:.4f} / {r[6] * 100:.2f} %" if len(r) > 5 else ""
+        osc = f"  {r[5]:.1e} / {r[6] * 100:.3f} %" if len(r) > 5 else ""
         delta = "" if r[1] == "float" else f"{(r[3] - floats[r[0]]) * 100:+.2f}"
         spent = "" if r[1] == "float" else f"{r[4]:.0f} s"
         print(f"{r[0]:<20} {r[1]:<12} {r[2]:<24} {r[3] * 100:6.2f}% {delta:>8} {spent:>7}{osc}")

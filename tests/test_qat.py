@@ -249,7 +249,7 @@ def test_resume_refuses_another_model_or_recipe(reference, float_state, tmp_path
     with pytest.raises(InputError) as e:
         run_qat(make_config(tmp_path, lr=0.01, resume_from=str(ref_out / LAST)), model=make_model(float_state),
                 train_data=train, val_data=val)
-    assert "different recipe" in _one_line(e) and "lr: 0.005 → 0.01" in str(e.value)
+    assert "different recipe" in _one_line(e) and "lr: 0.002 → 0.01" in str(e.value)
     with pytest.raises(InputError) as e:  # same recipe, other starting weights
         run_qat(make_config(tmp_path, resume_from=str(ref_out / LAST)), model=_perturbed(make_model(float_state)),
                 train_data=train, val_data=val)

@@ -38,7 +38,7 @@ class QATJobConfig:
     out_dir: str = "out/qat"  # checkpoints, CSV log (created)
     epochs: int = 1  # passes over the training data
     batch_size: int = 64  # global batch (all processes together); must divide by the process count
-    lr: float = 0.005  # SGD (Nesterov, momentum 0.9) peak learning rate, cosine-decayed to 0 per step
+    lr: float = 0.002  # SGD (Nesterov, momentum 0.9) peak learning rate, cosine-decayed to 0 per step
     weight_decay: float = 5e-5  # on conv / linear weights only
     label_smoothing: float = 0.1  # cross-entropy label smoothing
     augment: bool = True  # random 2-pixel translation + horizontal flip (drawn per step, sharding-independent)
