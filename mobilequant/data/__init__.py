@@ -6,17 +6,20 @@
 * :func:`builtin_dataset`, :func:`load_fashion_mnist`: the full splits from the Debian package
   ``dataset-fashion-mnist``.
 * :func:`preprocess_images`: the one place preprocessing happens.
+* :func:`photo_crops`: crops of scikit-image's offline sample photos for ImageNet models (two disjoint halves).
 """
 
 from .builtin import BUILTIN_DATASETS, builtin_dataset, calibration_manifest, calibration_set, load_data, stratified_indices
 from .fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from .fashion_mnist import load_fashion_mnist
+from .photos import PHOTO_SPLITS, photo_crops
 from .preprocess import preprocess_image, preprocess_images, to_layout
 from .readers import BadImageWarning, ImageData, read_images
 
 __all__ = [
     "BUILTIN_DATASETS",
     "FASHION_MNIST_CLASSES",
+    "PHOTO_SPLITS",
     "BadImageWarning",
     "ImageData",
     "builtin_dataset",
@@ -24,6 +27,7 @@ __all__ = [
     "calibration_set",
     "load_data",
     "load_fashion_mnist",
+    "photo_crops",
     "preprocess_image",
     "preprocess_images",
     "read_images",

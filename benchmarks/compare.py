@@ -1,0 +1,539 @@
+"""Benchmark: mobilequant's int8 / fp16 files against ONNX Runtime's and TensorFlow Lite's own quantizers.
+
+    nice -n 19 /tmp/tfenv/bin/python benchmarks/compare.py                      # everything (30-60 min, 2 cores)
+    nice -n 19 python benchmarks/compare.py --quick                            # 1,000 images, core rows
+    python benchmarks/compare.py --models mobilenetv2_050 imagenet --out results.md
+
+One invocation, per model: the same trained float model, the same calibration images and the same
+evaluation images for every row. Every figure is measured on the written file in its real runtime
+(LiteRT interpreter with XNNPACK for ``.tflite``, ONNX Runtime CPU for ``.onnx``), never on a torch
+simulation.
+
+* Fashion-MNIST models (the shipped checkpoints listed in ``mobilequant/weights/manifest.json``):
+  calibration on the shipped 512-image subset (``calibration/fashion-mnist-512.npz``), top-1 on the full
+  10k test split (``--quick``: the first 1,000), drop vs the float torch model, top-1 agreement with it.
+* ``imagenet``: torchvision's ImageNet MobileNetV2 (``mobilequant.models.pretrained``) on crops of real
+  photos (``mobilequant.data.photo_crops``): calibrated on the crops of one half of the photos, evaluated
+  on the crops of the other half. No labels: top-1 agreement with float and "float top-1 inside the
+  file's top-5".
+
+Rows (``--quick`` and the non-default Fashion-MNIST models keep the core rows marked *):
+
+* mobilequant (``mobilequant.export.export`` with recipe overrides), each as tflite-int8 and onnx-int8:
+  per-channel minmax* (the default recipe), percentile, entropy, mse; ReLU6 ``fixed``*; per-tensor;
+  per-tensor + CLE; per-tensor + CLE + bias correction*; and tflite/onnx fp16* and fp32*.
+* ONNX Runtime ``quantize_static`` (QDQ, int8, after ``quant_pre_process``) on mobilequant's fp32 ONNX:
+  MinMax* / Percentile / Entropy, per channel* and per tensor*, with a ``CalibrationDataReader`` over the
+  same calibration images.
+* TensorFlow Lite converter: fp32 ONNX → onnx2tf → SavedModel → ``TFLiteConverter`` with a
+  ``representative_dataset`` over the same images, int8 I/O, per channel* and per tensor*
+  (``benchmarks/_tf_convert.py``, run as a subprocess). Needs ``tensorflow``, ``tf_keras`` and
+  ``onnx2tf`` importable by the interpreter running this script, else the rows are skipped with the
+  reason (``pip install -e ".[baselines]" && pip install --no-deps onnx2tf``).
+
+Columns: accuracy / agreement, file size, single-image latency (median of ``--latency-runs`` calls, one
+thread: LiteRT + XNNPACK / ORT ``intra_op_num_threads=1``; ``mobilequant.runtime.bench.measure_latency``)
+and export wall time. Export time of every route starts from the torch model: mobilequant's rows time
+``export()`` (capture, quantize, lower, write; its own verification is switched off here, the benchmark
+evaluates the file itself); the ONNX Runtime and TF rows add their own steps to the time of mobilequant's
+fp32 ONNX export they start from.
+
+Not part of the test suite. Run it niced with one torch thread on a shared machine; latency figures
+then carry the machine's load (printed with the results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if importlib.util.find_spec("mobilequant") is None:  # run from a checkout without an install
+    sys.path.insert(0, str(REPO))
+
+IMAGENET = "imagenet"
+
+# mobilequant int8 variants: (label, recipe overrides, core row). The first is the default recipe.
+MQ_INT8 = (
+    ("per-channel minmax (default)", (), True),
+    ("per-channel percentile", ("quantization.calibration=percentile",), False),
+    ("per-channel entropy", ("quantization.calibration=entropy",), False),
+    ("per-channel mse", ("quantization.calibration=mse",), False),
+    ("per-channel minmax, ReLU6 fixed", ("quantization.relu6=fixed",), True),
+    ("per-tensor minmax", ("quantization.per_channel=false",), False),
+    ("per-tensor + CLE", ("quantization.per_channel=false", "quantization.cle=true"), False),
+    ("per-tensor + CLE + BC", ("quantization.per_channel=false", "quantization.cle=true",
+                               "quantization.bias_correction=true"), True),
+)
+# ONNX Runtime quantize_static variants: (label, per_channel, CalibrationMethod name, core row)
+ORT_INT8 = (
+    ("per-channel MinMax", True, "MinMax", True),
+    ("per-channel Percentile", True, "Percentile", False),
+    ("per-channel Entropy", True, "Entropy", False),
+    ("per-tensor MinMax", False, "MinMax", True),
+    ("per-tensor Percentile", False, "Percentile", False),
+    ("per-tensor Entropy", False, "Entropy", False),
+)
+
+
+@dataclass
+class Row:
+    route: str  # mobilequant | onnxruntime | tf converter | torch
+    variant: str
+    file: str  # tflite-int8, onnx-fp16, ... ("-" for the torch float model)
+    top1: float | None = None  # % (labelled data)
+    drop_pp: float | None = None  # float top-1 − file top-1
+    agreement: float | None = None  # % top-1 agreement with the float torch model
+    top5_contains_float: float | None = None  # % of images whose float top-1 is in the file's top-5
+    agreement_confident: float | None = None  # % agreement on images the float model gives top-1 p ≥ 0.5
+    size_bytes: int | None = None
+    latency_ms: float | None = None  # median single-image latency, 1 thread
+    latency_min_ms: float | None = None  # fastest call (less sensitive to other processes' load)
+    export_s: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class ModelResult:
+    model: str
+    params: int
+    dataset: str
+    num_calibration: int
+    num_eval: int
+    float_top1: float | None
+    num_confident: int = 0  # evaluation images the float model gives top-1 probability ≥ 0.5
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def _fashion_model(name: str):
+    """(model, calibration ImageData, evaluation ImageData) for a shipped Fashion-MNIST checkpoint."""
+    from mobilequant.data import builtin_dataset, calibration_set
+    from mobilequant.weights import default_model
+
+    net = default_model(name)
+    return net, calibration_set(cfg=net.preprocess), builtin_dataset("fashion-mnist", "test", net.preprocess)
+
+
+def _imagenet_model():
+    from mobilequant.data import photo_crops
+    from mobilequant.models.pretrained import load_torchvision_mobilenet_v2
+
+    net = load_torchvision_mobilenet_v2()
+    net.model_name = "mobilenetv2_100"
+    return net, photo_crops("calibration", net.preprocess), photo_crops("evaluation", net.preprocess)
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def _run_file(path: Path, images, threads: int):
+    import numpy as np
+
+    from mobilequant.runtime import open_runner
+
+    runner = open_runner(path, num_threads=threads)
+    x = images.numpy()
+    return np.concatenate([runner.run(x[i:i + 500]) for i in range(0, len(x), 500)])
+
+
+def _score(row: Row, logits, float_logits, labels, float_top1) -> None:
+    import numpy as np
+
+    pred, ref = logits.argmax(1), float_logits.argmax(1)
+    row.agreement = float((pred == ref).mean() * 100.0)
+    # softmax of the float logits, written out (numpy has none): max p = 1 / sum(exp(l - max l))
+    p_top = 1.0 / np.exp(float_logits - float_logits.max(1, keepdims=True)).sum(1)
+    confident = p_top >= 0.5
+    if confident.any():
+        row.agreement_confident = float((pred == ref)[confident].mean() * 100.0)
+    top5 = np.argsort(-logits, axis=1)[:, :5]
+    row.top5_contains_float = float((top5 == ref[:, None]).any(1).mean() * 100.0)
+    if labels is not None:
+        row.top1 = float((pred == labels).mean() * 100.0)
+        row.drop_pp = float_top1 - row.top1
+
+
+def _measure(row: Row, path: Path, images, float_logits, labels, float_top1, args) -> None:
+    from mobilequant.runtime.bench import measure_latency
+
+    logits = _run_file(path, images, args.threads)
+    _score(row, logits, float_logits, labels, float_top1)
+    row.size_bytes = path.stat().st_size
+    lat = measure_latency(path, threads=args.threads, runs=args.latency_runs, warmup=10)
+    row.latency_ms, row.latency_min_ms = lat.median_ms, lat.min_ms
+
+
+# ------------------------------------------------------------------------------------------- routes
+def _mobilequant_rows(net, calib, work: Path, measure, full: bool, ctx: dict) -> list[Row]:
+    from mobilequant.export import export
+
+    batches = list(calib.batches(64))
+    rows = []
+    jobs = [(label, target, over) for label, over, core in MQ_INT8 if core or full
+            for target in ("tflite-int8", "onnx-int8")]
+    jobs += [("float16", t, ()) for t in ("tflite-fp16", "onnx-fp16")]
+    jobs += [("float32", t, ()) for t in ("tflite-fp32", "onnx-fp32")]
+    for i, (label, target, overrides) in enumerate(jobs):
+        row = Row("mobilequant", label, target)
+        rows.append(row)
+        suffix = ".tflite" if target.startswith("tflite") else ".onnx"
+        path = work / f"mq-{i:02d}-{target}{suffix}"
+        _log(f"  mobilequant {target} {label}")
+        try:
+            t = time.perf_counter()
+            export(net, target, path, overrides=[*overrides, "verification.enabled=false"],
+                   calibration_data=batches if target.endswith("int8") else None)
+            row.export_s = time.perf_counter() - t
+            measure(row, path)
+        except Exception as e:  # one failing variant must not end the run: the row says why
+            row.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            _log("    " + traceback.format_exc().strip().splitlines()[-1])
+        if target == "onnx-fp32" and row.error is None:
+            ctx["fp32_onnx"], ctx["fp32_onnx_s"] = path, row.export_s
+    return rows
+
+
+class _Reader:
+    """ONNX Runtime's ``CalibrationDataReader`` protocol over our calibration images (batches of 16)."""
+
+    def __init__(self, images, input_name: str, batch: int = 16):
+        self.x, self.name, self.batch, self.pos = images.numpy(), input_name, batch, 0
+
+    def get_next(self):
+        if self.pos >= len(self.x):
+            return None
+        out = {self.name: self.x[self.pos:self.pos + self.batch]}
+        self.pos += self.batch
+        return out
+
+    def rewind(self):
+        self.pos = 0
+
+
+def _ort_rows(calib, work: Path, measure, full: bool, ctx: dict) -> list[Row]:
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(_Reader, CalibrationDataReader):
+        pass
+
+    rows = [Row("onnxruntime", label, "onnx-int8") for label, _, _, core in ORT_INT8 if core or full]
+    if "fp32_onnx" not in ctx:
+        for row in rows:
+            row.error = "skipped: mobilequant's fp32 ONNX export failed"
+        return rows
+    src = ctx["fp32_onnx"]
+    pre = work / "ort-preprocessed.onnx"
+    t = time.perf_counter()
+    quant_pre_process(str(src), str(pre))  # ORT's recommended first step (shape inference, optimization)
+    pre_s = time.perf_counter() - t
+    input_name = onnx.load(str(pre)).graph.input[0].name
+    variants = [v for v in ORT_INT8 if v[3] or full]
+    for i, (row, (label, per_channel, method, _)) in enumerate(zip(rows, variants)):
+        path = work / f"ort-{i:02d}.onnx"
+        _log(f"  onnxruntime quantize_static {label}")
+        try:
+            t = time.perf_counter()
+            quantize_static(str(pre), str(path), Reader(calib.images, input_name), quant_format=QuantFormat.QDQ,
+                            per_channel=per_channel, activation_type=QuantType.QInt8,
+                            weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, method))
+            row.export_s = ctx["fp32_onnx_s"] + pre_s + time.perf_counter() - t
+            measure(row, path)
+        except Exception as e:
+            row.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            _log("    " + traceback.format_exc().strip().splitlines()[-1])
+    return rows
+
+
+def _tf_missing() -> str | None:
+    missing = [m for m in ("tensorflow", "tf_keras", "onnx2tf", "onnx_graphsurgeon", "sng4onnx")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        return (f"skipped: {', '.join(missing)} not importable by {sys.executable} "
+                f"(pip install -e \".[baselines]\" && pip install --no-deps onnx2tf)")
+    return None
+
+
+def _tf_rows(calib, work: Path, measure, ctx: dict) -> list[Row]:
+    import numpy as np
+
+    rows = {"fp32": Row("tf converter", "onnx2tf float32", "tflite-fp32"),
+            "per_channel": Row("tf converter", "per-channel (default)", "tflite-int8"),
+            "per_tensor": Row("tf converter", "per-tensor", "tflite-int8")}
+    reason = _tf_missing() or (None if "fp32_onnx" in ctx else "skipped: mobilequant's fp32 ONNX export failed")
+    if reason:
+        for row in rows.values():
+            row.error = reason
+        return list(rows.values())
+    calib_path = work / "calibration.npy"
+    np.save(calib_path, calib.images.numpy())
+    out_dir, result_path = work / "tf", work / "tf.json"
+    shape = ",".join(map(str, [1, *calib.images.shape[1:]]))
+    _log("  TF: onnx2tf + TFLiteConverter (subprocess)")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
+           "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("_tf_convert.py")), "--onnx",
+                           str(ctx["fp32_onnx"]), "--calibration", str(calib_path), "--input-shape", shape,
+                           "--out-dir", str(out_dir), "--json", str(result_path)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0 or not result_path.is_file():
+        tail = [line for line in (proc.stderr + proc.stdout).strip().splitlines() if line.strip()][-3:]
+        for row in rows.values():
+            row.error = "TF route failed: " + " | ".join(tail)[:300]
+        _log("    " + " | ".join(tail))
+        return list(rows.values())
+    result = json.loads(result_path.read_text())
+    for key, row in rows.items():
+        if key not in result["files"]:
+            row.error = "not produced"
+            continue
+        seconds = result["seconds"]
+        row.export_s = ctx["fp32_onnx_s"] + seconds["onnx2tf"] + seconds.get(key, 0.0)
+        try:
+            measure(row, Path(result["files"][key]))
+        except Exception as e:
+            row.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    return list(rows.values())
+
+
+# --------------------------------------------------------------------------------------------- model
+def run_model(name: str, args, work: Path) -> ModelResult:
+    import torch
+
+    from mobilequant.models import count_params
+
+    _log(f"{name}: loading")
+    net, calib, evald = _imagenet_model() if name == IMAGENET else _fashion_model(name)
+    if args.eval_images is not None and args.eval_images < len(evald):
+        evald = evald.subset(range(args.eval_images))
+    with torch.no_grad():
+        float_logits = torch.cat([net(evald.images[i:i + 250]) for i in range(0, len(evald), 250)]).numpy()
+    labels = None if evald.labels is None else evald.labels.numpy()
+    float_top1 = None if labels is None else float((float_logits.argmax(1) == labels).mean() * 100.0)
+    res = ModelResult(model=getattr(net, "model_name", name), params=count_params(net),
+                      dataset="skimage photo crops (disjoint halves)" if name == IMAGENET
+                      else "Fashion-MNIST test split", num_calibration=len(calib), num_eval=len(evald),
+                      float_top1=float_top1)
+    torch_row = Row("torch", "float model", "-", top1=float_top1, drop_pp=0.0 if labels is not None else None)
+    _score(torch_row, float_logits, float_logits, labels, float_top1)
+    res.rows.append(torch_row)
+    p_top = torch.from_numpy(float_logits).softmax(1).max(1).values
+    res.num_confident = int((p_top >= 0.5).sum())
+    full = args.all_methods or (not args.quick and name in (IMAGENET, args.default_model))
+    ctx: dict = {}
+    mwork = work / name
+    mwork.mkdir(parents=True, exist_ok=True)
+
+    def measure(row: Row, path: Path) -> None:
+        _measure(row, path, evald.images, float_logits, labels, float_top1, args)
+
+    t0 = time.perf_counter()
+    res.rows += _mobilequant_rows(net, calib, mwork, measure, full, ctx)
+    if not args.no_ort:
+        res.rows += _ort_rows(calib, mwork, measure, full, ctx)
+    if not args.no_tf:
+        res.rows += _tf_rows(calib, mwork, measure, ctx)
+    _log(f"{name}: done in {time.perf_counter() - t0:.0f} s")
+    return res
+
+
+# -------------------------------------------------------------------------------------------- output
+def _fmt(v, spec: str, suffix: str = "") -> str:
+    return "–" if v is None else f"{v:{spec}}{suffix}"
+
+
+def model_table(res: ModelResult) -> str:
+    labelled = res.float_top1 is not None
+    head = ["route", "variant", "file"]
+    head += ["top-1 %", "drop pp"] if labelled else []
+    head += ["agree %"] + ([] if labelled else ["agree % (float p ≥ 0.5)", "float top-1 in top-5 %"])
+    head += ["size KiB", "latency ms median / min", "export s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
+    for r in res.rows:
+        if r.error:
+            cells = [r.route, r.variant, r.file, f"**{r.error}**"] + [""] * (len(head) - 4)
+        else:
+            cells = [r.route, r.variant, r.file]
+            cells += [_fmt(r.top1, ".2f"), _fmt(r.drop_pp, "+.2f")] if labelled else []
+            cells += [_fmt(r.agreement, ".2f")]
+            cells += [] if labelled else [_fmt(r.agreement_confident, ".1f"), _fmt(r.top5_contains_float, ".1f")]
+            cells += [_fmt(None if r.size_bytes is None else r.size_bytes / 1024, ".1f"),
+                      "–" if r.latency_ms is None else f"{r.latency_ms:.3f} / {r.latency_min_ms:.3f}",
+                      _fmt(r.export_s, ".1f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _find(res: ModelResult, route: str, variant: str, file: str) -> Row | None:
+    for r in res.rows:
+        if r.route == route and r.variant == variant and r.file == file and r.error is None:
+            return r
+    return None
+
+
+def target_checks(res: ModelResult) -> list[str]:
+    """The issues' targets, reported (never asserted): one line each, 'met' / 'MISSED' / 'n/a'."""
+    out = []
+
+    def line(ok: bool | None, text: str) -> None:
+        out.append(f"- {'n/a' if ok is None else ('met' if ok else 'MISSED')}: {text}")
+
+    pc = [_find(res, "mobilequant", MQ_INT8[0][0], f) for f in ("tflite-int8", "onnx-int8")]
+    bc = [_find(res, "mobilequant", "per-tensor + CLE + BC", f) for f in ("tflite-int8", "onnx-int8")]
+    if res.float_top1 is not None:
+        for r in filter(None, pc):
+            line(r.drop_pp <= 0.05, f"per-channel {r.file} drop {r.drop_pp:+.2f} pp ≤ 0.05 pp")
+        baselines = [r for r in res.rows if r.route in ("onnxruntime", "tf converter") and r.error is None
+                     and r.file.endswith("int8") and r.variant.startswith("per-channel")]
+        for r in filter(None, pc):
+            worse = [f"{b.route} {b.variant} {b.top1:.2f} %" for b in baselines if b.top1 > r.top1]
+            line(not worse, f"per-channel {r.file} {r.top1:.2f} % not below the per-channel baselines"
+                 + (f" (below: {'; '.join(worse)})" if worse else ""))
+        for r in filter(None, bc):
+            line(r.drop_pp <= 0.2, f"per-tensor + CLE + BC {r.file} drop {r.drop_pp:+.2f} pp ≤ 0.2 pp")
+        for f in ("tflite-fp16", "onnx-fp16"):
+            r = _find(res, "mobilequant", "float16", f)
+            if r:
+                line(r.drop_pp <= 0.01, f"{f} drop {r.drop_pp:+.2f} pp ≤ 0.01 pp (agreement {r.agreement:.2f} %)")
+    else:
+        for r in filter(None, pc):
+            line(r.agreement >= 90.0, f"per-channel {r.file} agreement {r.agreement:.1f} % ≥ 90 % "
+                 f"({_fmt(r.agreement_confident, '.1f')} % on the confident crops)")
+            line(r.top5_contains_float >= 98.0,
+                 f"per-channel {r.file} float top-1 in top-5 {r.top5_contains_float:.1f} % ≥ 98 %")
+        for r in filter(None, bc):
+            line(r.agreement >= 85.0, f"per-tensor + CLE + BC {r.file} agreement {r.agreement:.1f} % ≥ 85 % "
+                 f"({_fmt(r.agreement_confident, '.1f')} % on the confident crops)")
+    fp32 = _find(res, "mobilequant", "float32", "tflite-fp32")
+    tf_int8 = _find(res, "tf converter", "per-channel (default)", "tflite-int8")
+    if pc[0] is not None:
+        r = pc[0]
+        line(None if fp32 is None else r.latency_ms < fp32.latency_ms,
+             f"tflite-int8 latency {r.latency_ms:.3f} ms < tflite-fp32 "
+             f"{'–' if fp32 is None else f'{fp32.latency_ms:.3f}'} ms (medians)")
+        line(None if tf_int8 is None else r.latency_ms <= tf_int8.latency_ms,
+             f"tflite-int8 latency {r.latency_ms:.3f} ms ≤ TF converter int8 "
+             f"{'–' if tf_int8 is None else f'{tf_int8.latency_ms:.3f}'} ms (medians; minima "
+             f"{r.latency_min_ms:.3f} vs {'–' if tf_int8 is None else f'{tf_int8.latency_min_ms:.3f}'} ms)")
+    budget = 1.05 * res.params + 64 * 1024
+    for r in filter(None, pc):
+        line(r.size_bytes <= budget, f"{r.file} size {r.size_bytes / 1024:.1f} KiB ≤ 1.05 × params + 64 KiB "
+             f"= {budget / 1024:.1f} KiB")
+    return out
+
+
+def machine_info() -> dict:
+    import onnxruntime
+    import torch
+
+    info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+            "load_avg_1m": os.getloadavg()[0], "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "torch_threads": torch.get_num_threads()}
+    try:
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                           if line.startswith("model name"))
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    import importlib.metadata as md
+
+    for dist in ("ai-edge-litert", "litert-torch", "tensorflow-cpu", "onnx2tf", "onnxsim"):
+        try:
+            info[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return info
+
+
+def render(results: list[ModelResult], info: dict, command: str, seconds: float) -> str:
+    parts = [f"`{command}` — {seconds / 60:.1f} min on {info['cpus']} CPU(s) ({info.get('cpu', '?')}), "
+             f"load average {info['load_avg_1m']:.2f} at the start; "
+             + ", ".join(f"{k} {v}" for k, v in info.items()
+                         if k in ("torch", "onnxruntime", "ai-edge-litert", "litert-torch", "tensorflow-cpu",
+                                  "onnx2tf", "onnxsim"))]
+    for res in results:
+        what = (f"top-1 on {res.num_eval} {res.dataset} images, float {res.float_top1:.2f} %"
+                if res.float_top1 is not None else f"{res.num_eval} evaluation crops, no labels "
+                f"({res.num_confident} with float top-1 probability ≥ 0.5)")
+        parts.append(f"### {res.model}\n\n{res.params:,} parameters; calibration {res.num_calibration} images; "
+                     f"{what}.\n\n{model_table(res)}\n\nTargets:\n\n" + "\n".join(target_checks(res)))
+    return "\n\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    from mobilequant.weights import DEFAULT_WEIGHTS, _manifest, list_default_weights
+
+    shipped = list_default_weights()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=None,
+                    help=f"shipped Fashion-MNIST checkpoints and/or '{IMAGENET}' (default: all of "
+                         f"{', '.join(shipped)} and {IMAGENET})")
+    ap.add_argument("--quick", action="store_true", help="1,000 evaluation images, core rows, 30 latency runs")
+    ap.add_argument("--all-methods", action="store_true",
+                    help="every row for every model (default: the default model and imagenet only)")
+    ap.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N images only")
+    ap.add_argument("--latency-runs", type=int, default=None, help="timed single-image runs (default 100)")
+    ap.add_argument("--threads", type=int, default=1, help="torch, LiteRT and ORT threads")
+    ap.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime quantize_static rows")
+    ap.add_argument("--no-tf", action="store_true", help="skip the TensorFlow Lite converter rows")
+    ap.add_argument("--keep", default=None, help="write the artifacts into this folder (default: a temp folder)")
+    ap.add_argument("--out", default=None, help="also write the tables here (Markdown) and the figures "
+                                               "next to it (.json)")
+    args = ap.parse_args(argv)
+    args.default_model = DEFAULT_WEIGHTS
+    if args.quick:
+        args.eval_images = 1000 if args.eval_images is None else args.eval_images
+        args.latency_runs = 30 if args.latency_runs is None else args.latency_runs
+    args.latency_runs = args.latency_runs or 100
+    models = args.models or [DEFAULT_WEIGHTS, IMAGENET, *[m for m in shipped if m != DEFAULT_WEIGHTS]]
+    unknown = [m for m in models if m != IMAGENET and m not in shipped]
+    if unknown:
+        ap.error(f"no shipped weights for {', '.join(unknown)}; choose from {', '.join(shipped)} or {IMAGENET}")
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    info = machine_info()
+    command = "python " + " ".join([os.path.relpath(__file__, Path.cwd())] + (sys.argv[1:] if argv is None else argv))
+    t0 = time.perf_counter()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="mq-compare-") as tmp:
+        work = Path(args.keep) if args.keep else Path(tmp)
+        pending = list(models)
+        while pending:
+            res = run_model(pending.pop(0), args, work)
+            results.append(res)
+            print(render([res], info, command, time.perf_counter() - t0).split("\n\n", 1)[1], flush=True)
+            if not pending and args.models is None:  # checkpoints trained while this ran join the run
+                _manifest.cache_clear()
+                pending = [m for m in list_default_weights() if m not in models]
+                models += pending
+    text = render(results, info, command, time.perf_counter() - t0)
+    if args.out:
+        out = Path(args.out)
+        out.write_text(text)
+        out.with_suffix(".json").write_text(json.dumps(
+            {"command": command, "machine": info, "seconds": time.perf_counter() - t0,
+             "models": [asdict(r) for r in results]}, indent=1) + "\n")
+    print(text.split("\n\n", 1)[0])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
