@@ -101,10 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p, "calibration data: 'builtin' (shipped Fashion-MNIST subset), an image folder, .npy or .npz")
     p.add_argument("--eval-data", default="builtin", help="evaluation data for verification ('builtin': "
                                                           "Fashion-MNIST test set)")
-    p.add_argument("--recipe", default=None, help="recipe YAML (default: export_recipes/<target>.yaml)")
+    p.add_argument("--recipe", default=None, help="a recipe YAML file, or the name of one in export_recipes/ (default: the target's own)")
     p.add_argument("-o", "--out", default="out", help="output file or directory (default: out/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value, e.g. --set quant.per_channel=false (repeatable)")
+                   help="override a recipe value, e.g. --set quantization.per_channel=false (repeatable; see docs/recipes.md)")
     p.add_argument("--num-eval", type=int, default=None, help="evaluation images for the summary and the checks (default: all)")
     p.add_argument("--no-verify", action="store_true", help="skip the read-back verification")
     p.add_argument("--audit", action="store_true", help="run the per-layer accuracy audit after export")

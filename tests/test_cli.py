@@ -176,3 +176,16 @@ def test_cli_reference_in_docs_is_generated_from_the_parser():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.main(["--check"]) == 0, "docs/cli.md is stale: run python scripts/gen_cli_docs.py"
+
+
+def test_recipe_reference_in_docs_is_generated_from_the_code():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gen_recipe_docs.py"
+    spec = importlib.util.spec_from_file_location("gen_recipe_docs", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--check"]) == 0, "docs/recipes.md is stale: run python scripts/gen_recipe_docs.py"
+    text = (path.parents[1] / "docs" / "recipes.md").read_text()
+    assert "| `per_channel` | bool | true |" in text and "`per-tensor-dsp-cle`" in text
