@@ -17,7 +17,7 @@ simulation.
   on the crops of the other half. No labels: top-1 agreement with float and "float top-1 inside the
   file's top-5".
 
-Rows (``--quick`` and the non-default Fashion-MNIST models keep the core rows marked *):
+Rows (``--quick`` keeps the core rows marked *):
 
 * mobilequant (``mobilequant.export.export`` with recipe overrides), each as tflite-int8 and onnx-int8:
   per-channel minmax* (the default recipe), percentile, entropy, mse; ReLU6 ``fixed``*; per-tensor;
@@ -45,6 +45,7 @@ then carry the machine's load (printed with the results).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -250,9 +251,11 @@ def _ort_rows(calib, work: Path, measure, full: bool, ctx: dict) -> list[Row]:
         _log(f"  onnxruntime quantize_static {label}")
         try:
             t = time.perf_counter()
-            quantize_static(str(pre), str(path), Reader(calib.images, input_name), quant_format=QuantFormat.QDQ,
-                            per_channel=per_channel, activation_type=QuantType.QInt8,
-                            weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, method))
+            with contextlib.redirect_stdout(sys.stderr):  # ORT's calibrators print progress: keep stdout the tables
+                quantize_static(str(pre), str(path), Reader(calib.images, input_name),
+                                quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                                calibrate_method=getattr(CalibrationMethod, method))
             row.export_s = ctx["fp32_onnx_s"] + pre_s + time.perf_counter() - t
             measure(row, path)
         except Exception as e:
@@ -335,7 +338,7 @@ def run_model(name: str, args, work: Path) -> ModelResult:
     res.rows.append(torch_row)
     p_top = torch.from_numpy(float_logits).softmax(1).max(1).values
     res.num_confident = int((p_top >= 0.5).sum())
-    full = args.all_methods or (not args.quick and name in (IMAGENET, args.default_model))
+    full = not args.quick
     ctx: dict = {}
     mwork = work / name
     mwork.mkdir(parents=True, exist_ok=True)
@@ -485,8 +488,6 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"shipped Fashion-MNIST checkpoints and/or '{IMAGENET}' (default: all of "
                          f"{', '.join(shipped)} and {IMAGENET})")
     ap.add_argument("--quick", action="store_true", help="1,000 evaluation images, core rows, 30 latency runs")
-    ap.add_argument("--all-methods", action="store_true",
-                    help="every row for every model (default: the default model and imagenet only)")
     ap.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N images only")
     ap.add_argument("--latency-runs", type=int, default=None, help="timed single-image runs (default 100)")
     ap.add_argument("--threads", type=int, default=1, help="torch, LiteRT and ORT threads")
@@ -496,7 +497,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="also write the tables here (Markdown) and the figures "
                                                "next to it (.json)")
     args = ap.parse_args(argv)
-    args.default_model = DEFAULT_WEIGHTS
     if args.quick:
         args.eval_images = 1000 if args.eval_images is None else args.eval_images
         args.latency_runs = 30 if args.latency_runs is None else args.latency_runs
