@@ -406,7 +406,8 @@ def target_checks(res: ModelResult) -> list[str]:
                      and r.file.endswith("int8") and r.variant.startswith("per-channel")]
         for r in filter(None, pc):
             worse = [f"{b.route} {b.variant} {b.top1:.2f} %" for b in baselines if b.top1 > r.top1]
-            line(not worse, f"per-channel {r.file} {r.top1:.2f} % not below the per-channel baselines"
+            line(None if not baselines else not worse,
+                 f"per-channel {r.file} {r.top1:.2f} % not below the per-channel baselines"
                  + (f" (below: {'; '.join(worse)})" if worse else ""))
         for r in filter(None, bc):
             line(r.drop_pp <= 0.2, f"per-tensor + CLE + BC {r.file} drop {r.drop_pp:+.2f} pp ≤ 0.2 pp")
