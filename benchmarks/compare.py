@@ -30,6 +30,17 @@ Rows (``--quick`` keeps the core rows marked *):
   (``benchmarks/_tf_convert.py``, run as a subprocess). Needs ``tensorflow``, ``tf_keras`` and
   ``onnx2tf`` importable by the interpreter running this script, else the rows are skipped with the
   reason (``pip install -e ".[baselines]" && pip install --no-deps onnx2tf``).
+* mobilequant QAT (Fashion-MNIST models only; ``--no-qat`` drops them): ``mobilequant.qat.run_qat`` — the
+  PTQ quantizer with fake-quant constructors — fine-tunes the shipped float weights for one pass over a
+  stratified ``--qat-images`` subset of the training split (default 8,192; ``--quick`` 2,048), then
+  ``mobilequant.export.export(result, ...)`` writes tflite-int8 and onnx-int8 from the QAT result:
+  per channel*, and per tensor. Its "export s" is training plus export; "drop" is against the shipped
+  float model (the fine-tuned float model's own top-1 is in the notes under the table).
+
+Above the tables: the date, machine and versions (read at run time), and a summary of mobilequant against
+the best other tool per model (accuracy drop and error ratio, tflite-int8 latency and size ratios).
+``--merge A.json B.json --out X.md`` renders the results of several runs (e.g. two halves of the model
+list run side by side on two cores) as one document.
 
 Columns: accuracy / agreement, file size, single-image latency (median of ``--latency-runs`` calls, one
 thread: LiteRT + XNNPACK / ORT ``intra_op_num_threads=1``; ``mobilequant.runtime.bench.measure_latency``)
@@ -115,6 +126,10 @@ class ModelResult:
     num_confident: int = 0  # evaluation images the float model gives top-1 probability ≥ 0.5
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelResult:
+        return cls(**{**d, "rows": [Row(**r) for r in d["rows"]]})
 
 
 def _log(msg: str) -> None:
@@ -205,6 +220,70 @@ def _mobilequant_rows(net, calib, work: Path, measure, full: bool, ctx: dict) ->
             _log("    " + traceback.format_exc().strip().splitlines()[-1])
         if target == "onnx-fp32" and row.error is None:
             ctx["fp32_onnx"], ctx["fp32_onnx_s"] = path, row.export_s
+    return rows
+
+
+# QAT variants: (label, QuantConfig keyword arguments, recipe overrides recorded in the file, core row)
+QAT_VARIANTS = (
+    ("per-channel", {}, (), True),
+    ("per-tensor", {"per_channel": False}, ("quantization.per_channel=false",), False),
+)
+
+
+def _qat_rows(net, name: str, evald, work: Path, measure, full: bool, args, notes: list[str]) -> list[Row]:
+    """QAT through the public API (``run_qat`` → ``export``): one pass over ``args.qat_images`` images."""
+    import copy
+    import shutil
+
+    import torch
+
+    from mobilequant.export import export
+    from mobilequant.qat import QATJobConfig, run_qat
+    from mobilequant.quant import QuantConfig
+
+    steps = args.qat_images // args.qat_batch
+    rows = []
+    for label, qc_kwargs, overrides, core in QAT_VARIANTS:
+        if not (core or full):
+            continue
+        targets = ("tflite-int8", "onnx-int8")
+        new = [Row("mobilequant QAT", label, t) for t in targets]
+        rows += new
+        out_dir = work / f"qat-{label}"
+        shutil.rmtree(out_dir, ignore_errors=True)  # our own folder: run_qat refuses a folder with a checkpoint
+        _log(f"  mobilequant QAT {label}: {args.qat_images} images, {steps} steps")
+        try:
+            cfg = QATJobConfig(model=name, out_dir=str(out_dir), epochs=1, batch_size=args.qat_batch,
+                               lr=args.qat_lr, augment=False, train_limit=args.qat_images, val_data=None,
+                               quant=QuantConfig(**qc_kwargs), freeze_bn_step=steps // 2,
+                               freeze_observer_step=(3 * steps) // 4, ckpt_every=max(steps, 1),
+                               threads=args.threads, device="cpu", progress=False)
+            t = time.perf_counter()
+            result = run_qat(cfg, model=copy.deepcopy(net))
+            train_s = time.perf_counter() - t
+            with torch.no_grad():
+                ft = torch.cat([result.float_model(evald.images[i:i + 250]) for i in range(0, len(evald), 250)])
+            ft_top1 = float((ft.argmax(1) == evald.labels).float().mean() * 100.0)
+            notes.append(f"QAT {label}: {result.steps} steps of {args.qat_batch} ({args.qat_images:,} stratified "
+                         f"training images, one pass), lr {args.qat_lr:g}, {train_s:.0f} s; the fine-tuned "
+                         f"float model scores {ft_top1:.2f} % on these images.")
+        except Exception as e:
+            for row in new:
+                row.error = f"QAT failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            _log("    " + traceback.format_exc().strip().splitlines()[-1])
+            continue
+        for row in new:
+            suffix = ".tflite" if row.file.startswith("tflite") else ".onnx"
+            path = work / f"qat-{label}-{row.file}{suffix}"
+            try:
+                t = time.perf_counter()
+                export(result, row.file, path, overrides=[*overrides, "verification.enabled=false"],
+                       model_name=name)
+                row.export_s = train_s + time.perf_counter() - t
+                measure(row, path)
+            except Exception as e:
+                row.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                _log("    " + traceback.format_exc().strip().splitlines()[-1])
     return rows
 
 
@@ -348,6 +427,8 @@ def run_model(name: str, args, work: Path) -> ModelResult:
 
     t0 = time.perf_counter()
     res.rows += _mobilequant_rows(net, calib, mwork, measure, full, ctx)
+    if not args.no_qat and name != IMAGENET:  # QAT needs labelled training data: Fashion-MNIST only
+        res.rows += _qat_rows(net, name, evald, mwork, measure, full, args, res.notes)
     if not args.no_ort:
         res.rows += _ort_rows(calib, mwork, measure, full, ctx)
     if not args.no_tf:
@@ -442,41 +523,178 @@ def target_checks(res: ModelResult) -> list[str]:
     return out
 
 
+# Versions in the header, read at run time (distribution names as pip knows them).
+VERSIONED = ("mobilequant", "torch", "torchao", "litert-torch", "ai-edge-litert", "onnxruntime", "onnx",
+             "tensorflow", "tensorflow-cpu", "tf-keras", "onnx2tf", "onnxsim", "numpy")
+
+
 def machine_info() -> dict:
-    import onnxruntime
+    import importlib.metadata as md
+
     import torch
 
-    info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
-            "load_avg_1m": os.getloadavg()[0], "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+    info = {"date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "python": platform.python_version(),
+            "platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
             "torch_threads": torch.get_num_threads()}
     try:
         info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                            if line.startswith("model name"))
     except (OSError, StopIteration):
         info["cpu"] = platform.processor()
-    import importlib.metadata as md
-
-    for dist in ("ai-edge-litert", "litert-torch", "tensorflow-cpu", "onnx2tf", "onnxsim"):
+    try:
+        kib = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
+        info["memory_gib"] = round(kib / 2**20, 1)
+    except (OSError, StopIteration):
+        pass
+    versions = {}
+    for dist in VERSIONED:
         try:
-            info[dist] = md.version(dist)
+            versions[dist] = md.version(dist)
         except md.PackageNotFoundError:
             pass
+    info["versions"] = versions
+    git = ["git", "-C", str(REPO)]
+    try:
+        info["commit"] = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                        check=True).stdout.strip()
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", "mobilequant", "benchmarks"],
+                               capture_output=True, text=True, check=True).stdout.split("\n")
+        info["uncommitted"] = sorted(line[3:] for line in dirty if line.strip())
+    except (OSError, subprocess.CalledProcessError):
+        pass
     return info
 
 
-def render(results: list[ModelResult], info: dict, command: str, seconds: float) -> str:
-    parts = [f"`{command}` — {seconds / 60:.1f} min on {info['cpus']} CPU(s) ({info.get('cpu', '?')}), "
-             f"load average {info['load_avg_1m']:.2f} at the start; "
-             + ", ".join(f"{k} {v}" for k, v in info.items()
-                         if k in ("torch", "onnxruntime", "ai-edge-litert", "litert-torch", "tensorflow-cpu",
-                                  "onnx2tf", "onnxsim"))]
+def header(info: dict, commands: list[str], seconds: float) -> str:
+    v = info.get("versions", {})
+    code = f"commit `{info['commit']}`" if "commit" in info else "unknown commit"
+    if info.get("uncommitted"):
+        code += " plus uncommitted changes in " + ", ".join(f"`{p}`" for p in info["uncommitted"])
+    lines = [
+        f"- **Date**: {info.get('date_utc', '?')} (start); {seconds / 60:.1f} min wall time",
+        f"- **Machine**: {info['cpus']} CPU(s) ({info.get('cpu', '?')}), {info.get('memory_gib', '?')} GiB, "
+        f"{info['platform']}, Python {info['python']}; load average {info['load_avg_1m']:.2f} at the start",
+        "- **Versions**: " + ", ".join(f"{k} {v[k]}" for k in VERSIONED if k in v),
+        f"- **Code**: {code}",
+        "- **Command**: " + "; ".join(f"`{c}`" for c in commands),
+    ]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ ratios
+def _loss(r: Row, labelled: bool) -> float:
+    """Drop in pp against float (labelled data) or disagreement with float in % (photo crops)."""
+    return r.drop_pp if labelled else 100.0 - r.agreement
+
+
+def _errors(r: Row, labelled: bool) -> float:
+    """Top-1 error % (labelled data) or disagreement % with the float model (photo crops)."""
+    return 100.0 - r.top1 if labelled else 100.0 - r.agreement
+
+
+def _ratio(a: float | None, b: float | None, spec: str = ".2f") -> str:
+    return "–" if a is None or b is None or b == 0 else f"{a / b:{spec}}"
+
+
+def _ok(rows: list[Row]) -> list[Row]:
+    return [r for r in rows if r.error is None]
+
+
+def ratio_summary(results: list[ModelResult]) -> str:
+    """mobilequant against the best other tool, per model: accuracy, then tflite-int8 latency and size."""
+    acc = ["| model | mobilequant default (tflite / onnx) | best mobilequant PTQ per-channel | "
+           "mobilequant QAT per-channel (tflite / onnx) | best ORT / TF per-channel | "
+           "Δ best mobilequant − best other, pp | error ratio best mq / best other | "
+           "error ratio default tflite / best other |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    speed = ["| model | mq tflite-int8 median / min ms | TF converter tflite-int8 median / min ms | "
+             "latency ratio median | latency ratio min | mq KiB | TF KiB | size ratio | "
+             "onnx-int8, mq default / ORT per-channel MinMax: latency ratio (median), size ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for res in results:
-        what = (f"top-1 on {res.num_eval} {res.dataset} images, float {res.float_top1:.2f} %"
-                if res.float_top1 is not None else f"{res.num_eval} evaluation crops, no labels "
-                f"({res.num_confident} with float top-1 probability ≥ 0.5)")
-        parts.append(f"### {res.model}\n\n{res.params:,} parameters; calibration {res.num_calibration} images; "
-                     f"{what}.\n\n{model_table(res)}\n\nTargets:\n\n" + "\n".join(target_checks(res)))
+        lab = res.float_top1 is not None
+
+        def pick(route, variant, file):
+            return _find(res, route, variant, file)
+
+        def fmt(r: Row | None) -> str:
+            return "–" if r is None else f"{_loss(r, lab):+.2f}"
+
+        d_t, d_o = pick("mobilequant", MQ_INT8[0][0], "tflite-int8"), pick("mobilequant", MQ_INT8[0][0], "onnx-int8")
+        mq_pc = _ok([r for r in res.rows if r.route == "mobilequant" and r.file.endswith("int8")
+                     and r.variant.startswith("per-channel")])
+        q_t, q_o = pick("mobilequant QAT", "per-channel", "tflite-int8"), pick("mobilequant QAT", "per-channel",
+                                                                               "onnx-int8")
+        others = _ok([r for r in res.rows if r.route in ("onnxruntime", "tf converter")
+                      and r.file.endswith("int8") and r.variant.startswith("per-channel")])
+        best_mq = min(mq_pc + [r for r in (q_t, q_o) if r], key=lambda r: _loss(r, lab), default=None)
+        best_ptq = min(mq_pc, key=lambda r: _loss(r, lab), default=None)
+        best_other = min(others, key=lambda r: _loss(r, lab), default=None)
+        name = res.model + ("" if lab else " (photos: disagreement %)")
+
+        def where(r: Row | None, route: bool) -> str:
+            if r is None:
+                return "–"
+            return f"{_loss(r, lab):+.2f} ({(r.route + ' ') if route else ''}{r.variant}, {r.file})"
+
+        acc.append("| " + " | ".join([
+            name, f"{fmt(d_t)} / {fmt(d_o)}", where(best_ptq, False), f"{fmt(q_t)} / {fmt(q_o)}",
+            where(best_other, True),
+            "–" if best_mq is None or best_other is None else f"{_loss(best_mq, lab) - _loss(best_other, lab):+.2f}"
+            + ("" if best_mq is best_ptq else " (QAT)"),
+            "–" if best_mq is None or best_other is None else _ratio(_errors(best_mq, lab), _errors(best_other, lab),
+                                                                     ".3f"),
+            "–" if d_t is None or best_other is None else _ratio(_errors(d_t, lab), _errors(best_other, lab), ".3f"),
+        ]) + " |")
+        tf = pick("tf converter", "per-channel (default)", "tflite-int8")
+        ort = pick("onnxruntime", "per-channel MinMax", "onnx-int8")
+        def kib(r: Row | None) -> str:
+            return "–" if r is None else f"{r.size_bytes / 1024:.1f}"
+
+        def ms(r: Row | None) -> str:
+            return "–" if r is None else f"{r.latency_ms:.3f} / {r.latency_min_ms:.3f}"
+
+        def rt(a: Row | None, b: Row | None, attr: str) -> str:
+            return "–" if a is None or b is None else _ratio(getattr(a, attr), getattr(b, attr))
+
+        speed.append("| " + " | ".join([
+            res.model, ms(d_t), ms(tf), rt(d_t, tf, "latency_ms"), rt(d_t, tf, "latency_min_ms"), kib(d_t), kib(tf),
+            rt(d_t, tf, "size_bytes"), f"{rt(d_o, ort, 'latency_ms')}, {rt(d_o, ort, 'size_bytes')}",
+        ]) + " |")
+    return ("#### Accuracy: drop against the float model in pp (lower is better)\n\n"
+            "\"best\" picks the variant with the smallest drop on the evaluation images themselves (an oracle "
+            "choice, made for both sides); the error ratio divides top-1 error rates (photo crops: disagreement "
+            "rates), below 1 = mobilequant makes fewer errors.\n\n" + "\n".join(acc)
+            + "\n\n#### Latency and size: mobilequant's default tflite-int8 file / the TF converter's per-channel "
+              "int8 file (below 1 = mobilequant faster / smaller)\n\n" + "\n".join(speed))
+
+
+def model_section(res: ModelResult) -> str:
+    what = (f"top-1 on {res.num_eval} {res.dataset} images, float {res.float_top1:.2f} %"
+            if res.float_top1 is not None else f"{res.num_eval} evaluation crops, no labels "
+            f"({res.num_confident} with float top-1 probability ≥ 0.5)")
+    notes = "".join(f"\n- {n}" for n in res.notes)
+    return (f"### {res.model}\n\n{res.params:,} parameters; calibration {res.num_calibration} images; "
+            f"{what}.\n\n{model_table(res)}\n" + (f"\nNotes:\n{notes}\n" if notes else "")
+            + "\nTargets:\n\n" + "\n".join(target_checks(res)))
+
+
+def render(results: list[ModelResult], info: dict, commands: list[str], seconds: float) -> str:
+    parts = [header(info, commands, seconds), "### Summary: mobilequant against the best other tool",
+             ratio_summary(results), *map(model_section, results)]
     return "\n\n".join(parts) + "\n"
+
+
+def load_results(path: Path) -> tuple[dict, list[str], float, list[ModelResult]]:
+    d = json.loads(Path(path).read_text())
+    commands = d.get("commands") or [d["command"]]
+    return d["machine"], commands, d["seconds"], [ModelResult.from_dict(m) for m in d["models"]]
+
+
+def write_results(out: Path, text: str, info: dict, commands: list[str], seconds: float,
+                  results: list[ModelResult]) -> None:
+    out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(
+        {"commands": commands, "machine": info, "seconds": seconds,
+         "models": [asdict(r) for r in results]}, indent=1) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -497,7 +715,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", default=None, help="write the artifacts into this folder (default: a temp folder)")
     ap.add_argument("--out", default=None, help="also write the tables here (Markdown) and the figures "
                                                "next to it (.json)")
+    ap.add_argument("--no-qat", action="store_true", help="skip the mobilequant QAT rows")
+    ap.add_argument("--qat-images", type=int, default=None,
+                    help="QAT: one pass over a stratified subset of this many training images "
+                         "(default 8192; --quick 2048)")
+    ap.add_argument("--qat-lr", type=float, default=5e-4, help="QAT peak learning rate (SGD, cosine)")
+    ap.add_argument("--qat-batch", type=int, default=64, help="QAT batch size")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="render the .json results of earlier runs as one document (with --out) and exit")
     args = ap.parse_args(argv)
+    if args.merge:
+        loaded = [load_results(Path(p)) for p in args.merge]
+        info, seconds = loaded[0][0], max(x[2] for x in loaded)  # runs side by side: the longest
+        commands = [c for x in loaded for c in x[1]]
+        results = [r for x in loaded for r in x[3]]
+        text = render(results, info, commands, seconds)
+        if args.out:
+            write_results(Path(args.out), text, info, commands, seconds, results)
+        print(text)
+        return 0
+    if args.qat_images is None:
+        args.qat_images = 2048 if args.quick else 8192
     if args.quick:
         args.eval_images = 1000 if args.eval_images is None else args.eval_images
         args.latency_runs = 30 if args.latency_runs is None else args.latency_runs
@@ -520,19 +758,18 @@ def main(argv: list[str] | None = None) -> int:
         while pending:
             res = run_model(pending.pop(0), args, work)
             results.append(res)
-            print(render([res], info, command, time.perf_counter() - t0).split("\n\n", 1)[1], flush=True)
+            print(model_section(res) + "\n", flush=True)
+            if args.out:  # after every model: a run cut short keeps what it measured
+                write_results(Path(args.out), render(results, info, [command], time.perf_counter() - t0),
+                              info, [command], time.perf_counter() - t0, results)
             if not pending and args.models is None:  # checkpoints trained while this ran join the run
                 _manifest.cache_clear()
                 pending = [m for m in list_default_weights() if m not in models]
                 models += pending
-    text = render(results, info, command, time.perf_counter() - t0)
+    text = render(results, info, [command], time.perf_counter() - t0)
     if args.out:
-        out = Path(args.out)
-        out.write_text(text)
-        out.with_suffix(".json").write_text(json.dumps(
-            {"command": command, "machine": info, "seconds": time.perf_counter() - t0,
-             "models": [asdict(r) for r in results]}, indent=1) + "\n")
-    print(text.split("\n\n", 1)[0])
+        write_results(Path(args.out), text, info, [command], time.perf_counter() - t0, results)
+    print(text.split("\n### ", 1)[0])
     return 0
 
 
