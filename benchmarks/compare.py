@@ -608,7 +608,8 @@ def ratio_summary(results: list[ModelResult]) -> str:
            "error ratio default tflite / best other |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     speed = ["| model | mq tflite-int8 median / min ms | TF converter tflite-int8 median / min ms | "
              "latency ratio median | latency ratio min | mq KiB | TF KiB | size ratio | "
-             "onnx-int8, mq default / ORT per-channel MinMax: latency ratio (median), size ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "onnx-int8, mq default / ORT per-channel MinMax: latency ratio (median), size ratio |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for res in results:
         lab = res.float_top1 is not None
 
