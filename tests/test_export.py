@@ -85,6 +85,17 @@ def test_zoo_family_exports_and_verifies(family, target, tmp_path):
     assert artifact.verified, str(artifact.verification)
     assert path.is_file() and artifact.metadata["model_name"] == setup["name"]
     assert artifact.name_map, "layers are mapped to tensors of the file"
+    if spec.format == "tflite":
+        info = read_tflite(path.read_bytes())
+        producer = {t: op.name for op in info.ops for t in op.outputs}
+        by_name = {t.name: t.index for t in info.tensors}
+        # The layer that makes the graph output is mapped to the file's output (or, with float I/O, to the
+        # int8 tensor its DEQUANTIZE reads); no layer is mapped to a PAD the converter split off a pooling.
+        out = info.outputs[0]
+        if producer.get(out) == "DEQUANTIZE":
+            out = next(op.inputs[0] for op in info.ops if out in op.outputs)
+        assert info.tensors[out].name in artifact.name_map.values()
+        assert not [k for k, v in artifact.name_map.items() if producer.get(by_name[v]) in ("PAD", "PADV2")]
     census = artifact.census
     if spec.format == "tflite" and spec.quantized:
         assert census.float_compute_ops == []
@@ -172,6 +183,20 @@ def test_float_io_and_nhwc_input(small, tmp_path):
     assert inp.dtype == "float32" and inp.shape == (1, 16, 16, 3)
     assert art.census.transposes == 0
     assert art.census.float_compute_ops == [], "only the I/O QUANTIZE / DEQUANTIZE are float"
+
+
+def test_cle_recipe_gives_per_tensor_int8_without_transposes(small, tmp_path):
+    """CLE's exact ReLU6 (a per-channel clamp) is computed in NHWC: no TRANSPOSE pair around each clamp,
+    and with NHWC input the converter's locations still name the model's layers."""
+    art = export(small["model"], "tflite-int8", tmp_path / "dsp.tflite", calibration_data=[small["calib"]],
+                 verify_data=small["x"], recipe=load_recipe("per-tensor-dsp-cle", VERIFY))
+    assert art.verified, str(art.verification)
+    assert any(r.startswith("channel_clamp") for r in art.census.rewrites)
+    assert art.census.transposes == 0 and art.census.float_compute_ops == []
+    assert "MINIMUM:int8" in art.census.ops
+    assert {"stem.0", "block.3", "head.2"} <= set(art.name_map)
+    info = read_tflite(art.path.read_bytes())
+    assert all(len(t.scales) == 1 for t in info.tensors if t.constant and t.dtype == "int8"), "per tensor"
 
 
 def test_failed_check_keeps_the_file_flagged(small, tmp_path):

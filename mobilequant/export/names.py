@@ -102,24 +102,27 @@ def tflite_name_map(gm: GraphModule, info, quantized: bool) -> tuple[dict[str, s
     """(name map, tensor index → layer) for a TFLite file lowered from ``gm``."""
     name_map: dict[str, str] = {}
     tensor_layer: dict[int, str] = {}
-    produced = [(op, t) for op in info.ops for t in op.outputs if t >= 0]
+    # Graph outputs carry the signature's name, not a location: _map_graph_output places them.
+    produced = [(op, t) for op in info.ops for t in op.outputs if t >= 0 and t not in info.outputs]
     if quantized:
         sites = quantize_sites(gm)
         used: set[int] = set()
+
+        def matches(t: int, site: QuantSite) -> bool:
+            tensor = info.tensors[t]
+            return (t not in used and tensor.quantized and len(tensor.scales) == 1
+                    and _same(tensor.scales[0], site.scale) and tensor.zero_points[0] == site.zero_point
+                    and _located(_components(tensor.name), site.segments, first_only=True))
+
         for site in sites:
-            for _, t in produced:
-                tensor = info.tensors[t]
-                if t in used or not tensor.quantized or len(tensor.scales) != 1:
-                    continue
-                if not (_same(tensor.scales[0], site.scale) and tensor.zero_points[0] == site.zero_point):
-                    continue
-                if not _located(_components(tensor.name), site.segments, first_only=True):
-                    continue
-                used.add(t)
-                if not site.internal:  # rewrite intermediates are checked by value, not as the layer
-                    tensor_layer[t] = site.layer
-                    name_map.setdefault(site.layer, tensor.name)
-                break
+            t = next((t for _, t in produced if matches(t, site)), None)
+            if t is None:
+                continue
+            t = _past_pads(info, t, lambda o: matches(o, site), used)
+            if not site.internal:  # rewrite intermediates are checked by value, not as the layer
+                tensor_layer[t] = site.layer
+                name_map.setdefault(site.layer, info.tensors[t].name)
+        _map_graph_output(gm, info, name_map, tensor_layer, quantized)
         return name_map, tensor_layer
     nodes = [n for n in gm.graph.nodes if n.op == "call_function" and "mq_name" in n.meta
              and not any(s in n.name for s in _STRUCTURAL)]
@@ -130,11 +133,54 @@ def tflite_name_map(gm: GraphModule, info, quantized: bool) -> tuple[dict[str, s
             if t in used:
                 continue
             if _located(_components(info.tensors[t].name), segs, first_only=True):
-                used.add(t)
+                # The op after a split-off PAD may carry a fused activation's location instead.
+                t = _past_pads(info, t, lambda o: o not in used, used)
                 tensor_layer[t] = layer_name(node)
                 name_map.setdefault(layer_name(node), info.tensors[t].name)
                 break
+    _map_graph_output(gm, info, name_map, tensor_layer, quantized)
     return name_map, tensor_layer
+
+
+def _past_pads(info, t: int, same_layer, used: set[int]) -> int:
+    """``t``, or the op after it when ``t`` is a PAD the converter split off the layer (PAD → MAX_POOL_2D,
+    PAD → DEPTHWISE_CONV_2D): the layer's output is the tensor the next layer reads."""
+    used.add(t)
+    producer = {o: op for op in info.ops for o in op.outputs}
+    while t in producer and producer[t].name in ("PAD", "PADV2"):
+        nxt = next((o for op in info.ops if t in op.inputs for o in op.outputs if o >= 0 and same_layer(o)), None)
+        if nxt is None:
+            break
+        t = nxt
+        used.add(t)
+    return t
+
+
+def _map_graph_output(gm: GraphModule, info, name_map: dict[str, str], tensor_layer: dict[int, str],
+                      quantized: bool) -> None:
+    """The layer that makes the graph output: its tensor carries the signature's name, not a location."""
+    if len(info.outputs) != 1:
+        return
+    out = info.outputs[0]
+    if quantized and not info.tensors[out].quantized:  # float I/O: the int8 tensor before DEQUANTIZE
+        producer = next((op for op in info.ops if out in op.outputs), None)
+        if producer is None or producer.name != "DEQUANTIZE":
+            return
+        out = producer.inputs[0]
+    if out in tensor_layer:
+        return
+    src = gm.graph.output_node().args[0]
+    src = src[0] if isinstance(src, (tuple, list)) and len(src) == 1 else src
+    # Back through the output's dequantize / quantize pair (quantized graphs) to the compute node.
+    while isinstance(src, Node) and src.op == "call_function" and (
+            src.target in _QUANTIZE or "dequantize" in str(src.target)):
+        src = src.args[0]
+    if not isinstance(src, Node) or src.op != "call_function" or "mq_name" not in src.meta:
+        return
+    layer = (src.meta.get("mq_fused_into") if quantized else None) or layer_name(src)
+    if layer not in name_map:
+        name_map[layer] = info.tensors[out].name
+        tensor_layer[out] = layer
 
 
 def onnx_name_map(model, program, gm: GraphModule, quantized: bool) -> dict[str, str]:

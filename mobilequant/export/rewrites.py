@@ -16,6 +16,12 @@ float graph), changes no value the torch simulation computes, and is reported as
   TRANSPOSEs in NHWC; written as ``permute(0,2,3,1) → reshape(N,H,W,g,C/g) → transpose(3,4) →
   reshape(N,H,W,C) → permute(0,3,1,2)`` it lowers to one TRANSPOSE (the outer permutes cancel against the
   layout transposes). In a quantized graph every new tensor gets the shuffle's (shared) parameters.
+* ``channel_clamp``: CLE's exact ReLU6, ``clamp.Tensor(x, lo, hi)`` with per-channel ``[C,1,1]`` bounds,
+  lowers to MINIMUM / MAXIMUM whose NCHW-shaped constants keep the op in NCHW: a TRANSPOSE pair around
+  every clamp. Written as ``permute(0,2,3,1) → clamp with [C] bounds → permute(0,3,1,2)`` the
+  permutes cancel against the layout transposes. In a quantized graph the permuted input keeps the
+  input's parameters and the permuted output the clamp's (MINIMUM / MAXIMUM and TRANSPOSE keep their
+  input's parameters in TFLite).
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ _META_KEYS = ("nn_module_stack", "stack_trace", "mq_name", "source_fn_stack", "f
 
 @dataclass(frozen=True)
 class Rewrite:
-    kind: str  # "hardsigmoid" | "channel_shuffle" | "flatten_linear"
+    kind: str  # "hardsigmoid" | "channel_shuffle" | "flatten_linear" | "channel_clamp"
     layer: str
     detail: str
 
@@ -58,6 +64,7 @@ def rewrite_for_tflite(gm: GraphModule, quantized: bool) -> list[Rewrite]:
         done += _rewrite_hardsigmoid(gm)
     done += _rewrite_channel_shuffle(gm, quantized)
     done += _rewrite_flatten_linear(gm, quantized)
+    done += _rewrite_channel_clamp(gm, quantized)
     if done:
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
@@ -283,4 +290,50 @@ def _rewrite_flatten_linear(gm: GraphModule, quantized: bool) -> list[Rewrite]:
             f.args = (src, 1, -1)
         done.append(Rewrite("flatten_linear", layer_name(lin) if "mq_name" in lin.meta else lin.name,
                             f"flatten of {c}×{h}×{w} in NHWC order, weight columns permuted (no TRANSPOSE)"))
+    return done
+
+
+# ------------------------------------------------------------------------------ per-channel clamp
+def _attr_value(gm: GraphModule, node) -> torch.Tensor | None:
+    if not isinstance(node, Node) or node.op != "get_attr":
+        return None
+    obj = gm
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part)
+    return obj.detach() if isinstance(obj, torch.Tensor) else None
+
+
+def _rewrite_channel_clamp(gm: GraphModule, quantized: bool) -> list[Rewrite]:
+    done = []
+    for cl in list(gm.graph.nodes):
+        if cl.op != "call_function" or cl.target != aten.clamp.Tensor or len(cl.args) != 3:
+            continue
+        x, lo, hi = cl.args
+        shape = _shape(x)
+        bounds = [_attr_value(gm, b) for b in (lo, hi)]
+        if shape is None or len(shape) != 4 or any(
+                b is None or tuple(b.shape) not in ((shape[1], 1, 1), (1, shape[1], 1, 1)) for b in bounds):
+            continue
+        x_q = tuple(x.args[1:]) if quantized and x.target in _DQ else None
+        out, out_q = _through_qdq(cl)
+        if quantized and (x_q is None or out_q is None):
+            continue
+        with gm.graph.inserting_before(cl):
+            p1 = gm.graph.call_function(aten.permute.default, (x, [0, 2, 3, 1]))
+            src = _qdq(gm, p1, *x_q, like=cl) if quantized else p1
+            nhwc = [_const(gm, "_mq_clamp_bound_nhwc", b.reshape(-1).clone()) for b in bounds]  # broadcasts over C
+            c = gm.graph.call_function(aten.clamp.Tensor, (src, *nhwc))
+            c_out = _qdq(gm, c, *out_q, like=cl) if quantized else c
+            p2 = gm.graph.call_function(aten.permute.default, (c_out, [0, 3, 1, 2]))
+            result = _qdq(gm, p2, *out_q, like=cl) if quantized else p2
+        for n in (p1, c, p2):
+            _copy_meta(n, cl)
+        for n in (p1, p2):  # layout-only tensors: the layer's output is the clamp's
+            n.meta[INTERNAL_KEY] = True
+        for key in ("mq_fused_into",):
+            if key in cl.meta:
+                c.meta[key] = cl.meta[key]
+        out.replace_all_uses_with(result)
+        done.append(Rewrite("channel_clamp", cl.meta.get("mq_fused_into") or (
+            layer_name(cl) if "mq_name" in cl.meta else cl.name), "per-channel clamp computed in NHWC"))
     return done

@@ -74,7 +74,10 @@ class LoweredTFLite:
 
 
 class _ChannelsLast(nn.Module):
-    """NHWC input for a model written for NCHW (the permute cancels against the layout transposes)."""
+    """NHWC input for a model written for NCHW (the permute cancels against the layout transposes).
+
+    Only for modules that are not graphs: a wrapper hides the inner graph's module hierarchy from the
+    converter's locations, which the name map needs (see :func:`_channels_last_graph`)."""
 
     def __init__(self, inner: nn.Module):
         super().__init__()
@@ -82,6 +85,20 @@ class _ChannelsLast(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner(x.permute(0, 3, 1, 2))
+
+
+def _channels_last_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``gm`` that takes NHWC input: ``placeholder → permute(0,3,1,2)`` feeds the old users, so
+    every other node keeps its meta (and the converter's locations stay those of the model's modules)."""
+    import copy
+
+    gm = copy.deepcopy(gm)
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    with gm.graph.inserting_after(x):
+        p = gm.graph.call_function(torch.ops.aten.permute.default, (x, [0, 3, 1, 2]))
+    x.replace_all_uses_with(p, delete_user_cb=lambda user: user is not p)
+    gm.recompile()
+    return gm
 
 
 def lower_to_tflite(module: nn.Module, example_input: torch.Tensor, *, quantized: bool, io_dtype: str = "float",
@@ -103,7 +120,8 @@ def lower_to_tflite(module: nn.Module, example_input: torch.Tensor, *, quantized
 
     x = example_input[:1].detach()
     if layout == "NHWC":
-        module = _ChannelsLast(module)
+        module = (_channels_last_graph(module) if isinstance(module, torch.fx.GraphModule)
+                  else _ChannelsLast(module))
         x = x.permute(0, 2, 3, 1).contiguous()
     with _litert_env():
         sig = signature_lib.Signature("serving_default", module, (x,), None, None)
