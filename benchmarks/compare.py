@@ -113,6 +113,7 @@ class Row:
     latency_min_ms: float | None = None  # fastest call (less sensitive to other processes' load)
     export_s: float | None = None
     error: str | None = None
+    note: str | None = None  # how the file was run when not as usual (shown next to the variant)
 
 
 @dataclass
@@ -184,13 +185,47 @@ def _score(row: Row, logits, float_logits, labels, float_top1) -> None:
 
 
 def _measure(row: Row, path: Path, images, float_logits, labels, float_top1, args) -> None:
+    from mobilequant.errors import InputError
     from mobilequant.runtime.bench import measure_latency
 
-    logits = _run_file(path, images, args.threads)
+    try:
+        logits = _run_file(path, images, args.threads)
+    except InputError as e:
+        if "XNNPACK" not in str(e):
+            raise
+        _measure_without_xnnpack(row, path, images, float_logits, labels, float_top1, args)
+        return
     _score(row, logits, float_logits, labels, float_top1)
     row.size_bytes = path.stat().st_size
     lat = measure_latency(path, threads=args.threads, runs=args.latency_runs, warmup=10)
     row.latency_ms, row.latency_min_ms = lat.median_ms, lat.min_ms
+
+
+def _measure_without_xnnpack(row: Row, path: Path, images, float_logits, labels, float_top1, args) -> None:
+    """A .tflite file the XNNPACK delegate refuses: LiteRT's built-in kernels (no default delegates).
+
+    Accuracy is the file's; the latency is not comparable with the XNNPACK rows (the row says so).
+    """
+    import numpy as np
+
+    from mobilequant.runtime import TFLiteRunner
+
+    runner = TFLiteRunner(path, num_threads=args.threads, preserve_all_tensors=True)  # no default delegates
+    x = images.numpy()
+    _score(row, np.concatenate([runner.run(x[i:i + 500]) for i in range(0, len(x), 500)]), float_logits,
+           labels, float_top1)
+    row.size_bytes = path.stat().st_size
+    interp = runner.interpreter
+    interp.set_tensor(runner.input.index, np.zeros(runner.input.shape, dtype=runner.input.dtype))
+    for _ in range(10):
+        interp.invoke()
+    times = []
+    for _ in range(args.latency_runs):
+        t = time.perf_counter()
+        interp.invoke()
+        times.append((time.perf_counter() - t) * 1e3)
+    row.latency_ms, row.latency_min_ms = float(np.median(times)), float(np.min(times))
+    row.note = "XNNPACK refuses the file: built-in kernels, latency not comparable"
 
 
 # ------------------------------------------------------------------------------------------- routes
@@ -453,7 +488,7 @@ def model_table(res: ModelResult) -> str:
         if r.error:
             cells = [r.route, r.variant, r.file, f"**{r.error}**"] + [""] * (len(head) - 4)
         else:
-            cells = [r.route, r.variant, r.file]
+            cells = [r.route, r.variant + (f" ({r.note})" if r.note else ""), r.file]
             cells += [_fmt(r.top1, ".2f"), _fmt(r.drop_pp, "+.2f")] if labelled else []
             cells += [_fmt(r.agreement, ".2f")]
             cells += [] if labelled else [_fmt(r.agreement_confident, ".1f"), _fmt(r.top5_contains_float, ".1f")]
@@ -656,8 +691,10 @@ def ratio_summary(results: list[ModelResult]) -> str:
         def rt(a: Row | None, b: Row | None, attr: str) -> str:
             return "–" if a is None or b is None else _ratio(getattr(a, attr), getattr(b, attr))
 
+        tf_lat = None if tf is None or tf.note else tf  # a file run without XNNPACK: no latency ratio
         speed.append("| " + " | ".join([
-            res.model, ms(d_t), ms(tf), rt(d_t, tf, "latency_ms"), rt(d_t, tf, "latency_min_ms"), kib(d_t), kib(tf),
+            res.model, ms(d_t), ms(tf) + (" (no XNNPACK)" if tf is not None and tf.note else ""),
+            rt(d_t, tf_lat, "latency_ms"), rt(d_t, tf_lat, "latency_min_ms"), kib(d_t), kib(tf),
             rt(d_t, tf, "size_bytes"), f"{rt(d_o, ort, 'latency_ms')}, {rt(d_o, ort, 'size_bytes')}",
         ]) + " |")
     return ("#### Accuracy: drop against the float model in pp (lower is better)\n\n"
