@@ -157,6 +157,18 @@ def test_metadata_read_back(small, tmp_path):
         assert report["passed"] is True
 
 
+def test_tflite_tensors_carry_the_stable_layer_names(small, tmp_path):
+    art = export(small["qr"], "tflite-int8", tmp_path / "n.tflite", verify_data=small["x"], overrides=VERIFY)
+    info = read_tflite(art.path.read_bytes())
+    names = [t.name for t in info.tensors]
+    assert len(set(names)) == len(names), "tensor names are unique"
+    assert max(map(len, names)) < 64, "no module class paths"
+    io_names = {info.tensors[i].name for i in (*info.inputs, *info.outputs)}
+    inner = {k: v for k, v in art.name_map.items() if v not in io_names}
+    assert inner and all(v == k for k, v in inner.items())
+    assert {"stem.0/weight", "stem.0/bias", "head.2/weight"} <= set(names)
+
+
 def test_reexport_is_byte_identical(small, tmp_path):
     for target in ("tflite-int8", "onnx-int8"):
         suffix = TARGETS[target].suffix

@@ -226,10 +226,10 @@ def export(
 
 
 def _to_tflite(spec, recipe, qr, float_graph, example, metadata):
-    from .names import tflite_name_map
+    from .names import tflite_name_map, tflite_tensor_names
     from .rewrites import rewrite_for_tflite
     from .tflite import lower_to_tflite
-    from .tflite_file import read_tflite
+    from .tflite_file import read_tflite, rename_tensors
     from .verify import tflite_census
 
     graph = copy.deepcopy(qr.export_graph) if spec.quantized else float_graph
@@ -238,9 +238,11 @@ def _to_tflite(spec, recipe, qr, float_graph, example, metadata):
                               layout=recipe.io.layout)
     plain = read_tflite(lowered.to_bytes(), "converted model")
     name_map, tensor_layer = tflite_name_map(graph, plain, quantized=spec.quantized)
-    metadata["name_map"] = dict(sorted(name_map.items()))
+    names = tflite_tensor_names(plain, tensor_layer)
+    renamed = {layer: names[i] for i, layer in tensor_layer.items() if plain.tensors[i].name == name_map.get(layer)}
+    metadata["name_map"] = dict(sorted(renamed.items()))
     metadata["rewrites"] = [str(r) for r in rewrites]
-    data = lowered.to_bytes({METADATA_KEY: metadata_json(metadata)})
+    data = rename_tensors(lowered.to_bytes({METADATA_KEY: metadata_json(metadata)}), names)
     if spec.precision == "fp16":
         data = _tflite_fp16_weights(data)
     info = read_tflite(data, "converted model")

@@ -168,3 +168,15 @@ def tensor_values(data: bytes, index: int) -> np.ndarray | None:
     raw = buf.DataAsNumpy().tobytes()
     shape = tuple(int(s) for s in t.ShapeAsNumpy()) if t.ShapeLength() else ()
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def rename_tensors(data: bytes, names: dict[int, str]) -> bytes:
+    """``data`` with the tensors of subgraph 0 renamed (``index → name``), re-serialised with LiteRT's own
+    flatbuffer helpers (object API: the same bytes for the same input)."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(data))
+    tensors = model.subgraphs[0].tensors
+    for index, name in names.items():
+        tensors[index].name = name
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
