@@ -11,6 +11,9 @@ import os
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _docgen import doc_main  # noqa: E402
+
 DOC = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 
 
@@ -36,18 +39,7 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    args.add_argument("--check", action="store_true")
-    ns = args.parse_args(argv)
-    text = render()
-    if ns.check:
-        if not DOC.is_file() or DOC.read_text() != text:
-            print(f"{DOC} is stale: run python scripts/gen_cli_docs.py", file=sys.stderr)
-            return 1
-        return 0
-    DOC.write_text(text)
-    print(f"wrote {DOC}")
-    return 0
+    return doc_main(DOC, render, __doc__.splitlines()[0], "gen_cli_docs.py", argv)
 
 
 if __name__ == "__main__":

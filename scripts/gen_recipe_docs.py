@@ -10,7 +10,6 @@ dataclasses themselves.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import inspect
 import re
@@ -18,6 +17,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _docgen import doc_main  # noqa: E402
+
 DOC = REPO / "docs" / "recipes.md"
 sys.path.insert(0, str(REPO))
 
@@ -107,18 +109,7 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    args.add_argument("--check", action="store_true")
-    ns = args.parse_args(argv)
-    text = render()
-    if ns.check:
-        if not DOC.is_file() or DOC.read_text() != text:
-            print(f"{DOC} is stale: run python scripts/gen_recipe_docs.py", file=sys.stderr)
-            return 1
-        return 0
-    DOC.write_text(text)
-    print(f"wrote {DOC}")
-    return 0
+    return doc_main(DOC, render, __doc__.splitlines()[0], "gen_recipe_docs.py", argv)
 
 
 if __name__ == "__main__":
