@@ -1,6 +1,6 @@
 """Benchmark: mobilequant's int8 / fp16 files against ONNX Runtime's and TensorFlow Lite's own quantizers.
 
-    nice -n 19 /tmp/tfenv/bin/python benchmarks/compare.py                      # everything (30-60 min, 2 cores)
+    nice -n 19 /tmp/tfenv/bin/python benchmarks/compare.py                      # everything (~1.5 h, 2 shared cores)
     nice -n 19 python benchmarks/compare.py --quick                            # 1,000 images, core rows
     python benchmarks/compare.py --models mobilenetv2_050 imagenet --out results.md
 
