@@ -20,6 +20,7 @@ from torch.fx import GraphModule, Node
 
 from ..capture import layer_name
 from .rewrites import INTERNAL_KEY
+from .tflite_file import WEIGHTED_OPS
 
 __all__ = ["tflite_name_map", "tflite_tensor_names", "onnx_name_map", "quantize_sites", "QuantSite",
            "INTERNAL_KEY"]
@@ -105,6 +106,7 @@ def tflite_name_map(gm: GraphModule, info, quantized: bool) -> tuple[dict[str, s
     tensor_layer: dict[int, str] = {}
     # Graph outputs carry the signature's name, not a location: _map_graph_output places them.
     produced = [(op, t) for op in info.ops for t in op.outputs if t >= 0 and t not in info.outputs]
+    producer = {t: op for op, t in produced}
     if quantized:
         sites = quantize_sites(gm)
         used: set[int] = set()
@@ -119,7 +121,7 @@ def tflite_name_map(gm: GraphModule, info, quantized: bool) -> tuple[dict[str, s
             t = next((t for _, t in produced if matches(t, site)), None)
             if t is None:
                 continue
-            t = _past_pads(info, t, lambda o: matches(o, site), used)
+            t = _past_pads(info, producer, t, lambda o: matches(o, site), used)
             if not site.internal:  # rewrite intermediates are checked by value, not as the layer
                 tensor_layer[t] = site.layer
                 name_map.setdefault(site.layer, info.tensors[t].name)
@@ -135,7 +137,7 @@ def tflite_name_map(gm: GraphModule, info, quantized: bool) -> tuple[dict[str, s
                 continue
             if _located(_components(info.tensors[t].name), segs, first_only=True):
                 # The op after a split-off PAD may carry a fused activation's location instead.
-                t = _past_pads(info, t, lambda o: o not in used, used)
+                t = _past_pads(info, producer, t, lambda o: o not in used, used)
                 tensor_layer[t] = layer_name(node)
                 name_map.setdefault(layer_name(node), info.tensors[t].name)
                 break
@@ -143,11 +145,10 @@ def tflite_name_map(gm: GraphModule, info, quantized: bool) -> tuple[dict[str, s
     return name_map, tensor_layer
 
 
-def _past_pads(info, t: int, same_layer, used: set[int]) -> int:
+def _past_pads(info, producer: dict, t: int, same_layer, used: set[int]) -> int:
     """``t``, or the op after it when ``t`` is a PAD the converter split off the layer (PAD → MAX_POOL_2D,
     PAD → DEPTHWISE_CONV_2D): the layer's output is the tensor the next layer reads."""
     used.add(t)
-    producer = {o: op for op in info.ops for o in op.outputs}
     while t in producer and producer[t].name in ("PAD", "PADV2"):
         nxt = next((o for op in info.ops if t in op.inputs for o in op.outputs if o >= 0 and same_layer(o)), None)
         if nxt is None:
@@ -184,9 +185,6 @@ def _map_graph_output(gm: GraphModule, info, name_map: dict[str, str], tensor_la
         tensor_layer[out] = layer
 
 
-_WEIGHT_ROLES = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV"}
-
-
 def tflite_tensor_names(info, tensor_layer: dict[int, str]) -> dict[int, str]:
     """Short, unique tensor names for a TFLite file: a mapped tensor takes its layer's stable name, a
     weight / bias ``<layer>/weight`` / ``<layer>/bias``, any other ``<op>_<index>``; graph inputs and
@@ -216,7 +214,7 @@ def tflite_tensor_names(info, tensor_layer: dict[int, str]) -> dict[int, str]:
         layer = tensor_layer.get(op.outputs[0]) if op.outputs else None
         for pos, index in enumerate(op.inputs):
             if index >= 0 and index not in names and info.tensors[index].constant:
-                role = {1: "weight", 2: "bias"}.get(pos) if op.name in _WEIGHT_ROLES and layer else None
+                role = {1: "weight", 2: "bias"}.get(pos) if op.name in WEIGHTED_OPS and layer else None
                 put(index, f"{layer}/{role}" if role else f"{op.name.lower()}_{index}")
         for index in op.outputs:
             if index >= 0 and index not in names:

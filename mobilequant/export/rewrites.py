@@ -102,6 +102,15 @@ def _quantized_const(gm: GraphModule, stem: str, value: float, like: Node) -> No
     return _qdq(gm, c, scale, 0, -127, 127, torch.int8, like)
 
 
+def _attr_value(gm: GraphModule, node) -> torch.Tensor | None:
+    if not isinstance(node, Node) or node.op != "get_attr":
+        return None
+    obj = gm
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part)
+    return obj.detach() if isinstance(obj, torch.Tensor) else None
+
+
 def _single_user(node: Node) -> Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
@@ -269,11 +278,8 @@ def _rewrite_flatten_linear(gm: GraphModule, quantized: bool) -> list[Rewrite]:
         attr = _weight_attr(lin.args[1])
         if attr is None or len(attr.users) != 1:
             continue
-        obj = gm
-        for part in str(attr.target).split("."):
-            obj = getattr(obj, part)
-        weight = obj.detach()
-        if weight.ndim != 2 or weight.shape[1] != c * h * w:
+        weight = _attr_value(gm, attr)
+        if weight is None or weight.ndim != 2 or weight.shape[1] != c * h * w:
             continue
         permuted = weight.reshape(weight.shape[0], c, h, w).permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
         with gm.graph.inserting_before(attr):
@@ -294,15 +300,6 @@ def _rewrite_flatten_linear(gm: GraphModule, quantized: bool) -> list[Rewrite]:
 
 
 # ------------------------------------------------------------------------------ per-channel clamp
-def _attr_value(gm: GraphModule, node) -> torch.Tensor | None:
-    if not isinstance(node, Node) or node.op != "get_attr":
-        return None
-    obj = gm
-    for part in str(node.target).split("."):
-        obj = getattr(obj, part)
-    return obj.detach() if isinstance(obj, torch.Tensor) else None
-
-
 def _rewrite_channel_clamp(gm: GraphModule, quantized: bool) -> list[Rewrite]:
     done = []
     for cl in list(gm.graph.nodes):
@@ -330,9 +327,8 @@ def _rewrite_channel_clamp(gm: GraphModule, quantized: bool) -> list[Rewrite]:
             _copy_meta(n, cl)
         for n in (p1, p2):  # layout-only tensors: the layer's output is the clamp's
             n.meta[INTERNAL_KEY] = True
-        for key in ("mq_fused_into",):
-            if key in cl.meta:
-                c.meta[key] = cl.meta[key]
+        if "mq_fused_into" in cl.meta:
+            c.meta["mq_fused_into"] = cl.meta["mq_fused_into"]
         out.replace_all_uses_with(result)
         done.append(Rewrite("channel_clamp", cl.meta.get("mq_fused_into") or (
             layer_name(cl) if "mq_name" in cl.meta else cl.name), "per-channel clamp computed in NHWC"))

@@ -13,9 +13,12 @@ import numpy as np
 
 from ..errors import InputError
 
-__all__ = ["TFLiteOp", "TFLiteTensor", "TFLiteModelInfo", "read_tflite", "TFLITE_METADATA_KEY"]
+__all__ = ["TFLiteOp", "TFLiteTensor", "TFLiteModelInfo", "read_tflite", "rename_tensors", "TFLITE_METADATA_KEY",
+           "WEIGHTED_OPS"]
 
 TFLITE_METADATA_KEY = "mobilequant"
+# Builtin ops whose input 1 is the weight and input 2 the bias.
+WEIGHTED_OPS = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV"})
 
 _TYPE_NAMES = {
     0: "float32", 1: "float16", 2: "int32", 3: "uint8", 4: "int64", 5: "string", 6: "bool", 7: "int16",

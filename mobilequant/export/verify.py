@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .tflite_file import WEIGHTED_OPS
+
 __all__ = [
     "Check",
     "Census",
@@ -38,7 +40,6 @@ __all__ = [
 ]
 
 _FLOAT = ("float32", "float16", "float64")
-_WEIGHTED = {"CONV_2D": 1, "DEPTHWISE_CONV_2D": 1, "FULLY_CONNECTED": 1, "TRANSPOSE_CONV": 1}
 
 
 @dataclass(frozen=True)
@@ -225,7 +226,7 @@ def tflite_param_check(info, tensor_layer: dict[int, str], table, rtol: float,
         entry, where = None, None
         if t.constant:
             for op, pos in consumers.get(t.index, []):
-                role = {1: "weight", 2: "bias"}.get(pos) if op.name in _WEIGHTED else None
+                role = {1: "weight", 2: "bias"}.get(pos) if op.name in WEIGHTED_OPS else None
                 layer = tensor_layer.get(op.outputs[0]) if op.outputs else None
                 if role and layer:
                     entry, where = table.get(layer, role), f"{layer}:{role}"
@@ -261,7 +262,7 @@ def _converter_bias_ok(t, consumers, info, table, tensor_layer, rtol: float) -> 
     """TFLite convs always have a bias; for a torch conv without one the converter adds zeros with
     scale = input scale × weight scale (per channel). Check that rule against the table's weight entry."""
     for op, pos in consumers.get(t.index, []):
-        if pos != 2 or op.name not in _WEIGHTED:
+        if pos != 2 or op.name not in WEIGHTED_OPS:
             continue
         layer = tensor_layer.get(op.outputs[0])
         weight = table.get(layer, "weight") if layer else None
