@@ -8,6 +8,7 @@ each process normalises over its own 16 images, as plain DDP without SyncBatchNo
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from test_qat import REPO, _child_env, _train_float, make_config, make_data, mak
 OPTIONS = dict(dropout=0.0, freeze_bn_step=0, freeze_observer_step=0, lr=5e-4)
 
 CHILD = textwrap.dedent("""
-    import os, sys
+    import json, os, sys
     sys.path.insert(0, {tests!r})
     from pathlib import Path
     from test_qat import make_config, make_data, make_model
@@ -36,7 +37,10 @@ CHILD = textwrap.dedent("""
     train, val = make_data()
     result = run_qat(make_config(Path({out!r}), **{options!r}), model=make_model(Path({state!r})),
                      train_data=train, val_data=val)
-    print("RESULT", os.environ["RANK"], result.steps, result.int8_accuracy, flush=True)
+    # A file per rank, not a printed line: both ranks share one pipe, where another process's
+    # half-written warning can land in front of a printed line.
+    Path({results!r}, "rank" + os.environ["RANK"] + ".json").write_text(
+        json.dumps([result.steps, result.int8_accuracy]))
 """)
 
 
@@ -58,8 +62,10 @@ def float_state(tmp_path_factory) -> Path:
 def test_two_processes_match_one_process_with_the_same_global_batch(float_state, tmp_path):
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
     script = tmp_path / "child.py"
+    results_dir = tmp_path / "results"
+    results_dir.mkdir()
     script.write_text(CHILD.format(tests=str(REPO / "tests"), out=str(ddp_out), options=OPTIONS,
-                                   state=str(float_state)))
+                                   state=str(float_state), results=str(results_dir)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script)]
     proc = subprocess.Popen(cmd, env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -70,9 +76,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(float_state,
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output[-3000:]
 
-    results = sorted(line.split() for line in output.splitlines() if line.startswith("RESULT"))
-    assert [r[1] for r in results] == ["0", "1"]  # both processes finished and converted
-    assert results[0][2:] == results[1][2:] and results[0][2] == "8"
+    # Both processes finished and converted, to the same result.
+    assert sorted(p.name for p in results_dir.iterdir()) == ["rank0.json", "rank1.json"], output[-3000:]
+    rank0, rank1 = (json.loads((results_dir / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0 == rank1 and rank0[0] == 8
 
     # Rank 0 alone wrote the job's files, complete and atomic (no temp files left behind).
     assert sorted(p.name for p in ddp_out.iterdir()) == sorted([LAST, PREV, "qat-log.csv"])
