@@ -315,7 +315,7 @@ def test_config_validation():
     assert a.recipe_hash() == b.recipe_hash() != QATJobConfig(lr=0.01).recipe_hash()
     assert QATJobConfig.from_dict(a.to_dict()) == a
     with pytest.raises(UsageError, match="PTQ-only"):
-        run_qat(QATJobConfig(quant=QuantConfig(cle=True)))
+        run_qat(QATJobConfig(quant=QuantConfig(bias_correction=True)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -353,3 +353,38 @@ def test_learned_scales_and_frozen_oscillations_reach_the_int8_graph(float_state
     frozen = {k.rsplit(".", 1)[0]: v for k, v in ckpt["oscillation"].items() if k.endswith(".frozen")}
     assert sum(int(v.sum()) for v in frozen.values()) == result.osc_frozen_weights
     assert all(e.qmin == -7 and e.qmax == 7 for e in result.table if e.role == "weight")
+
+
+@pytest.mark.slow
+def test_per_tensor_qat_with_cle_trains_the_equalized_graph_and_exports(float_state, tmp_path):
+    """cle=True: QAT starts from the BN-folded, equalized float graph (ReLU6 as per-channel clamps)."""
+    from mobilequant.export import export
+    from mobilequant.qat.graph import equalized_graph
+
+    train, val = make_data()
+    model = make_model(float_state)
+    qc = QuantConfig(per_channel=False, cle=True)
+    x = val.images[:16]
+    with torch.no_grad():  # the starting graph computes what the model computes
+        start = equalized_graph(model, x)
+        assert torch.allclose(start(x), model.eval()(x), rtol=1e-4, atol=1e-4)
+    assert any(n.target == torch.ops.aten.clamp.Tensor for n in start.graph.nodes)
+
+    ptq = quantize(model, [train.images[:64]], qc)
+    result = run_qat(make_config(tmp_path, epochs=1, quant=qc, start="ptq"), model=model, train_data=train,
+                     val_data=val, ptq_result=ptq)
+    assert result.findings == []  # every PTQ range found its fake-quant (same layer names)
+    weights = [e for e in result.table if e.role == "weight"]
+    assert len(weights) > 50 and all(len(e.scale) == 1 for e in weights)
+    trained, equalized = result.float_model.state_dict(), start.state_dict()
+    assert any(not torch.equal(trained[k], equalized[k]) for k in equalized if k.endswith("weight"))
+    with torch.no_grad():
+        agree = (result.prepared(x).argmax(1) == result.graph(x).argmax(1)).float().mean()
+    assert agree >= 0.75
+
+    # The trained per-tensor scales reach the file, and the per-channel clamps run as int8 MINIMUM ops.
+    # (A 48 % test model has many near-tied logits: a 1-LSB difference flips ~1 % of top-1 classes.)
+    art = export(result, "tflite-int8", tmp_path / "qat-cle.tflite",
+                 overrides=["verification.int8_top1_agreement=0.97"])
+    assert art.verification.passed
+    assert art.census.ops.get("MINIMUM:int8", 0) > 30 and not art.census.float_compute_ops

@@ -3,7 +3,7 @@
 The conversion is the PTQ pipeline's own, run on the trained weights, with every range pinned to what
 training learned::
 
-    trained weights + BN statistics → float model → capture → fold conv-BN → prepare_pt2e(MobileQuantizer)
+    trained weights + BN statistics → float model → capture (unless it is a captured graph) → fold conv-BN → prepare_pt2e(MobileQuantizer)
       → observe a few images (only for tensors QAT had no fake-quant for) → pin each observer to the
       trained (scale, zero point) of the same (layer, role) → repair degenerate ranges → convert_pt2e
       (QDQ form, folded form) → fold int32 bias for litert → QuantTable
@@ -33,7 +33,7 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 from ..capture import capture
 from ..fusion import fold_conv_bn
 from ..quant.config import QuantConfig
-from ..quant.ptq import Finding, QuantResult, calibrate, fold_bias_qdq, repair_degenerate_ranges
+from ..quant.ptq import Finding, QuantResult, calibrate, fold_bias_qdq, is_captured, repair_degenerate_ranges
 from ..quant.quantizer import MobileQuantizer
 from ..quant.table import QuantTable
 from .graph import tensor_key, trained_qparams
@@ -92,7 +92,7 @@ def convert_trained(prepared: GraphModule, float_model: nn.Module, config: Quant
     """The PTQ pipeline on the trained weights with the trained ranges (see the module docstring)."""
     qparams = trained_qparams(prepared)
     model = trained_float_model(prepared, float_model)
-    gm = capture(model, example_input)
+    gm = copy.deepcopy(model) if is_captured(model) else capture(model, example_input)
     fusion = fold_conv_bn(gm)
     findings = [Finding("bn_not_folded", bn, f"batch norm kept in float: {why}") for bn, why in fusion.skipped]
     quantizer = MobileQuantizer(config)

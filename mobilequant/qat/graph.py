@@ -2,6 +2,9 @@
 
 What torchao gives and what is added here:
 
+* :func:`equalized_graph` is the start of a per-tensor QAT job with ``QuantConfig.cle``: the float model
+  captured, its BNs folded and its layer pairs equalized (the PTQ pipeline's own steps), with trainable
+  weights. QAT then trains the equalized conv weights directly (no BN left to fold while training).
 * :func:`build_qat_graph` captures the model with :func:`mobilequant.capture.capture` (dynamic batch, stable
   layer names) and calls torchao's ``prepare_qat_pt2e``, which replaces each conv → BN by its QAT pattern
   (weights scaled by ``γ / running std``, BN on the conv output with *batch* statistics while training).
@@ -34,11 +37,13 @@ from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 from torchao.quantization.pt2e.quantizer import Quantizer
 
 from ..capture import MQ_NAME, capture, layer_name
-from ..fusion import BN_OPS, CONV_OPS
+from ..fusion import BN_OPS, CONV_OPS, fold_conv_bn
+from ..quant.ptq import is_captured
 from ..quant.quantizer import FUSED_INTO
 
 __all__ = [
     "WeightFakeQuant",
+    "equalized_graph",
     "build_qat_graph",
     "set_mode",
     "fake_quant_modules",
@@ -54,12 +59,32 @@ aten = torch.ops.aten
 _TRAINING_ARG = 5  # aten.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, ...)
 
 
+def equalized_graph(model: nn.Module, example_input: torch.Tensor) -> GraphModule:
+    """``model`` captured, BN folded and cross-layer equalized (ReLU6 as a per-channel clamp: exact).
+
+    The float graph computes what ``model`` computes (``mobilequant.quant.cle``); its weights and biases
+    are trainable parameters, so a QAT job can start from it (and :func:`build_qat_graph` takes it as is).
+    Layer names are the captured model's, so a PTQ result with ``cle=True`` of the same model matches it.
+    """
+    from ..quant.cle import equalize
+
+    with _rng_untouched():
+        gm = capture(copy.deepcopy(model), example_input, dynamic_batch=True)
+    fold_conv_bn(gm)
+    gm, _ = equalize(gm)
+    for p in gm.parameters():
+        p.requires_grad_(True)
+    return gm
+
+
 def build_qat_graph(model: nn.Module, example_input: torch.Tensor, quantizer: Quantizer,
                     dropout: float | None = None) -> GraphModule:
     """Capture a copy of ``model`` (dynamic batch) and prepare it for QAT with ``quantizer``.
 
-    ``dropout`` overrides the probability of every ``nn.Dropout`` first. The graph comes back in eval
-    mode (BN on running statistics, dropout off); :func:`set_mode` switches it.
+    ``model`` may also be a graph that is already captured (:func:`equalized_graph`); it is copied, not
+    re-captured. ``dropout`` overrides the probability of every ``nn.Dropout`` first (a captured graph
+    has none left). The graph comes back in eval mode (BN on running statistics, dropout off);
+    :func:`set_mode` switches it.
     """
     model = copy.deepcopy(model).eval()
     if dropout is not None:
@@ -67,7 +92,7 @@ def build_qat_graph(model: nn.Module, example_input: torch.Tensor, quantizer: Qu
             if isinstance(m, nn.Dropout):
                 m.p = float(dropout)
     with _rng_untouched():
-        gm = capture(model, example_input, dynamic_batch=True)
+        gm = model if is_captured(model) else capture(model, example_input, dynamic_batch=True)
         literals = _literals(gm)
         prepared = prepare_qat_pt2e(gm, quantizer)
         prepared._mq_literals = literals

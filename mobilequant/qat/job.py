@@ -2,7 +2,7 @@
 
 Reads as the pipeline::
 
-    float model (+ optional PTQ result) → capture → prepare_qat_pt2e (MobileQuantizer, fake-quant)
+    float model (+ optional PTQ result) → capture [→ fold BN → CLE, with quant.cle] → prepare_qat_pt2e (MobileQuantizer, fake-quant)
       → observe ranges on calib_batches → [ranges from the PTQ table] → train (DDP when under torchrun)
          checkpoints every ckpt_every steps and every epoch · BN frozen at freeze_bn_step ·
          observers frozen at freeze_observer_step · optional LSQ scales · depthwise oscillation control
@@ -54,6 +54,7 @@ from .distributed import DistContext, all_sum, epoch_indices, setup, shard_plan,
 from .convert import convert_trained
 from .graph import (
     build_qat_graph,
+    equalized_graph,
     enable_scale_learning,
     freeze_observers,
     observers_paused,
@@ -310,9 +311,8 @@ def run_qat(
     """
     if not isinstance(config, QATJobConfig):
         raise UsageError(f"config must be a QATJobConfig, got {type(config).__name__}")
-    if config.quant.cle or config.quant.bias_correction:
-        raise UsageError("QAT trains the weights itself: QuantConfig.cle and bias_correction are PTQ-only; "
-                         "set them to False (or equalize the float model before QAT)")
+    if config.quant.bias_correction:
+        raise UsageError("QAT trains the biases itself: QuantConfig.bias_correction is PTQ-only; set it to False")
     ctx = setup(config.device)
     try:
         with _reproducible(config.threads, ctx.device):
@@ -362,7 +362,9 @@ def _run(config: QATJobConfig, ctx: DistContext, model, train_data, val_data, pt
     # ---- graph, ranges, optimizer
     quantizer = qat_quantizer(config.quant, learn_scales=config.learn_scales)
     example = train_data.images[:2]
-    prepared = build_qat_graph(model, example, quantizer, dropout=config.dropout).to(ctx.device)
+    # With cle (for per-tensor weights) training starts from the equalized, BN-folded float graph.
+    start_model = equalized_graph(model, example) if config.quant.cle else model
+    prepared = build_qat_graph(start_model, example, quantizer, dropout=config.dropout).to(ctx.device)
     _calibrate(prepared, train_data, config.calib_batches, config.batch_size, config.seed, ctx.device)
     findings: list[Finding] = []
     if config.start == "ptq" and ckpt is None:
@@ -371,7 +373,8 @@ def _run(config: QATJobConfig, ctx: DistContext, model, train_data, val_data, pt
 
             calib = (train_data.images[i:i + config.batch_size]
                      for i in range(0, min(len(train_data), config.quant.num_calibration), config.batch_size))
-            ptq_result = quantize(model, calib, config.quant, example_input=example)
+            ptq_result = quantize(start_model, calib, dataclasses.replace(config.quant, cle=False),
+                                  example_input=example)
         _, more = ranges_from_table(prepared, ptq_result.table)
         findings += more
     scale_params = enable_scale_learning(prepared) if config.learn_scales else []
@@ -542,7 +545,7 @@ def _run(config: QATJobConfig, ctx: DistContext, model, train_data, val_data, pt
         baked = osc.bake(prepared, train_data.images[: min(len(train_data), 8)].to(ctx.device))
     osc.remove()
     prepared = prepared.to("cpu")
-    converted = convert_trained(prepared, model, config.quant, train_data.images[:1],
+    converted = convert_trained(prepared, start_model, config.quant, train_data.images[:1],
                                 train_data.images[: min(len(train_data), _CONVERT_CALIBRATION)])
     freeze_observers(prepared)  # training is over: calling the returned graph must not move its ranges
     int8_acc = _evaluate(converted.graph, val_data, ctx, device=torch.device("cpu"))[0] if val_data else None
