@@ -2,15 +2,21 @@
 """QAT vs PTQ vs float on the shipped Fashion-MNIST models, and what QAT costs per step.
 
     python benchmarks/qat_bench.py                         # full: 60k training images, 1 epoch, 10k test
+    python benchmarks/qat_bench.py --schemes "w8a8 per-tensor + CLE" --models shufflenetv2_x0_5
     python benchmarks/qat_bench.py --train-images 2048 --test-images 2000   # a reduced run
 
-For each model (default: MobileNetV2 0.5 and ShuffleNetV2 0.5 with their shipped weights):
+For each model (default: MobileNetV2 0.5 and ShuffleNetV2 0.5 with their shipped weights), float top-1,
+then for each quantization scheme (``--schemes``):
 
-* float top-1; PTQ top-1 (the default PTQ: per-channel int8 weights, min/max calibration on 512 images);
-* ≤ 1 epoch of QAT from the float weights, then int8 top-1 of the converted graph (the exported model);
-* the same at 4-bit per-channel weights / 8-bit activations (PTQ vs QAT), and QAT with the depthwise
+* ``w8a8 per-channel``, ``w8a8 per-tensor``: PTQ (the default calibration, 512 images) and ≤ 1 epoch of
+  QAT from the float weights, judged by the int8 top-1 of the converted graph (the exported model);
+* ``w8a8 per-tensor + CLE``: PTQ with CLE, with CLE + bias correction, and QAT from the equalized graph;
+* ``w4a8 per-channel``: 4-bit weights / 8-bit activations, PTQ vs QAT, and QAT with the depthwise
   oscillation remedies (dampening, freezing; Nagel et al. 2022) and with learned scales (LSQ);
-* time of one QAT training step / one float training step (same batch, same threads, train mode).
+
+and the time of one QAT training step / one float training step (same batch, same threads, train mode).
+QAT: SGD Nesterov, cosine from ``--lr`` (``--lr4`` at 4 bits), BN frozen at half the steps, ranges at
+three quarters, no augmentation.
 
 Accuracies are measured on the first ``--test-images`` of a stratified subset of the 10k test split.
 ``--weights NAME=PATH`` uses a float state dict instead of the shipped weights (e.g. before they ship).
@@ -88,6 +94,40 @@ def step_time_ratio(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: i
     return t_float, t_qat
 
 
+# Each scheme: (QuantConfig of the QAT job, PTQ rows [(label, QuantConfig)], QAT variants [(label, job options)]).
+def _w8_per_channel(args):
+    return QuantConfig(), [("PTQ", QuantConfig())], [("QAT", {})]
+
+
+def _w8_per_tensor(args):
+    qc = QuantConfig(per_channel=False)
+    return qc, [("PTQ", qc)], [("QAT", {})]
+
+
+def _w8_per_tensor_cle(args):
+    qc = QuantConfig(per_channel=False, cle=True)
+    return qc, [("PTQ", qc), ("PTQ + bias correction", QuantConfig(per_channel=False, cle=True,
+                                                                  bias_correction=True))], [("QAT", {})]
+
+
+def _w4_per_channel(args):
+    osc = {"osc_momentum": args.osc_momentum}
+    return QuantConfig(weight_bits=4), [("PTQ", QuantConfig(weight_bits=4))], [
+        ("QAT", osc),
+        ("QAT + osc. dampening", {"osc_dampen": args.osc_dampen, **osc}),
+        ("QAT + osc. freezing", {"osc_freeze_threshold": args.osc_threshold, **osc}),
+        ("QAT + LSQ", {"learn_scales": True}),
+    ]
+
+
+SCHEMES = {
+    "w8a8 per-channel": _w8_per_channel,
+    "w8a8 per-tensor": _w8_per_tensor,
+    "w8a8 per-tensor + CLE": _w8_per_tensor_cle,
+    "w4a8 per-channel": _w4_per_channel,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
@@ -95,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-images", type=int, default=60_000, help="QAT training images (≤ 1 epoch)")
     ap.add_argument("--test-images", type=int, default=10_000)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=0.002)
+    ap.add_argument("--lr", type=float, default=5e-4, help="QAT peak learning rate, 8-bit weights")
+    ap.add_argument("--lr4", type=float, default=2e-3, help="QAT peak learning rate, 4-bit weights")
+    ap.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES), metavar="SCHEME",
+                    help=f"quantization schemes (default: all of {', '.join(SCHEMES)})")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timing-steps", type=int, default=10)
     ap.add_argument("--osc-momentum", type=float, default=0.1,
@@ -128,49 +171,43 @@ def main(argv: list[str] | None = None) -> int:
             continue
         f_acc = accuracy(model, test)
         rows.append((name, "float", "-", f_acc, 0.0))
-        variants = [
-            (8, "QAT", {}),
-            (4, "QAT", {"osc_momentum": args.osc_momentum}),
-            (4, "QAT + osc. dampening", {"osc_dampen": args.osc_dampen, "osc_momentum": args.osc_momentum}),
-            (4, "QAT + osc. freezing", {"osc_freeze_threshold": args.osc_threshold,
-                                        "osc_momentum": args.osc_momentum}),
-            (4, "QAT + LSQ", {"learn_scales": True}),
-        ]
-        for bits in (8, 4):
-            qc = QuantConfig(weight_bits=bits)
-            t0 = time.perf_counter()
-            ptq = quantize(model, calib.batches(64), qc)
-            rows.append((name, f"w{bits}a8", "PTQ", accuracy(ptq.graph, test), time.perf_counter() - t0))
-            for vbits, label, extra in variants:
+        for scheme in args.schemes:
+            qc, ptq_rows, variants = SCHEMES[scheme](args)
+            for label, ptq_qc in ptq_rows:
+                t0 = time.perf_counter()
+                ptq = quantize(model, calib.batches(64), ptq_qc)
+                rows.append((name, scheme, label, accuracy(ptq.graph, test), time.perf_counter() - t0))
+            lr = args.lr4 if qc.weight_bits < 8 else args.lr
+            for label, extra in variants:
                 key = "lsq" if "LSQ" in label else "dampen" if "damp" in label else "freeze" if "freez" in label \
                     else "qat"
-                if vbits != bits or key in args.skip:
+                if key in args.skip:
                     continue
                 with tempfile.TemporaryDirectory() as out:
-                    cfg = QATJobConfig(model=name, out_dir=out, epochs=1, batch_size=args.batch_size, lr=args.lr,
+                    cfg = QATJobConfig(model=name, out_dir=out, epochs=1, batch_size=args.batch_size, lr=lr,
                                        quant=qc, freeze_bn_step=steps // 2, freeze_observer_step=(3 * steps) // 4,
-                                       ckpt_every=max(steps, 1), threads=args.threads, progress=False,
-                                       val_data=None, **extra)
+                                       augment=False, ckpt_every=max(steps, 1), threads=args.threads,
+                                       progress=False, val_data=None, **extra)
                     t0 = time.perf_counter()
                     result = run_qat(cfg, model=model, train_data=train, val_data=None)
                     seconds = time.perf_counter() - t0
-                row = (name, f"w{bits}a8", label, accuracy(result.graph, test), seconds)
-                if "osc" in label or label == "QAT" and bits == 4:
+                row = (name, scheme, f"{label}, lr {lr:g}", accuracy(result.graph, test), seconds)
+                if qc.weight_bits < 8:
                     row += (result.history[-1]["osc_freq"], result.history[-1]["osc_frozen"])
                 rows.append(row)
-                print(f"  {name} w{bits}a8 {label}: {row[3] * 100:.2f} % ({seconds:.0f} s)", flush=True)
+                print(f"  {name} {scheme} {row[2]}: {row[3] * 100:.2f} % ({seconds:.0f} s)", flush=True)
         x, y = train.images[:args.batch_size], train.labels[:args.batch_size]
         t_float, t_qat = step_time_ratio(model, x, y, args.timing_steps)
         timing.append((name, t_float, t_qat))
 
     print()
-    print(f"{'model':<20} {'weights/acts':<12} {'method':<24} {'top-1':>7} {'Δ float':>8} {'time':>7}  osc. (freq / frozen)")
+    print(f"{'model':<20} {'scheme':<22} {'method':<32} {'top-1':>7} {'Δ float':>8} {'time':>7}  osc. (freq / frozen)")
     floats = {r[0]: r[3] for r in rows if r[1] == "float"}
     for r in rows:
         osc = f"  {r[5]:.1e} / {r[6] * 100:.3f} %" if len(r) > 5 else ""
         delta = "" if r[1] == "float" else f"{(r[3] - floats[r[0]]) * 100:+.2f}"
         spent = "" if r[1] == "float" else f"{r[4]:.0f} s"
-        print(f"{r[0]:<20} {r[1]:<12} {r[2]:<24} {r[3] * 100:6.2f}% {delta:>8} {spent:>7}{osc}")
+        print(f"{r[0]:<20} {r[1]:<22} {r[2]:<32} {r[3] * 100:6.2f}% {delta:>8} {spent:>7}{osc}")
     print()
     print(f"{'model':<20} {'float step':>11} {'QAT step':>10} {'ratio':>6}   (batch {args.batch_size}, "
           f"{args.threads} threads)")
