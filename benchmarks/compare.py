@@ -20,8 +20,8 @@ simulation.
 Rows (``--quick`` keeps the core rows marked *):
 
 * mobilequant (``mobilequant.export.export`` with recipe overrides), each as tflite-int8 and onnx-int8:
-  per-channel minmax* (the default recipe), percentile, entropy, mse; ReLU6 ``fixed``*; per-tensor;
-  per-tensor + CLE; per-tensor + CLE + bias correction*; and tflite/onnx fp16* and fp32*.
+  per-channel mse* (the default recipe), minmax*, percentile, entropy; ReLU6 ``fixed``*; per-tensor (mse
+  and minmax); per-tensor + CLE; per-tensor + CLE + bias correction*; tflite/onnx fp16* and fp32*.
 * ONNX Runtime ``quantize_static`` (QDQ, int8, after ``quant_pre_process``) on mobilequant's fp32 ONNX:
   MinMax* / Percentile / Entropy, per channel* and per tensor*, with a ``CalibrationDataReader`` over the
   same calibration images.
@@ -77,12 +77,13 @@ IMAGENET = "imagenet"
 
 # mobilequant int8 variants: (label, recipe overrides, core row). The first is the default recipe.
 MQ_INT8 = (
-    ("per-channel minmax (default)", (), True),
+    ("per-channel mse (default)", (), True),
+    ("per-channel minmax", ("quantization.calibration=minmax",), True),
     ("per-channel percentile", ("quantization.calibration=percentile",), False),
     ("per-channel entropy", ("quantization.calibration=entropy",), False),
-    ("per-channel mse", ("quantization.calibration=mse",), False),
-    ("per-channel minmax, ReLU6 fixed", ("quantization.relu6=fixed",), True),
-    ("per-tensor minmax", ("quantization.per_channel=false",), False),
+    ("per-channel mse, ReLU6 fixed", ("quantization.relu6=fixed",), True),
+    ("per-tensor mse", ("quantization.per_channel=false",), False),
+    ("per-tensor minmax", ("quantization.per_channel=false", "quantization.calibration=minmax"), False),
     ("per-tensor + CLE", ("quantization.per_channel=false", "quantization.cle=true"), False),
     ("per-tensor + CLE + BC", ("quantization.per_channel=false", "quantization.cle=true",
                                "quantization.bias_correction=true"), True),
@@ -262,6 +263,8 @@ def _mobilequant_rows(net, calib, work: Path, measure, full: bool, ctx: dict) ->
 QAT_VARIANTS = (
     ("per-channel", {}, (), True),
     ("per-tensor", {"per_channel": False}, ("quantization.per_channel=false",), False),
+    ("per-tensor + CLE", {"per_channel": False, "cle": True},
+     ("quantization.per_channel=false", "quantization.cle=true"), False),
 )
 
 
@@ -284,7 +287,8 @@ def _qat_rows(net, name: str, evald, work: Path, measure, full: bool, args, note
         targets = ("tflite-int8", "onnx-int8")
         new = [Row("mobilequant QAT", label, t) for t in targets]
         rows += new
-        out_dir = work / f"qat-{label}"
+        slug = label.replace(" + ", "-").replace(" ", "-")
+        out_dir = work / f"qat-{slug}"
         shutil.rmtree(out_dir, ignore_errors=True)  # our own folder: run_qat refuses a folder with a checkpoint
         _log(f"  mobilequant QAT {label}: {args.qat_images} images, {steps} steps")
         try:
@@ -309,7 +313,7 @@ def _qat_rows(net, name: str, evald, work: Path, measure, full: bool, args, note
             continue
         for row in new:
             suffix = ".tflite" if row.file.startswith("tflite") else ".onnx"
-            path = work / f"qat-{label}-{row.file}{suffix}"
+            path = work / f"qat-{slug}-{row.file}{suffix}"
             try:
                 t = time.perf_counter()
                 export(result, row.file, path, overrides=[*overrides, "verification.enabled=false"],

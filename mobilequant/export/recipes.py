@@ -4,7 +4,7 @@ A recipe names a target (see :data:`TARGETS`) and holds three sections, each a f
 fields are the only keys accepted (unknown keys are rejected with a close-match suggestion)::
 
     target: tflite-int8
-    quantization: {calibration: minmax, per_channel: true, relu6: clamped, cle: false, ...}
+    quantization: {calibration: mse, per_channel: true, relu6: clamped, cle: false, ...}
     io: {dtype: int8, layout: NCHW}
     verification: {num_images: 512, int8_top1_agreement: 0.995, ...}
 
@@ -80,7 +80,7 @@ def get_target(name: str) -> Target:
 class QuantizationSettings:
     """How an int8 target is quantized (mapped onto :class:`mobilequant.quant.QuantConfig`)."""
 
-    calibration: str = "minmax"  # minmax | moving_average | percentile | entropy | mse
+    calibration: str = "mse"  # mse | minmax | moving_average | percentile | entropy
     per_channel: bool = True  # one weight scale per output channel (false: per tensor, e.g. for DSPs)
     relu6: str = "clamped"  # ReLU6 outputs: clamped = [0, min(6, calibrated)], fixed = exactly [0, 6]
     cle: bool = False  # cross-layer equalization before calibration
