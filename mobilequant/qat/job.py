@@ -54,6 +54,7 @@ from .distributed import DistContext, all_sum, epoch_indices, setup, shard_plan,
 from .convert import convert_trained
 from .graph import (
     build_qat_graph,
+    silence_dead_channels,
     equalized_graph,
     enable_scale_learning,
     freeze_observers,
@@ -365,8 +366,11 @@ def _run(config: QATJobConfig, ctx: DistContext, model, train_data, val_data, pt
     # With cle (for per-tensor weights) training starts from the equalized, BN-folded float graph.
     start_model = equalized_graph(model, example) if config.quant.cle else model
     prepared = build_qat_graph(start_model, example, quantizer, dropout=config.dropout).to(ctx.device)
+    silenced = silence_dead_channels(prepared)
     _calibrate(prepared, train_data, config.calib_batches, config.batch_size, config.seed, ctx.device)
-    findings: list[Finding] = []
+    findings = [Finding("dead_channels_silenced", layer, f"{k} channel(s) with zero BN running variance: weights "
+                        "zeroed and kept at zero (the output stays the constant BN bias)")
+                for layer, k in silenced]
     if config.start == "ptq" and ckpt is None:
         if ptq_result is None:
             from ..quant.ptq import quantize
