@@ -388,3 +388,19 @@ def test_per_tensor_qat_with_cle_trains_the_equalized_graph_and_exports(float_st
                  overrides=["verification.int8_top1_agreement=0.97"])
     assert art.verification.passed
     assert art.census.ops.get("MINIMUM:int8", 0) > 30 and not art.census.float_compute_ops
+
+
+def test_channels_with_zero_bn_variance_are_kept_silent(float_state, tmp_path):
+    """A BN channel with zero running variance (constant on the data) keeps zero weights through QAT."""
+    train, val = make_data()
+    model = make_model(float_state)
+    conv, bn = model.features[1].conv[0][0], model.features[1].conv[0][1]  # first depthwise conv, its BN
+    with torch.no_grad():
+        bn.running_var[:2] = 0.0
+    assert float(conv.weight[:2].abs().sum()) > 0  # the weights themselves are not zero
+    result = run_qat(make_config(tmp_path, epochs=1), model=model, train_data=train, val_data=val)
+    silenced = [f for f in result.findings if f.kind == "dead_channels_silenced"]
+    assert [(f.layer, f.message.split()[0]) for f in silenced] == [("features.1.conv.0.0", "2")]
+    trained = result.float_model.features[1].conv[0][0].weight
+    assert float(trained[:2].abs().max()) == 0.0 and float(trained[2:].abs().max()) > 0
+    assert float(model.features[1].conv[0][0].weight[:2].abs().sum()) > 0  # the caller's model is untouched

@@ -58,7 +58,7 @@ class Finding:
     """Something the pipeline changed or could not do, reported rather than hidden."""
 
     kind: str  # dead_weight_channels | bias_range | degenerate_activation | constant_activation
-    #            | unobserved_activation | bn_not_folded | float_fallback
+    #            | unobserved_activation | bn_not_folded | float_fallback | dead_channels_silenced (QAT)
     layer: str
     message: str
 
