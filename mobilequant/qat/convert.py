@@ -3,7 +3,8 @@
 The conversion is the PTQ pipeline's own, run on the trained weights, with every range pinned to what
 training learned::
 
-    trained weights + BN statistics → float model → capture (unless it is a captured graph) → fold conv-BN → prepare_pt2e(MobileQuantizer)
+    trained weights + BN statistics → float model → capture (unless already a captured graph)
+      → fold conv-BN → prepare_pt2e(MobileQuantizer)
       → observe a few images (only for tensors QAT had no fake-quant for) → pin each observer to the
       trained (scale, zero point) of the same (layer, role) → repair degenerate ranges → convert_pt2e
       (QDQ form, folded form) → fold int32 bias for litert → QuantTable

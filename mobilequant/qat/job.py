@@ -2,7 +2,8 @@
 
 Reads as the pipeline::
 
-    float model (+ optional PTQ result) → capture [→ fold BN → CLE, with quant.cle] → prepare_qat_pt2e (MobileQuantizer, fake-quant)
+    float model (+ optional PTQ result) → capture [→ fold BN → CLE, with quant.cle]
+      → prepare_qat_pt2e (MobileQuantizer, fake-quant) → zero the weights of BN channels with zero variance
       → observe ranges on calib_batches → [ranges from the PTQ table] → train (DDP when under torchrun)
          checkpoints every ckpt_every steps and every epoch · BN frozen at freeze_bn_step ·
          observers frozen at freeze_observer_step · optional LSQ scales · depthwise oscillation control
