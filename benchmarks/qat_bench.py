@@ -14,7 +14,9 @@ then for each quantization scheme (``--schemes``):
 * ``w4a8 per-channel``: 4-bit weights / 8-bit activations, PTQ vs QAT, and QAT with the depthwise
   oscillation remedies (dampening, freezing; Nagel et al. 2022) and with learned scales (LSQ);
 
-and the time of one QAT training step / one float training step (same batch, same threads, train mode).
+the 8-bit QAT results exported to tflite-int8 and run in LiteRT (file top-1, top-1 agreement with the
+torch int8 graph and with the trained fake-quant graph), and the time of one QAT training step / one
+float training step (same batch, same threads, train mode).
 QAT: SGD Nesterov, cosine from ``--lr`` (``--lr4`` at 4 bits), BN frozen at half the steps, ranges at
 three quarters, no augmentation.
 
@@ -50,12 +52,30 @@ from mobilequant.quant import QuantConfig, quantize  # noqa: E402
 DEFAULT_MODELS = ("mobilenetv2_050", "shufflenetv2_x0_5")
 
 
-def accuracy(fn, data, batch: int = 500) -> float:
-    correct = 0
+def predictions(fn, data, batch: int = 500) -> torch.Tensor:
     with torch.no_grad():
-        for start in range(0, len(data), batch):
-            correct += int((fn(data.images[start:start + batch]).argmax(1) == data.labels[start:start + batch]).sum())
-    return correct / len(data)
+        return torch.cat([fn(data.images[i:i + batch]).argmax(1) for i in range(0, len(data), batch)])
+
+
+def accuracy(fn, data, batch: int = 500) -> float:
+    return float((predictions(fn, data, batch) == data.labels).float().mean())
+
+
+def file_agreement(result, data) -> tuple[float, float, float]:
+    """Export ``result`` to tflite-int8 and run the file in LiteRT: (file top-1, agreement with the torch
+    int8 graph, agreement with the trained fake-quant graph)."""
+    from mobilequant.export import export
+    from mobilequant.runtime import open_runner
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "qat.tflite"
+        export(result, "tflite-int8", path, overrides=["verification.enabled=false"])
+        runner = open_runner(path)
+        pred = torch.cat([torch.from_numpy(runner.run(data.images[i:i + 500])).argmax(1)
+                          for i in range(0, len(data), 500)])
+    int8, fq = predictions(result.graph, data), predictions(result.prepared, data)
+    return (float((pred == data.labels).float().mean()), float((pred == int8).float().mean()),
+            float((pred == fq).float().mean()))
 
 
 def load(name: str, weights: dict[str, str]) -> nn.Module:
@@ -146,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--osc-threshold", type=float, default=0.15, help="freeze above this frequency")
     ap.add_argument("--osc-dampen", type=float, default=0.05, help="λ of the dampening loss (step units)")
     ap.add_argument("--skip", nargs="*", default=[], help="variants to skip, e.g. lsq dampen")
+    ap.add_argument("--no-export", action="store_true",
+                    help="do not export the 8-bit QAT results to tflite-int8 (file top-1 and agreement)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     weights = dict(w.split("=", 1) for w in args.weights)
@@ -163,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[tuple] = []
     timing: list[tuple] = []
+    files: list[tuple] = []
     for name in args.models:
         try:
             model = load(name, weights)
@@ -196,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                     row += (result.history[-1]["osc_freq"], result.history[-1]["osc_frozen"])
                 rows.append(row)
                 print(f"  {name} {scheme} {row[2]}: {row[3] * 100:.2f} % ({seconds:.0f} s)", flush=True)
+                if qc.weight_bits == 8 and not args.no_export:
+                    files.append((name, scheme, row[2], *file_agreement(result, test)))
         x, y = train.images[:args.batch_size], train.labels[:args.batch_size]
         t_float, t_qat = step_time_ratio(model, x, y, args.timing_steps)
         timing.append((name, t_float, t_qat))
@@ -208,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         delta = "" if r[1] == "float" else f"{(r[3] - floats[r[0]]) * 100:+.2f}"
         spent = "" if r[1] == "float" else f"{r[4]:.0f} s"
         print(f"{r[0]:<20} {r[1]:<22} {r[2]:<32} {r[3] * 100:6.2f}% {delta:>8} {spent:>7}{osc}")
+    if files:
+        print()
+        print(f"{'model':<20} {'scheme':<22} {'method':<32} {'file top-1':>10} {'agree int8':>10} "
+              f"{'agree fake-quant':>16}   (the exported tflite-int8 in LiteRT vs the torch QAT result)")
+        for r in files:
+            print(f"{r[0]:<20} {r[1]:<22} {r[2]:<32} {r[3] * 100:9.2f}% {r[4] * 100:9.2f}% {r[5] * 100:15.2f}%")
     print()
     print(f"{'model':<20} {'float step':>11} {'QAT step':>10} {'ratio':>6}   (batch {args.batch_size}, "
           f"{args.threads} threads)")
