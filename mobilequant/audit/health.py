@@ -13,6 +13,10 @@ every conv / linear layer):
 ``bn_gamma_zero``
     float: ``|γ|`` below ``bn_gamma_rel`` × the layer's median ``|γ|`` (or exactly 0): after folding the
     kernel is ~0 whatever the conv weights are.
+``bn_variance_zero``
+    float: the BN's running variance is 0 (at most ``mobilequant.fusion.DEAD_VARIANCE``): the channel was
+    constant on the data the statistics came from (usually its input channels never fire); the fold
+    makes it the constant β, so its kernel is all zero codes in the artifact (dead before quantization).
 ``dead_activation``
     the channel's post-ReLU/ReLU6 output is 0 on every image of the evaluation set (float: the torch
     reference; quantized: the artifact's tensor).
@@ -41,13 +45,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..fusion import DEAD_VARIANCE
 from .layers import FusedLayer
 from .weights import QuantizedWeights
 
 __all__ = ["Finding", "HealthThresholds", "DEAD_CHECKS", "float_weight_findings", "quantized_weight_findings",
            "dead_activation_findings", "kernel_mismatch_findings", "kernel_norms", "REMEDY"]
 
-DEAD_CHECKS = ("dead_kernel", "bn_gamma_zero", "dead_activation")
+DEAD_CHECKS = ("dead_kernel", "bn_gamma_zero", "bn_variance_zero", "dead_activation")
 _KERNEL_KINDS = ("depthwise", "pointwise")
 _SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
 
@@ -149,6 +154,15 @@ def float_weight_findings(layers: Iterable[FusedLayer], th: HealthThresholds = H
                     f"{weak.sum()} kernels have a norm below {th.weak_kernel_rel:g} × the layer median "
                     f"(smallest {rel:.2g}×): per-tensor int8 rounds them to zero or a few codes",
                     f"{REMEDY['per_channel']}; or {REMEDY['cle']}; if they carry nothing, {REMEDY['remove']}", rel, c))
+            if layer.bn_var is not None:
+                const = layer.bn_var <= DEAD_VARIANCE
+                if const.any():
+                    out.append(Finding(
+                        "bn_variance_zero", layer.name, layer.kind, "float", _dead_severity(layer.kind), _ch(const),
+                        f"BatchNorm {layer.bn}: running variance 0 on {const.sum()} of {c} channels: they were "
+                        "constant (the BN bias) on the data the statistics came from — usually their input "
+                        "channels never fire. Folded literally their kernels would be W·γ/√ε ≈ 300× W; "
+                        "mobilequant folds them to the constant", REMEDY["remove"], 0.0, c))
             if layer.bn_gamma is not None:
                 g = np.abs(layer.bn_gamma)
                 gmed = float(np.median(g))
@@ -195,7 +209,7 @@ def quantized_weight_findings(layers: Iterable[FusedLayer], qweights: Mapping[st
         c = layer.channels
         zp = q.zero_points().reshape(-1, 1)
         all_zp = (codes == zp).all(axis=1)
-        float_dead = _channel_norms(layer.folded_weight()) == 0  # zero kernel or γ = 0: dead before quantization
+        float_dead = _channel_norms(layer.folded_weight()) == 0  # zero kernel, γ = 0 or σ² = 0: dead before
         if layer.kind in th.kinds and all_zp.any():
             killed = all_zp & ~float_dead
             why = f"{all_zp.sum()} of {c} kernels are all zero-point codes in the artifact"

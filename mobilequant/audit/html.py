@@ -128,7 +128,7 @@ def render_html(report: AuditReport) -> str:
         marks = {}
         index = {n: i for i, n in enumerate(hm_rows)}
         for f in r.findings:
-            if f.layer in index and f.check in ("dead_kernel", "bn_gamma_zero", "weak_kernel"):
+            if f.layer in index and f.check in ("dead_kernel", "bn_gamma_zero", "bn_variance_zero", "weak_kernel"):
                 kind = "weak" if f.check == "weak_kernel" else "dead"
                 for c in f.channels:
                     if marks.get((index[f.layer], c)) != "dead":

@@ -26,7 +26,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..capture import is_structural, layer_name
-from ..fusion import BN_OPS, CONV_OPS, activation_kind
+from ..fusion import BN_OPS, CONV_OPS, DEAD_VARIANCE, activation_kind
 
 __all__ = ["FusedLayer", "fused_layers", "WEIGHTED_KINDS"]
 
@@ -71,12 +71,13 @@ class FusedLayer:
         return 0 if self.weight is None else int(self.weight.shape[0])
 
     def folded_weight(self) -> np.ndarray | None:
-        """The kernel the artifact quantizes: ``W · γ / sqrt(σ² + eps)`` per output channel."""
+        """The kernel the artifact quantizes: ``W · γ / sqrt(σ² + eps)`` per channel (zero where σ² = 0)."""
         if self.weight is None:
             return None
         if self.bn_gamma is None:
             return self.weight
         s = self.bn_gamma / np.sqrt(self.bn_var + self.bn_eps)
+        s = np.where(self.bn_var <= DEAD_VARIANCE, 0.0, s)  # constant channels fold to β (mobilequant.fusion)
         return self.weight * s.reshape(-1, *([1] * (self.weight.ndim - 1)))
 
 

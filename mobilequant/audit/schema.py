@@ -120,8 +120,8 @@ REPORT_SCHEMA: dict = {
                              "value", "why", "remedy", "layer_index"],
                 "additionalProperties": False,
                 "properties": {
-                    "check": {"enum": ["dead_kernel", "weak_kernel", "bn_gamma_zero", "dead_activation",
-                                       "range_spread", "single_code", "kernel_mismatch"]},
+                    "check": {"enum": ["dead_kernel", "weak_kernel", "bn_gamma_zero", "bn_variance_zero",
+                                       "dead_activation", "range_spread", "single_code", "kernel_mismatch"]},
                     "layer": {"type": "string"},
                     "layer_kind": {"type": "string"},
                     "stage": {"enum": ["float", "quantized"]},

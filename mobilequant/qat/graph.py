@@ -37,7 +37,7 @@ from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 from torchao.quantization.pt2e.quantizer import Quantizer
 
 from ..capture import MQ_NAME, capture, layer_name
-from ..fusion import BN_OPS, CONV_OPS, fold_conv_bn
+from ..fusion import BN_OPS, CONV_OPS, DEAD_VARIANCE, fold_conv_bn
 from ..quant.ptq import is_captured
 from ..quant.quantizer import FUSED_INTO
 
@@ -215,10 +215,6 @@ def weight_fake_quants(gm: GraphModule) -> list[WeightFakeQuant]:
             depthwise = gm.get_parameter(param).shape[1] == 1
         out.append(WeightFakeQuant(str(fq.target), mod, layer_name(node), param, depthwise))
     return out
-
-
-# A BN channel whose running variance is at most this is constant on the data it was trained on.
-DEAD_VARIANCE = 1e-8
 
 
 def silence_dead_channels(gm: GraphModule) -> list[tuple[str, int]]:

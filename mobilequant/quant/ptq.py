@@ -58,7 +58,8 @@ class Finding:
     """Something the pipeline changed or could not do, reported rather than hidden."""
 
     kind: str  # dead_weight_channels | bias_range | degenerate_activation | constant_activation
-    #            | unobserved_activation | bn_not_folded | float_fallback | dead_channels_silenced (QAT)
+    #            | unobserved_activation | bn_not_folded | float_fallback | constant_channels
+    #            | dead_channels_silenced (QAT)
     layer: str
     message: str
 
@@ -191,6 +192,7 @@ def quantize(
     gm = copy.deepcopy(model) if is_captured(model) else capture(model, example_input)
     fusion = fold_conv_bn(gm)
     findings = [Finding("bn_not_folded", bn, f"batch norm kept in float: {why}") for bn, why in fusion.skipped]
+    findings += constant_channel_findings(fusion)
 
     cle_report = None
     if config.cle:
@@ -233,6 +235,14 @@ def quantize(
         cle=cle_report,
         bias_correction=bc_report,
     )
+
+
+def constant_channel_findings(fusion) -> list[Finding]:
+    """One finding per conv whose BN had channels with zero running variance (folded to β)."""
+    return [Finding("constant_channels", f.conv,
+                    f"{len(f.constant_channels)} channel(s) with zero BN running variance folded to their constant "
+                    f"output β (BN {f.bn}; channels {list(f.constant_channels)[:8]})")
+            for f in fusion.folded if f.constant_channels]
 
 
 def fold_bias_qdq(gm: GraphModule) -> GraphModule:
