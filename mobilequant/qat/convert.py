@@ -34,7 +34,7 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 from ..capture import capture
 from ..fusion import fold_conv_bn
 from ..quant.config import QuantConfig
-from ..quant.ptq import (Finding, QuantResult, calibrate, constant_channel_findings, fold_bias_qdq, is_captured,
+from ..quant.ptq import (Finding, QuantResult, calibrate, fold_bias_qdq, fusion_findings, is_captured,
                          repair_degenerate_ranges)
 from ..quant.quantizer import MobileQuantizer
 from ..quant.table import QuantTable
@@ -96,8 +96,7 @@ def convert_trained(prepared: GraphModule, float_model: nn.Module, config: Quant
     model = trained_float_model(prepared, float_model)
     gm = copy.deepcopy(model) if is_captured(model) else capture(model, example_input)
     fusion = fold_conv_bn(gm)
-    findings = [Finding("bn_not_folded", bn, f"batch norm kept in float: {why}") for bn, why in fusion.skipped]
-    findings += constant_channel_findings(fusion)
+    findings = fusion_findings(fusion)
     quantizer = MobileQuantizer(config)
     quantizer.validate(gm)
     ptq_prepared = prepare_pt2e(gm, quantizer)

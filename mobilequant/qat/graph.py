@@ -244,7 +244,7 @@ def silence_dead_channels(gm: GraphModule) -> list[tuple[str, int]]:
         param = weights.get(layer_name(conv))
         if param is None:
             continue
-        dead = _get_attr(gm, str(var_node.target)).reshape(-1) <= DEAD_VARIANCE
+        dead = gm.get_buffer(str(var_node.target)).reshape(-1) <= DEAD_VARIANCE
         w = gm.get_parameter(param)
         if not bool(dead.any()) or dead.numel() != w.shape[0]:
             continue
@@ -254,13 +254,6 @@ def silence_dead_channels(gm: GraphModule) -> list[tuple[str, int]]:
         w.register_hook(lambda grad, keep=keep: grad * keep.to(grad.device))
         out.append((layer_name(conv), int(dead.sum())))
     return out
-
-
-def _get_attr(gm: GraphModule, target: str) -> torch.Tensor:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def freeze_observers(gm: GraphModule) -> None:

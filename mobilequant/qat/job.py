@@ -55,12 +55,12 @@ from .distributed import DistContext, all_sum, epoch_indices, setup, shard_plan,
 from .convert import convert_trained
 from .graph import (
     build_qat_graph,
-    silence_dead_channels,
-    equalized_graph,
     enable_scale_learning,
+    equalized_graph,
     freeze_observers,
     observers_paused,
     set_mode,
+    silence_dead_channels,
     tensor_key,
 )
 from .oscillation import OscillationControl

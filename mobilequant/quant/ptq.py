@@ -191,8 +191,7 @@ def quantize(
 
     gm = copy.deepcopy(model) if is_captured(model) else capture(model, example_input)
     fusion = fold_conv_bn(gm)
-    findings = [Finding("bn_not_folded", bn, f"batch norm kept in float: {why}") for bn, why in fusion.skipped]
-    findings += constant_channel_findings(fusion)
+    findings = fusion_findings(fusion)
 
     cle_report = None
     if config.cle:
@@ -237,12 +236,13 @@ def quantize(
     )
 
 
-def constant_channel_findings(fusion) -> list[Finding]:
-    """One finding per conv whose BN had channels with zero running variance (folded to β)."""
-    return [Finding("constant_channels", f.conv,
-                    f"{len(f.constant_channels)} channel(s) with zero BN running variance folded to their constant "
-                    f"output β (BN {f.bn}; channels {list(f.constant_channels)[:8]})")
-            for f in fusion.folded if f.constant_channels]
+def fusion_findings(fusion) -> list[Finding]:
+    """What conv-BN folding reports: BNs left in float, and channels with zero BN variance folded to β."""
+    return ([Finding("bn_not_folded", bn, f"batch norm kept in float: {why}") for bn, why in fusion.skipped]
+            + [Finding("constant_channels", f.conv,
+                       f"{len(f.constant_channels)} channel(s) with zero BN running variance folded to their "
+                       f"constant output β (BN {f.bn}; channels {list(f.constant_channels)[:8]})")
+               for f in fusion.folded if f.constant_channels])
 
 
 def fold_bias_qdq(gm: GraphModule) -> GraphModule:
