@@ -61,7 +61,22 @@ def capture(model: nn.Module, example_input: torch.Tensor, dynamic_batch: bool =
         raise InputError(_capture_error_line(model, e, dynamic_batch)) from e
     gm = ep.module()
     name_layers(gm)
+    _relu6_as_hardtanh(gm)
     return gm
+
+
+def _relu6_as_hardtanh(gm: GraphModule) -> None:
+    """``F.relu6`` exports as ``aten.relu6`` and ``nn.ReLU6`` as ``aten.hardtanh(x, 0, 6)``: one spelling
+    (hardtanh, what ``relu6`` decomposes to) so fusion, the quantizer and export see the same op."""
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in (torch.ops.aten.relu6.default, torch.ops.aten.relu6_.default):
+            inplace = node.target == torch.ops.aten.relu6_.default
+            node.target = torch.ops.aten.hardtanh_.default if inplace else torch.ops.aten.hardtanh.default
+            node.args = (node.args[0], 0.0, 6.0)
+            changed = True
+    if changed:
+        gm.recompile()
 
 
 def _capture_error_line(model: nn.Module, exc: BaseException, dynamic_batch: bool) -> str:

@@ -13,7 +13,16 @@ Folding (computed in float64, stored in float32)::
     b' = (b − μ) · s + β
 
 The folded weights are written as new parameters on the graph module (the user's model is untouched)
-and the BN node is removed. ``prepare_pt2e`` folds conv-BN too, but with a private helper that does not
+and the BN node is removed.
+
+Before folding, a ReLU (or ReLU6) that reads only a concatenation is moved onto the concatenation's
+inputs: ``relu(cat(a, b)) = cat(relu(a), relu(b))`` exactly, and an input that is already the output of
+such an activation (or a pooling / concatenation of one) needs none. ShuffleNetV1's stride-2 units end
+in ``relu(cat(avgpool(x), conv-BN(x)))``: TFLite's int8 concatenation needs one scale on all of its
+inputs, so the signed conv-BN range was forced onto ``x`` (a ReLU output) and half of its codes went to
+negative values that never occur. Moved, the ReLU fuses into the conv and every concat input is
+non-negative (ShuffleNetV1 g3, per-channel mse, simulated int8 on the 10k test split: drop 0.59 →
+0.27 pp). ``prepare_pt2e`` folds conv-BN too, but with a private helper that does not
 check the conv's other users; after :func:`fold_conv_bn` it has nothing left to do.
 """
 
@@ -25,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from .capture import layer_name
+from .capture import MQ_NAME, layer_name
 
 __all__ = [
     "CONV_OPS",
@@ -34,11 +43,15 @@ __all__ = [
     "FusionReport",
     "activation_kind",
     "fold_conv_bn",
+    "move_activation_before_concat",
 ]
 
 aten = torch.ops.aten
 
 CONV_OPS = frozenset({aten.conv1d.default, aten.conv2d.default})
+_POOL_OPS = frozenset({aten.max_pool2d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default,
+                       aten.max_pool2d_with_indices.default})
+_CAT_OPS = frozenset({aten.cat.default, aten.concat.default})
 DEAD_VARIANCE = 1e-8  # a BN channel whose running variance is at most this is constant on its data
 BN_OPS = frozenset({aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default})
 
@@ -94,13 +107,15 @@ class FoldedConvBN:
 class FusionReport:
     folded: tuple[FoldedConvBN, ...] = ()
     skipped: tuple[tuple[str, str], ...] = ()  # (bn layer, why it stays)
+    moved_activations: tuple[str, ...] = ()  # activations moved onto the inputs of the concat they read
 
     def summary(self) -> str:
         kinds: dict[str, int] = {}
         for f in self.folded:
             kinds[f.activation] = kinds.get(f.activation, 0) + 1
         detail = ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items()))
-        return f"folded {len(self.folded)} conv-BN ({detail}); {len(self.skipped)} BN left"
+        moved = f"; {len(self.moved_activations)} activations moved before a concat" if self.moved_activations else ""
+        return f"folded {len(self.folded)} conv-BN ({detail}); {len(self.skipped)} BN left{moved}"
 
 
 def _bn_arguments(bn: Node) -> dict:
@@ -147,8 +162,57 @@ def _free_target(gm: GraphModule, wanted: str) -> str:
     return ".".join([*path, name])
 
 
+def _within(node, kind: str) -> bool:
+    """True when ``node``'s values already lie in ``kind``'s output range (relu: ≥ 0; relu6: [0, 6])."""
+    if not isinstance(node, Node) or node.op != "call_function":
+        return False
+    produced = activation_kind(node)
+    if produced is not None:
+        return produced == kind or produced == "relu6"
+    if node.target is operator.getitem and node.args[1] == 0 and isinstance(node.args[0], Node):
+        return node.args[0].target == aten.max_pool2d_with_indices.default and _within(node.args[0], kind)
+    if node.target in _POOL_OPS:
+        return _within(node.args[0], kind)
+    if node.target in _CAT_OPS:
+        return all(_within(x, kind) for x in node.args[0])
+    return False
+
+
+def move_activation_before_concat(gm: GraphModule) -> tuple[str, ...]:
+    """Rewrite every ``act(cat(xs))`` (act = ReLU or ReLU6, the concat's only reader) as
+    ``cat(act(x) for x in xs)``, skipping inputs already in the activation's range; return the moved
+    activations' layer names. Exact in float (both are elementwise); see the module docstring for why."""
+    moved = []
+    for act in list(gm.graph.nodes):
+        kind = activation_kind(act)
+        cat = act.args[0] if kind else None
+        if not (isinstance(cat, Node) and cat.op == "call_function" and cat.target in _CAT_OPS
+                and len(cat.users) == 1):
+            continue
+        inputs = []
+        for i, x in enumerate(cat.args[0]):
+            if _within(x, kind):
+                inputs.append(x)
+                continue
+            with gm.graph.inserting_after(x):
+                new = gm.graph.call_function(aten.relu.default if kind == "relu" else aten.hardtanh.default,
+                                             (x,) if kind == "relu" else (x, 0.0, 6.0))
+            new.meta = {k: v for k, v in act.meta.items() if k in ("nn_module_stack", "stack_trace")}
+            if "val" in x.meta:
+                new.meta["val"] = x.meta["val"]
+            new.meta[MQ_NAME] = f"{layer_name(act)}.in{i}"
+            inputs.append(new)
+        cat.args = (inputs, *cat.args[1:])
+        act.replace_all_uses_with(cat)
+        moved.append(layer_name(act))
+        gm.graph.erase_node(act)
+    return tuple(moved)
+
+
 def fold_conv_bn(gm: GraphModule) -> FusionReport:
-    """Fold every ``conv → batch_norm`` chain of ``gm`` in place; report what was folded or left."""
+    """Fold every ``conv → batch_norm`` chain of ``gm`` in place (after moving ReLUs that read a concat
+    onto its inputs); report what was folded, left or moved."""
+    moved = move_activation_before_concat(gm)
     folded, skipped = [], []
     obsolete: set[str] = set()
     for bn in list(gm.graph.nodes):
@@ -223,7 +287,7 @@ def fold_conv_bn(gm: GraphModule) -> FusionReport:
     gm.graph.eliminate_dead_code()
     _delete_unreferenced(gm, obsolete)
     gm.recompile()
-    return FusionReport(tuple(folded), tuple(skipped))
+    return FusionReport(tuple(folded), tuple(skipped), moved)
 
 
 def _delete_unreferenced(gm: GraphModule, targets: set[str]) -> None:

@@ -140,3 +140,40 @@ def test_conv_with_other_users_is_not_folded():
 
 # Every zoo architecture is folded and checked against its float model (within 1e-5 relative) in
 # tests/test_ptq.py::test_zoo_architecture_fuses_and_quantizes, which reuses that capture for quantization.
+
+
+class PooledConcat(nn.Module):
+    """A ShuffleNetV1 stride-2 unit: ``relu(cat(avgpool(x), conv-BN(x)))`` with ``x`` a ReLU output,
+    plus a ReLU6 over a concat of a ReLU6 output and a plain conv (clamped on one input only)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.pool = nn.AvgPool2d(3, stride=2, padding=1)
+        self.branch = nn.Sequential(nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4))
+        self.six = nn.Sequential(nn.Conv2d(8, 4, 1), nn.ReLU6())
+        self.plain = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = torch.relu(torch.cat((self.pool(x), self.branch(x)), 1))
+        return nn.functional.relu6(torch.cat((self.six(y), self.plain(y)), 1))
+
+
+def test_activation_after_concat_moves_onto_its_inputs():
+    torch.manual_seed(0)
+    m = _randomize_bn(PooledConcat())
+    x = torch.randn(2, 3, 8, 8) * 3
+    gm = capture(m, x)
+    report = fold_conv_bn(gm)
+    assert len(report.moved_activations) == 2
+    # The branch's activation now follows its conv, so it folds as conv-BN-ReLU; the pooled ReLU output and
+    # the ReLU6 output already lie in range and get no new node.
+    assert {f.conv: f.activation for f in report.folded} == {"stem.0": "relu", "branch.0": "relu"}
+    cats = [n for n in gm.graph.nodes if n.target == torch.ops.aten.cat.default]
+    assert len(cats[0].users) == 2 and list(cats[1].users)[0].op == "output"  # no activation after either
+    producers = [[str(a.target).split(".")[1] for a in n.args[0]] for n in cats]
+    assert producers == [["avg_pool2d", "relu"], ["hardtanh", "hardtanh"]]  # F.relu6 is captured as hardtanh
+    assert "moved before a concat" in report.summary()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), m(x), rtol=1e-5, atol=1e-6)

@@ -106,6 +106,14 @@ def test_zoo_family_exports_and_verifies(family, target, tmp_path):
     if spec.precision == "fp16":
         kinds = census.ops if spec.format == "tflite" else census.output.get("initializers", {})
         assert ("DEQUANTIZE" in kinds) if spec.format == "tflite" else ("float16" in kinds)
+    if spec.format == "onnx" and spec.precision == "fp16":  # weights in float16, biases kept in float32
+        import onnx
+
+        graph = onnx.load(str(path)).graph
+        dtypes = {i.name: i.data_type for i in graph.initializer}
+        conv_inputs = [n.input for n in graph.node if n.op_type == "Conv"]
+        assert all(dtypes.get(f"{ins[1]}_fp16") == onnx.TensorProto.FLOAT16 for ins in conv_inputs)
+        assert all(dtypes[ins[2]] == onnx.TensorProto.FLOAT for ins in conv_inputs if len(ins) > 2)
 
 
 # ------------------------------------------------------------------------------------------- one model

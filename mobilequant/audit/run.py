@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..capture import capture
+from ..fusion import move_activation_before_concat
 from ..errors import CheckFailed, InputError, UsageError
 from .artifact import artifact_provenance, open_artifact
 from .compare import build_segments, check_shapes, compare_batches, layer_results, match_layers
@@ -278,7 +279,8 @@ def run_audit(
     batch = max(1, min(batch_size, len(data), _BATCH_BYTES // per_image))
     example = data.images[:batch]
     gm = capture(model, example, dynamic_batch=False)  # static: much quicker; FloatReference pads the last batch
-    layers = fused_layers(gm)  # the user's model as written: health checks
+    move_activation_before_concat(gm)  # as the quant stage does before it folds (exact in float)
+    layers = fused_layers(gm)  # the user's model as written (BN kept): health checks
     ref_gm = _reference_graph(model, example, meta, quant_result)
     ref_layers = layers if ref_gm is None else fused_layers(ref_gm)  # what the artifact was quantized from
     if ref_gm is not None:

@@ -15,9 +15,8 @@ files are not made from this graph but from the float graph):
   (``litert_torch.generative.quantize.quant_recipes.full_fp16_recipe()``): float16 weight tensors +
   ``DEQUANTIZE``, float32 biases — the same split as here; measured on a small conv / depthwise /
   residual / linear net, the file's outputs equal ``result.graph`` within 3e-8;
-* ONNX: float16 initializers + ``Cast(to=FLOAT)`` with float32 graph inputs / outputs. The exporter casts
-  every initializer, biases included, so onnx-fp16 can differ from this reference by the float16
-  rounding of the biases.
+* ONNX: float16 conv / matmul weight initializers + ``Cast(to=FLOAT)``, float32 biases and float32
+  graph inputs / outputs — the same split again.
 
 A weight whose magnitude exceeds the float16 range (65504) cannot be stored and raises
 :class:`InputError` naming the layer.
