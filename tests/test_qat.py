@@ -314,8 +314,10 @@ def test_config_validation():
     a, b = QATJobConfig(), QATJobConfig(out_dir="elsewhere", progress=False, ckpt_every=7)
     assert a.recipe_hash() == b.recipe_hash() != QATJobConfig(lr=0.01).recipe_hash()
     assert QATJobConfig.from_dict(a.to_dict()) == a
-    with pytest.raises(UsageError, match="PTQ-only"):
-        run_qat(QATJobConfig(quant=QuantConfig(bias_correction=True)))
+    # bias correction (on by default in PTQ) is not a QAT step: QAT trains the biases
+    assert QATJobConfig().quant.bias_correction is False
+    assert QATJobConfig(quant=QuantConfig(per_channel=False)).quant == QuantConfig(per_channel=False,
+                                                                                  bias_correction=False)
 
 
 # ---------------------------------------------------------------------------------------------------

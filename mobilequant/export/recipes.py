@@ -84,7 +84,7 @@ class QuantizationSettings:
     per_channel: bool = True  # one weight scale per output channel (false: per tensor, e.g. for DSPs)
     relu6: str = "clamped"  # ReLU6 outputs: clamped = [0, min(6, calibrated)], fixed = exactly [0, 6]
     cle: bool = False  # cross-layer equalization before calibration
-    bias_correction: bool = False  # correct the expected quantization error of conv outputs in the bias
+    bias_correction: bool = True  # move each conv / linear output's mean quantization error into its bias
     num_calibration: int = 512  # calibration images used at most
     percentile: float = 99.99  # for calibration: percentile
 

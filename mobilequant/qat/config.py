@@ -50,7 +50,7 @@ class QATJobConfig:
     val_data: str | None = "fashion-mnist"  # evaluated after every epoch (None: no evaluation)
     val_split: str = "test"
     val_limit: int | None = 2000  # stratified subset of the validation data (None: all)
-    quant: QuantConfig = field(default_factory=QuantConfig)  # the PTQ options: scheme, bits, ReLU6 mode
+    quant: QuantConfig = field(default_factory=QuantConfig)  # the PTQ options: scheme, bits, ReLU6 mode (no BC)
     start: str = "float"  # "float": observe ranges on calib_batches; "ptq": start from a PTQ result's ranges
     calib_batches: int = 4  # batches observed (eval mode, no training) before the first step
     freeze_bn_step: int | None = None  # from this global step on BN uses and keeps its running statistics
@@ -69,6 +69,9 @@ class QATJobConfig:
     def __post_init__(self) -> None:
         if isinstance(self.quant, dict):  # from JSON / a checkpoint
             object.__setattr__(self, "quant", QuantConfig.from_dict(self.quant))
+        if isinstance(self.quant, QuantConfig) and self.quant.bias_correction:
+            # Bias correction is a PTQ step (QuantConfig's default); QAT trains the biases itself.
+            object.__setattr__(self, "quant", dataclasses.replace(self.quant, bias_correction=False))
         for f in fields(self):
             _check_type(f.name, f.type, getattr(self, f.name))
         positive = ("epochs", "batch_size", "ckpt_every", "calib_batches")

@@ -313,8 +313,6 @@ def run_qat(
     """
     if not isinstance(config, QATJobConfig):
         raise UsageError(f"config must be a QATJobConfig, got {type(config).__name__}")
-    if config.quant.bias_correction:
-        raise UsageError("QAT trains the biases itself: QuantConfig.bias_correction is PTQ-only; set it to False")
     ctx = setup(config.device)
     try:
         with _reproducible(config.threads, ctx.device):

@@ -1,4 +1,4 @@
-"""Empirical bias correction of weight quantization error.
+"""Empirical bias correction: the mean quantization error of conv / linear outputs moved into the bias.
 
 Nagel, van Baalen, Blankevoort, Welling, "Data-Free Quantization Through Weight Equalization and Bias
 Correction", ICCV 2019, §4.2. Quantizing a layer's weights ``W`` to ``W_q`` adds ``(W_q − W) x`` to its
@@ -13,6 +13,12 @@ result from each bias (one pass; all corrections come from float inputs, as in t
 variant). Layers without a bias get one. :func:`fake_quantize_weight` is the default weight
 quantizer: the observers of :mod:`mobilequant.quant.observers` (what the quantizer uses) with
 torchao's ``quantize_affine`` / ``dequantize_affine``.
+
+:func:`correct` is what the PTQ pipeline runs (``QuantConfig.bias_correction``): the sequential variant
+on the calibrated prepared graph, where each layer's correction also covers the error of its quantized
+input activations and of the layers above it (see its docstring for the measured effect). Written here
+because torchao has no bias correction, and AIMET's (the reference implementation) works on its own
+graph representation, not on a PT2E graph whose observers define the parameters the file will carry.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.fx import GraphModule, Interpreter, Node
+from torch.fx.node import map_arg
 from torchao.quantization.quant_primitives import dequantize_affine, quantize_affine
 
 from ..capture import layer_name
@@ -173,46 +180,131 @@ def correct_bias(float_gm: GraphModule, calibration_batches: Iterable,
     return BiasCorrectionReport(tuple(report), batches, samples, per_channel)
 
 
-def correct(prepared: GraphModule, float_gm: GraphModule, calibration_batches: Iterable) -> BiasCorrectionReport:
-    """Bias correction inside the PTQ pipeline, between calibration and ``convert_pt2e``.
+# Values of the graph held at once by :func:`correct` (float and simulated paths, every live tensor):
+# calibration images beyond what fits are not used (MobileNetV2 at 224 px: ~40 MB per image, 53 images).
+CORRECTION_BUDGET_BYTES = 2 << 30
 
-    ``prepared``: the graph after ``prepare_pt2e`` and calibration; ``float_gm``: a copy of the same graph
-    taken before ``prepare_pt2e`` (same attribute names). Each layer's weight is fake-quantized with the
-    parameters its own weight observer in ``prepared`` computed — exactly what ``convert_pt2e`` will use —
-    and the correction, measured on ``float_gm``, is written to the bias of ``prepared`` (whose int32
-    quantization happens at convert). Layers of ``prepared`` without a bias (or without a weight
-    observer) are left alone.
+
+def correct(prepared: GraphModule, calibration_batches: Iterable) -> BiasCorrectionReport:
+    """Bias correction inside the PTQ pipeline, between calibration and ``convert_pt2e``: sequential and
+    activation-aware.
+
+    ``prepared``: the graph after ``prepare_pt2e`` and calibration. With its observers as identities it
+    is the float graph; with each observer applied as the quantize → dequantize it will become at
+    ``convert_pt2e`` (its weight observers on the weights, its activation observers on the activations)
+    it is the simulated int8 graph. Both are run side by side, node by node, on all calibration images at
+    once; at every conv / linear layer the per-channel mean of ``simulated − float`` over the images (and
+    output positions) is subtracted from the layer's bias and from its simulated output before the next
+    layer runs. Each correction therefore sees the errors of the activations and of the already corrected
+    layers above it — the "empirical bias correction" of Nagel et al. 2019 (§4.2, with quantized inputs),
+    not only ``E[(W_q − W) x]`` of :func:`correct_bias`.
+
+    Measured (simulated int8, per channel, mse): ImageNet MobileNetV2 on the 48 evaluation photo crops,
+    top-1 agreement with float 79.2 → 91.7 %, float top-1 in the top 5 91.7 → 100 %; per tensor + CLE
+    79.2 % with :func:`correct_bias`'s weight-only correction, 83.3 % with this one. On the six shipped
+    Fashion-MNIST models (10k test split) agreement went up on five (MobileNetV3-Small 98.67 → 98.82 %,
+    ShuffleNetV1 97.29 → 97.66 %) and down by 4 images on ShuffleNetV2 (99.32 → 99.28 %).
+
+    Layers without a bias (or whose weight has no observer) are left alone. All images must fit in
+    :data:`CORRECTION_BUDGET_BYTES` together with the graph's live values; the rest are not used (the
+    report says how many were).
     """
-    by_weight = {str(n.args[1].target): n for n in _layers(float_gm)}
-    targets: dict[Node, Node] = {}  # float layer -> prepared layer
-    deltas = {}
-    per_channel = False
-    for node in prepared.graph.nodes:
-        if node.op != "call_function" or node.target not in (CONV_OPS | _LINEAR_OPS) or len(node.args) < 2:
-            continue
-        obs_node = node.args[1]
-        if not (isinstance(obs_node, Node) and obs_node.op == "call_module" and obs_node.args
-                and isinstance(obs_node.args[0], Node) and obs_node.args[0].op == "get_attr"):
-            continue
-        float_node = by_weight.get(str(obs_node.args[0].target))
-        bias = node.args[2] if len(node.args) > 2 else None
-        if float_node is None or bias is None:
-            continue
-        obs = prepared.get_submodule(str(obs_node.target))
-        w = _get(float_gm, str(obs_node.args[0].target)).detach()
-        deltas[float_node] = _fake_quantize_with(obs, w) - w
-        targets[float_node] = node
-        per_channel = per_channel or obs.qscheme in (torch.per_channel_symmetric, torch.per_channel_affine)
-    means, batches, samples = _mean_errors(float_gm, calibration_batches, deltas)
-    report = []
-    for float_node, shift in means.items():
-        layer = targets[float_node]
-        bias = layer.args[2]
+    batches = [b[0] if isinstance(b, (tuple, list)) else b for b in calibration_batches]
+    for i, b in enumerate(batches):
+        if not isinstance(b, torch.Tensor):
+            raise InputError(f"calibration batch {i} is a {type(b).__name__}, not a tensor")
+    if not batches:
+        raise InputError("bias correction needs at least one calibration batch")
+    x = torch.cat(batches)
+    with torch.no_grad():
+        one, two = (_SideBySide(prepared, dry_run=True).run(x[:k]).peak_bytes for k in (1, 2))
+        per_image = max(two - one, 1)  # what is not per image (weights and their fake-quantized copies) cancels
+        x = x[: max(1, min(len(x), (CORRECTION_BUDGET_BYTES - (one - per_image)) // per_image))]
+        walk = _SideBySide(prepared).run(x)
+    return BiasCorrectionReport(tuple(walk.report), len(batches), int(x.shape[0]), walk.per_channel)
+
+
+class _SideBySide:
+    """Runs the float and the simulated path of a prepared graph together (see :func:`correct`)."""
+
+    def __init__(self, prepared: GraphModule, dry_run: bool = False) -> None:
+        self.gm = prepared
+        self.dry_run = dry_run
+        self.qparams: dict[str, tuple] = {}
+        self.report: list[LayerBiasCorrection] = []
+        self.per_channel = False
+        self.peak_bytes = 0
+
+    def _fake_quant(self, node: Node, x: torch.Tensor) -> torch.Tensor:
+        obs = self.gm.get_submodule(str(node.target))
+        if not hasattr(obs, "calculate_qparams") or getattr(obs, "dtype", torch.int8) not in (torch.int8, torch.uint8):
+            return x  # int32 bias observers (their rounding is far below the others') and non-observers
+        if node.target not in self.qparams:
+            self.qparams[node.target] = tuple(obs.calculate_qparams())
+        scale, zero_point = self.qparams[node.target]
+        if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
+            return x  # a degenerate range: repaired after this step (ptq.repair_degenerate_ranges)
+        if obs.qscheme in (torch.per_channel_symmetric, torch.per_channel_affine):
+            axis = int(obs.ch_axis)
+            block = tuple(1 if d == axis else n for d, n in enumerate(x.shape))
+        else:
+            block = tuple(x.shape)
+        q = quantize_affine(x.float(), block, scale, zero_point, obs.dtype, obs.quant_min, obs.quant_max)
+        return dequantize_affine(q, block, scale, zero_point, obs.dtype, obs.quant_min, obs.quant_max).to(x.dtype)
+
+    def _bias_target(self, node: Node) -> str | None:
+        if node.op != "call_function" or node.target not in (CONV_OPS | _LINEAR_OPS) or len(node.args) < 3:
+            return None
+        weight, bias = node.args[1], node.args[2]
+        if not (isinstance(weight, Node) and weight.op == "call_module"):
+            return None  # weight not quantized
         while isinstance(bias, Node) and bias.op == "call_module":  # the bias behind its observer
             bias = bias.args[0]
-        if isinstance(bias, Node) and bias.op == "get_attr":
-            report.append(_shift_bias(prepared, layer_name(layer), str(bias.target), shift))
-    return BiasCorrectionReport(tuple(report), batches, samples, per_channel)
+        return str(bias.target) if isinstance(bias, Node) and bias.op == "get_attr" else None
+
+    def run(self, x: torch.Tensor) -> _SideBySide:
+        nodes = list(self.gm.graph.nodes)
+        last_use = {}
+        for i, n in enumerate(nodes):
+            for a in n.all_input_nodes:
+                last_use[a] = i
+        fl: dict[Node, object] = {}
+        sim: dict[Node, object] = {}
+        for i, n in enumerate(nodes):
+            if n.op == "placeholder":
+                fl[n] = sim[n] = x
+            elif n.op == "get_attr":
+                fl[n] = sim[n] = _get(self.gm, str(n.target))
+            elif n.op == "call_module":
+                fl[n] = fl[n.args[0]]
+                sim[n] = self._fake_quant(n, sim[n.args[0]])
+            elif n.op == "call_function":
+                f = n.target(*map_arg(n.args, fl.__getitem__), **map_arg(n.kwargs, fl.__getitem__))
+                q = n.target(*map_arg(n.args, sim.__getitem__), **map_arg(n.kwargs, sim.__getitem__))
+                bias = self._bias_target(n)
+                if bias is not None and not self.dry_run:
+                    q = self._correct(n, bias, f, q)
+                fl[n], sim[n] = f, q
+            live = sum(v.numel() * v.element_size() for v in {
+                v.data_ptr(): v for env in (fl, sim) for k, v in env.items()
+                if isinstance(v, torch.Tensor) and k.op != "get_attr"}.values())
+            self.peak_bytes = max(self.peak_bytes, live)
+            for a in n.all_input_nodes:
+                if last_use.get(a) == i:
+                    fl.pop(a, None)
+                    sim.pop(a, None)
+        return self
+
+    def _correct(self, node: Node, bias_target: str, f: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        channel_dim = q.dim() - 1 if node.target in _LINEAR_OPS else (1 if q.dim() > 1 else 0)
+        dims = [d for d in range(q.dim()) if d != channel_dim]
+        shift = (q.double() - f.double()).mean(dims)
+        self.report.append(_shift_bias(self.gm, layer_name(node), bias_target, shift))
+        obs = self.gm.get_submodule(str(node.args[1].target))
+        self.per_channel = self.per_channel or obs.qscheme in (torch.per_channel_symmetric, torch.per_channel_affine)
+        shape = [1] * q.dim()
+        shape[channel_dim] = -1
+        return q - shift.reshape(shape).to(q.dtype)
 
 
 def _fake_quantize_with(obs: torch.nn.Module, w: torch.Tensor) -> torch.Tensor:

@@ -32,13 +32,22 @@ class QuantConfig:
     on five of the six shipped Fashion-MNIST models and one image lower on the sixth (minmax → mse: MobileNetV2
     99.00 → 99.22 %, ShuffleNetV2 99.08 → 99.32 %, ShuffleNetV1 96.14 → 96.49 %, MobileNetV3-Small 98.52 →
     98.67 %, SqueezeNet 99.53 → 99.62 %, MobileNetV1 99.61 → 99.60 %), at the same calibration cost.
+
+    ``bias_correction`` is on by default: after calibration, each conv / linear layer's mean output error
+    on the calibration images (weights *and* input activations quantized, layers above already corrected;
+    :func:`mobilequant.quant.bias_correction.correct`) is subtracted from its bias. Simulated, per channel,
+    mse: ImageNet MobileNetV2 on the held-out photo crops, top-1 agreement with float 79.2 → 91.7 % and
+    float top-1 in the top 5 91.7 → 100 %; Fashion-MNIST 10k agreement up on five of the six shipped
+    models, 4 images down on ShuffleNetV2. It costs one pass over the calibration images holding every
+    live activation of both paths (capped at 2 GiB: ~50 images of a 224-px MobileNetV2). QAT jobs turn it
+    off (they train the biases); the data-free ReLU6 recipe too.
     """
 
     per_channel: bool = True  # weights: one scale per output channel (False: one per tensor)
     calibration: str = "mse"  # activation range method: mse | minmax | moving_average | percentile | entropy
     relu6: str = "clamped"  # ReLU6 outputs: "clamped" = [0, min(6, calibrated max)], "fixed" = exactly [0, 6]
     cle: bool = False  # cross-layer equalization before calibration (mobilequant.quant.cle)
-    bias_correction: bool = False  # correct the expected quantization error of conv outputs in the bias
+    bias_correction: bool = True  # move each conv / linear output's mean quantization error into its bias
     weight_bits: int = 8  # symmetric weight range ±(2**(bits-1) - 1), stored as int8 (2..8)
     float_fallback: bool = False  # leave ops the int8 scheme cannot express in float instead of failing
     percentile: float = 99.99  # for calibration="percentile": percentile of |activation| kept, in (50, 100]

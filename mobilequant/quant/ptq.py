@@ -13,11 +13,11 @@ Optional steps are modules of this package, called by contract:
 
 * ``QuantConfig.cle``: ``mobilequant.quant.cle.equalize(gm) -> (gm, EqualizationReport)`` on the
   BN-folded float graph, before the quantizer sees it (the report is ``QuantResult.cle``);
-* ``QuantConfig.bias_correction``: ``mobilequant.quant.bias_correction.correct(prepared, float_graph,
-  batches)`` after calibration, with the calibrated prepared graph (its weight observers give the
-  quantized weights, its activation observers the ranges), the BN-folded float graph and the calibration
-  batches actually used; it rewrites the conv / linear bias constants of ``prepared`` in place, before
-  the int32 bias parameters are derived at conversion.
+* ``QuantConfig.bias_correction``: ``mobilequant.quant.bias_correction.correct(prepared, batches)``
+  after calibration, with the calibrated prepared graph (its weight observers give the quantized
+  weights, its activation observers the ranges) and the calibration batches actually used; it rewrites
+  the conv / linear bias constants of ``prepared`` in place, before the int32 bias parameters are
+  derived at conversion.
 
 Degenerate ranges never reach the graph as a zero or NaN scale: an all-zero (dead) weight channel gets
 the layer's median channel scale, an all-zero activation gets scale 1/255 (the [0, 1] range), and a
@@ -203,7 +203,6 @@ def quantize(
         Finding("float_fallback", name, f"{op} has no int8 rule; kept in float")
         for name, op in find_unsupported_ops(gm, quantizer.supported_ops())
     ]
-    float_graph = copy.deepcopy(gm) if config.bias_correction else None
     prepared = prepare_pt2e(gm, quantizer)
 
     kept: list[torch.Tensor] | None = [] if config.bias_correction else None
@@ -213,7 +212,7 @@ def quantize(
 
     bc_report = None
     if config.bias_correction:
-        bc_report = _optional_module("bias_correction", "bias_correction").correct(prepared, float_graph, kept)
+        bc_report = _optional_module("bias_correction", "bias_correction").correct(prepared, kept)
 
     findings += repair_degenerate_ranges(prepared, config)
     qdq_graph = convert_pt2e(copy.deepcopy(prepared), fold_quantize=False)
