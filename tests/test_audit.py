@@ -269,7 +269,7 @@ def test_tflite_audit_maps_every_layer_and_passes(tflite_report, tflite_artifact
         assert l.accumulated["weight_sqnr_db"] > 25 or l.kind not in ("depthwise", "pointwise", "conv", "linear")
     e = r.end_to_end
     assert e.labels_used and e.images == N_IMAGES and e.float_top1 > 0.85
-    assert abs(e.drop_pp) < 1.0 and e.top1_agreement > 0.97 and e.top5_containment > 0.99
+    assert e.drop_pp < 1.0 and e.top1_agreement > 0.97 and e.top5_containment > 0.99  # a gain is no failure
     assert r.passed, r.summary()
     text = r.summary()
     assert text.startswith("mobilequant audit: PASS") and "Worst layers by isolated SQNR" in text
