@@ -201,9 +201,9 @@ def correct(prepared: GraphModule, calibration_batches: Iterable) -> BiasCorrect
 
     Measured (simulated int8, per channel, mse): ImageNet MobileNetV2 on the 48 evaluation photo crops,
     top-1 agreement with float 79.2 → 91.7 %, float top-1 in the top 5 91.7 → 100 %; per tensor + CLE
-    79.2 % with :func:`correct_bias`'s weight-only correction, 83.3 % with this one. On the six shipped
-    Fashion-MNIST models (10k test split) agreement went up on five (MobileNetV3-Small 98.67 → 98.82 %,
-    ShuffleNetV1 97.29 → 97.66 %) and down by 4 images on ShuffleNetV2 (99.32 → 99.28 %).
+    79.2 % with :func:`correct_bias`'s weight-only correction, 83.3 % with this one. In the tflite files
+    (``docs/benchmarks.md``): Fashion-MNIST 10k agreement up on four of six models (ShuffleNetV1 97.20 →
+    97.70 %), 2–3 images down on two; ImageNet per tensor + CLE 77.1 → 85.4 %, top-5 91.7 → 100 %.
 
     Layers without a bias (or whose weight has no observer) are left alone. All images must fit in
     :data:`CORRECTION_BUDGET_BYTES` together with the graph's live values; the rest are not used (the
