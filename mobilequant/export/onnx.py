@@ -7,10 +7,10 @@
   ``QuantizeLinear`` on the bias is not valid ONNX (QuantizeLinear has no int32 output type).
 * fp16: the fp32 export with every conv / matmul weight initializer stored as float16 and cast back to
   float32 where it is used (:func:`store_initializers_fp16`); biases and other constants stay float32, as
-  in TFLite's float16 files and the torch reference (``mobilequant.quant.fp16``). Written by hand because the two library routes do something
-  else: onnxruntime's ``float16.convert_float_to_float16`` makes the *computation* float16 (which the CPU
-  provider has no kernels for on x86), and exporting the float16-constant graph lets the onnxscript
-  optimiser fold the casts back into float32 initializers.
+  in TFLite's float16 files and the torch reference (``mobilequant.quant.fp16``). Written by hand
+  because the two library routes do something else: onnxruntime's ``float16.convert_float_to_float16``
+  makes the *computation* float16 (which the CPU provider has no kernels for on x86), and exporting the
+  float16-constant graph lets the onnxscript optimiser fold the casts back into float32 initializers.
 """
 
 from __future__ import annotations

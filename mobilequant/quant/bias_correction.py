@@ -244,11 +244,8 @@ class _SideBySide:
         scale, zero_point = self.qparams[node.target]
         if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
             return x  # a degenerate range: repaired after this step (ptq.repair_degenerate_ranges)
-        if obs.qscheme in (torch.per_channel_symmetric, torch.per_channel_affine):
-            axis = int(obs.ch_axis)
-            block = tuple(1 if d == axis else n for d, n in enumerate(x.shape))
-        else:
-            block = tuple(x.shape)
+        block = (tuple(1 if d == int(obs.ch_axis) else n for d, n in enumerate(x.shape))
+                 if obs.qscheme in (torch.per_channel_symmetric, torch.per_channel_affine) else tuple(x.shape))
         q = quantize_affine(x.float(), block, scale, zero_point, obs.dtype, obs.quant_min, obs.quant_max)
         return dequantize_affine(q, block, scale, zero_point, obs.dtype, obs.quant_min, obs.quant_max).to(x.dtype)
 
@@ -285,10 +282,11 @@ class _SideBySide:
                 if bias is not None and not self.dry_run:
                     q = self._correct(n, bias, f, q)
                 fl[n], sim[n] = f, q
-            live = sum(v.numel() * v.element_size() for v in {
-                v.data_ptr(): v for env in (fl, sim) for k, v in env.items()
-                if isinstance(v, torch.Tensor) and k.op != "get_attr"}.values())
-            self.peak_bytes = max(self.peak_bytes, live)
+            if self.dry_run:  # only the sizing runs measure what is held
+                live = sum(v.numel() * v.element_size() for v in {
+                    v.data_ptr(): v for env in (fl, sim) for k, v in env.items()
+                    if isinstance(v, torch.Tensor) and k.op != "get_attr"}.values())
+                self.peak_bytes = max(self.peak_bytes, live)
             for a in n.all_input_nodes:
                 if last_use.get(a) == i:
                     fl.pop(a, None)
@@ -305,19 +303,6 @@ class _SideBySide:
         shape = [1] * q.dim()
         shape[channel_dim] = -1
         return q - shift.reshape(shape).to(q.dtype)
-
-
-def _fake_quantize_with(obs: torch.nn.Module, w: torch.Tensor) -> torch.Tensor:
-    """``w`` quantized with the parameters ``obs`` computed, and back to float."""
-    scale, zero_point = obs.calculate_qparams()
-    if obs.qscheme in (torch.per_channel_symmetric, torch.per_channel_affine):
-        axis = int(obs.ch_axis)
-        block = tuple(1 if d == axis else n for d, n in enumerate(w.shape))
-    else:
-        block = tuple(w.shape)
-    wf = w.float()
-    q = quantize_affine(wf, block, scale, zero_point, torch.int8, obs.quant_min, obs.quant_max)
-    return dequantize_affine(q, block, scale, zero_point, torch.int8, obs.quant_min, obs.quant_max).to(w.dtype)
 
 
 def _set(gm: GraphModule, target: str, value: torch.Tensor) -> None:

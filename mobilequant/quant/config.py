@@ -39,9 +39,9 @@ class QuantConfig:
     mse: ImageNet MobileNetV2 on the held-out photo crops, top-1 agreement with float 79.2 → 91.7 % and
     float top-1 in the top 5 91.7 → 100 % (the tflite file: 79.2 % either way — near-tie crops — and top 5
     91.7 → 100 %); tflite files on the 10k Fashion-MNIST test split: agreement up on four of the six
-    shipped models, 2–3 images down on two (``docs/quantization.md``). It costs one pass over the calibration images holding every
-    live activation of both paths (capped at 2 GiB: ~50 images of a 224-px MobileNetV2). QAT jobs turn it
-    off (they train the biases); the data-free ReLU6 recipe too.
+    shipped models, 2–3 images down on two (``docs/quantization.md``). It costs one pass over the
+    calibration images holding every live activation of both paths (capped at 2 GiB: ~50 images of a
+    224-px MobileNetV2). QAT jobs turn it off (they train the biases); the data-free ReLU6 recipe too.
     """
 
     per_channel: bool = True  # weights: one scale per output channel (False: one per tensor)
