@@ -3,6 +3,7 @@
     nice -n 19 /tmp/tfenv/bin/python benchmarks/compare.py                      # everything (~1.5 h, 2 shared cores)
     nice -n 19 python benchmarks/compare.py --quick                            # 1,000 images, core rows
     python benchmarks/compare.py --models mobilenetv2_050 imagenet --out results.md
+    python benchmarks/compare.py --models imagenet --photos skimage                # the 12-photo set
 
 One invocation, per model: the same trained float model, the same calibration images and the same
 evaluation images for every row. Every figure is measured on the written file in its real runtime
@@ -13,9 +14,13 @@ simulation.
   calibration on the shipped 512-image subset (``calibration/fashion-mnist-512.npz``), top-1 on the full
   10k test split (``--quick``: the first 1,000), drop vs the float torch model, top-1 agreement with it.
 * ``imagenet``: torchvision's ImageNet MobileNetV2 (``mobilequant.models.pretrained``) on crops of real
-  photos (``mobilequant.data.photo_crops``): calibrated on the crops of one half of the photos, evaluated
-  on the crops of the other half. No labels: top-1 agreement with float and "float top-1 inside the
-  file's top-5".
+  photos (``mobilequant.data.photo_crops``, 8 crops per photo): calibrated on the crops of one half of
+  the photos, evaluated on the crops of the other half. ``--photos offline`` (the default): the 62 real
+  photographs that scikit-image, scikit-learn, matplotlib and Debian's ``opencv-doc`` ship, 31 per half
+  (248 crops each; ``pip install -e ".[photos]"`` and ``apt-get install opencv-doc``);
+  ``--photos skimage``: scikit-image's 12 photos, 6 per half (48 crops each). No labels: top-1 agreement
+  with float, the same on the crops the float model gives top-1 probability ≥ 0.5, and "float top-1
+  inside the file's top-5".
 
 Rows (``--quick`` keeps the core rows marked *):
 
@@ -154,13 +159,23 @@ def _fashion_model(name: str):
     return net, calibration_set(cfg=net.preprocess), builtin_dataset("fashion-mnist", "test", net.preprocess)
 
 
-def _imagenet_model():
+# What the ImageNet model's result says it was measured on, per --photos collection.
+PHOTO_DATASETS = {
+    "offline": "offline photo crops: 62 photos of scikit-image, scikit-learn, matplotlib, opencv-doc "
+               "(disjoint halves)",
+    "skimage": "skimage photo crops (disjoint halves)",
+}
+
+
+def _imagenet_model(collection: str):
+    """(model, calibration crops, evaluation crops): one half of the photo collection each."""
     from mobilequant.data import photo_crops
     from mobilequant.models.pretrained import load_torchvision_mobilenet_v2
 
     net = load_torchvision_mobilenet_v2()
     net.model_name = "mobilenetv2_100"
-    return net, photo_crops("calibration", net.preprocess), photo_crops("evaluation", net.preprocess)
+    return (net, photo_crops("calibration", net.preprocess, collection=collection),
+            photo_crops("evaluation", net.preprocess, collection=collection))
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -344,9 +359,15 @@ def _qat_rows(net, name: str, evald, work: Path, measure, full: bool, args, note
 
 
 class _Reader:
-    """ONNX Runtime's ``CalibrationDataReader`` protocol over our calibration images (batches of 16)."""
+    """ONNX Runtime's ``CalibrationDataReader`` protocol over our calibration images, in equal batches.
+
+    The batch is the largest divisor of the image count up to 16 (512 and 48 images: 16; 248: 8): ORT's
+    histogram calibrators (Percentile, Entropy) stack the batches' outputs and fail on a shorter last
+    batch ("inhomogeneous shape", microsoft/onnxruntime#18792).
+    """
 
     def __init__(self, images, input_name: str, batch: int = 16):
+        batch = max(b for b in range(1, batch + 1) if len(images) % b == 0)
         self.x, self.name, self.batch, self.pos = images.numpy(), input_name, batch, 0
 
     def get_next(self):
@@ -457,7 +478,7 @@ def run_model(name: str, args, work: Path) -> ModelResult:
     from mobilequant.models import count_params
 
     _log(f"{name}: loading")
-    net, calib, evald = _imagenet_model() if name == IMAGENET else _fashion_model(name)
+    net, calib, evald = _imagenet_model(args.photos) if name == IMAGENET else _fashion_model(name)
     if args.eval_images is not None and args.eval_images < len(evald):
         evald = evald.subset(range(args.eval_images))
     with torch.no_grad():
@@ -465,7 +486,7 @@ def run_model(name: str, args, work: Path) -> ModelResult:
     labels = None if evald.labels is None else evald.labels.numpy()
     float_top1 = None if labels is None else float((float_logits.argmax(1) == labels).mean() * 100.0)
     res = ModelResult(model=getattr(net, "model_name", name), params=count_params(net),
-                      dataset="skimage photo crops (disjoint halves)" if name == IMAGENET
+                      dataset=PHOTO_DATASETS[args.photos] if name == IMAGENET
                       else "Fashion-MNIST test split", num_calibration=len(calib), num_eval=len(evald),
                       float_top1=float_top1)
     torch_row = Row("torch", "float model", "-", top1=float_top1, drop_pp=0.0 if labels is not None else None)
@@ -695,7 +716,7 @@ def ratio_summary(results: list[ModelResult]) -> str:
         best_mq = min(mq_pc + [r for r in (q_t, q_o) if r], key=lambda r: _loss(r, lab), default=None)
         best_ptq = min(mq_pc, key=lambda r: _loss(r, lab), default=None)
         best_other = min(others, key=lambda r: _loss(r, lab), default=None)
-        name = res.model + ("" if lab else " (photos: disagreement %)")
+        name = res.model + ("" if lab else f" ({res.dataset.split()[0]} photos: disagreement %)")
 
         def where(r: Row | None, route: bool) -> str:
             if r is None:
@@ -739,7 +760,7 @@ def ratio_summary(results: list[ModelResult]) -> str:
 def model_section(res: ModelResult) -> str:
     what = (f"top-1 on {res.num_eval} {res.dataset} images, float {res.float_top1:.2f} %"
             if res.float_top1 is not None else f"{res.num_eval} evaluation crops, no labels "
-            f"({res.num_confident} with float top-1 probability ≥ 0.5)")
+            f"({res.dataset}; {res.num_confident} with float top-1 probability ≥ 0.5)")
     notes = "".join(f"\n- {n}" for n in res.notes)
     return (f"### {res.model}\n\n{res.params:,} parameters; calibration {res.num_calibration} images; "
             f"{what}.\n\n{model_table(res)}\n" + (f"\nNotes:\n{notes}\n" if notes else "")
@@ -785,6 +806,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="also write the tables here (Markdown) and the figures "
                                                "next to it (.json)")
     ap.add_argument("--no-qat", action="store_true", help="skip the mobilequant QAT rows")
+    ap.add_argument("--photos", choices=tuple(PHOTO_DATASETS), default="offline",
+                    help=f"{IMAGENET}'s photo collection: 'offline' (62 photos of scikit-image, scikit-learn, "
+                         "matplotlib and opencv-doc; pip install -e \".[photos]\", apt-get install opencv-doc) "
+                         "or 'skimage' (12 photos; default: offline)")
     ap.add_argument("--qat-images", type=int, default=None,
                     help="QAT: one pass over a stratified subset of this many training images "
                          "(default 8192; --quick 2048)")

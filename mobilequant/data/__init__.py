@@ -6,28 +6,34 @@
 * :func:`builtin_dataset`, :func:`load_fashion_mnist`: the full splits from the Debian package
   ``dataset-fashion-mnist``.
 * :func:`preprocess_images`: the one place preprocessing happens.
-* :func:`photo_crops`: crops of scikit-image's offline sample photos for ImageNet models (two disjoint halves).
+* :func:`photo_crops`: crops of real photos for ImageNet models, two disjoint halves; ``collection="skimage"``
+  (12 scikit-image photos, the default) or ``"offline"`` (62 photos of scikit-image, scikit-learn,
+  matplotlib and Debian's opencv-doc).
 """
 
 from .builtin import BUILTIN_DATASETS, builtin_dataset, calibration_manifest, calibration_set, load_data, stratified_indices
 from .fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from .fashion_mnist import load_fashion_mnist
-from .photos import PHOTO_SPLITS, photo_crops
+from .photos import OFFLINE_PHOTO_SPLITS, PHOTO_COLLECTIONS, PHOTO_SPLITS, Photo, photo_crops, photo_list
 from .preprocess import preprocess_image, preprocess_images, to_layout
 from .readers import BadImageWarning, ImageData, read_images
 
 __all__ = [
     "BUILTIN_DATASETS",
     "FASHION_MNIST_CLASSES",
+    "OFFLINE_PHOTO_SPLITS",
+    "PHOTO_COLLECTIONS",
     "PHOTO_SPLITS",
     "BadImageWarning",
     "ImageData",
+    "Photo",
     "builtin_dataset",
     "calibration_manifest",
     "calibration_set",
     "load_data",
     "load_fashion_mnist",
     "photo_crops",
+    "photo_list",
     "preprocess_image",
     "preprocess_images",
     "read_images",
