@@ -27,6 +27,7 @@ Accuracies are measured on the first ``--test-images`` of a stratified subset of
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -166,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--osc-threshold", type=float, default=0.15, help="freeze above this frequency")
     ap.add_argument("--osc-dampen", type=float, default=0.05, help="λ of the dampening loss (step units)")
     ap.add_argument("--skip", nargs="*", default=[], help="variants to skip, e.g. lsq dampen")
+    ap.add_argument("--start", nargs="+", choices=("float", "ptq"), default=["float"],
+                    help="QAT starts: 'float' (ranges observed on the float model) and / or 'ptq' (from the "
+                         "scheme's PTQ result with bias correction: its ranges and corrected biases)")
+    ap.add_argument("--freeze-observers", type=float, default=0.75, metavar="FRACTION",
+                    help="freeze the QAT ranges after this fraction of the steps (0: from the first step)")
     ap.add_argument("--no-export", action="store_true",
                     help="do not export the 8-bit QAT results to tflite-int8 (file top-1 and agreement)")
     args = ap.parse_args(argv)
@@ -201,19 +207,25 @@ def main(argv: list[str] | None = None) -> int:
                 ptq = quantize(model, calib.batches(64), ptq_qc)
                 rows.append((name, scheme, label, accuracy(ptq.graph, test), time.perf_counter() - t0))
             lr = args.lr4 if qc.weight_bits < 8 else args.lr
-            for label, extra in variants:
+            ptq_start = None
+            for (label, extra), start in [(v, s) for s in args.start for v in variants]:
                 key = "lsq" if "LSQ" in label else "dampen" if "damp" in label else "freeze" if "freez" in label \
                     else "qat"
                 if key in args.skip:
                     continue
+                if start == "ptq" and ptq_start is None:  # the PTQ default on the QAT job's scheme: BC on
+                    ptq_start = quantize(model, calib.batches(64), dataclasses.replace(qc, bias_correction=True))
                 with tempfile.TemporaryDirectory() as out:
                     cfg = QATJobConfig(model=name, out_dir=out, epochs=1, batch_size=args.batch_size, lr=lr,
-                                       quant=qc, freeze_bn_step=steps // 2, freeze_observer_step=(3 * steps) // 4,
+                                       quant=qc, freeze_bn_step=steps // 2,
+                                       freeze_observer_step=int(args.freeze_observers * steps), start=start,
                                        augment=False, ckpt_every=max(steps, 1), threads=args.threads,
                                        progress=False, val_data=None, **extra)
                     t0 = time.perf_counter()
-                    result = run_qat(cfg, model=model, train_data=train, val_data=None)
+                    result = run_qat(cfg, model=model, train_data=train, val_data=None,
+                                     ptq_result=ptq_start if start == "ptq" else None)
                     seconds = time.perf_counter() - t0
+                label = label if start == "float" else f"{label} from PTQ"
                 row = (name, scheme, f"{label}, lr {lr:g}", accuracy(result.graph, test), seconds)
                 if qc.weight_bits < 8:
                     row += (result.history[-1]["osc_freq"], result.history[-1]["osc_frozen"])

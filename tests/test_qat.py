@@ -340,6 +340,47 @@ def test_start_from_ptq_keeps_its_activation_ranges_when_observers_are_frozen(fl
     assert any(not torch.equal(trained[k], start[k]) for k in start if k.endswith("weight"))  # weights trained
 
 
+@pytest.mark.parametrize("cle", [False, True], ids=["conv-bn", "equalized"])
+def test_start_from_ptq_carries_its_bias_correction(float_state, cle):
+    """Before any step, a QAT graph started from a bias-corrected PTQ result converts to that PTQ model:
+    its ranges (ranges_from_table) and its corrected biases (shift_biases: the BN's β in the QAT conv-BN
+    pattern, the conv bias in the equalized graph)."""
+    import dataclasses
+
+    from mobilequant.qat.convert import convert_trained
+    from mobilequant.qat.graph import build_qat_graph, equalized_graph, shift_biases
+    from mobilequant.qat.job import ranges_from_table
+    from mobilequant.qat.quantizer import qat_quantizer
+
+    train, val = make_data()
+    model = make_model(float_state)
+    x, y = train.images[:64], val.images
+    qc = QuantConfig(per_channel=not cle, cle=cle)  # bias correction: on, the PTQ default
+    start = equalized_graph(model, x[:2]) if cle else model
+    ptq = quantize(start, [x], dataclasses.replace(qc, cle=False))
+    shifts = ptq.bias_correction.shifts()
+    assert len(shifts) > 50 and all(bool(torch.isfinite(s).all()) for s in shifts.values())
+    qat_qc = dataclasses.replace(qc, bias_correction=False)  # what a QAT job's config holds
+
+    def converted(carry: bool) -> torch.Tensor:
+        prepared = build_qat_graph(start, x[:2], qat_quantizer(qat_qc))
+        if carry:
+            assert shift_biases(prepared, shifts) == []  # every corrected layer has a bias or a BN β here
+        with torch.no_grad():
+            prepared(x)  # observed once (as a job does), then the PTQ ranges replace what was observed
+        ranges_from_table(prepared, ptq.table)
+        with torch.no_grad():
+            return convert_trained(prepared, start, qat_qc, x[:1], x).graph(y)
+
+    with torch.no_grad():
+        want = ptq.graph(y)
+    step = want.unique().diff().min()  # the int8 logits' quantum
+    carried, plain = (converted(True) - want).abs(), (converted(False) - want).abs()
+    # equal but for a few rounding ties (biases folded in float32 here, corrected in float64 in PTQ)
+    assert carried.max() <= step * 1.01 and (carried > step / 2).float().mean() < 0.02
+    assert (plain > step / 2).float().mean() > 0.05  # without the shifts it is another model
+
+
 @pytest.mark.slow
 def test_learned_scales_and_frozen_oscillations_reach_the_int8_graph(float_state, tmp_path):
     train, val = make_data()

@@ -51,7 +51,7 @@ class QATJobConfig:
     val_split: str = "test"
     val_limit: int | None = 2000  # stratified subset of the validation data (None: all)
     quant: QuantConfig = field(default_factory=QuantConfig)  # the PTQ options: scheme, bits, ReLU6 mode (no BC)
-    start: str = "float"  # "float": observe ranges on calib_batches; "ptq": start from a PTQ result's ranges
+    start: str = "float"  # "float": observe ranges on calib_batches; "ptq": a PTQ result's ranges and corrected biases
     calib_batches: int = 4  # batches observed (eval mode, no training) before the first step
     freeze_bn_step: int | None = None  # from this global step on BN uses and keeps its running statistics
     freeze_observer_step: int | None = None  # from this step on scales / zero points stop following the data

@@ -12,6 +12,8 @@ What torchao gives and what is added here:
   ``.train()``) and re-applies the BN freeze, because moving to train rewrites every BN back to training.
   Freezing BN sets the ``training`` argument of each ``aten.batch_norm`` node to False — the recipe of
   torchao's QAT tutorial: the BN then normalises with, and stops updating, its running statistics.
+* :func:`shift_biases` carries a PTQ result's bias correction into the QAT graph (``start="ptq"``): each
+  layer's bias — or, in a QAT conv-BN pattern, its BN's β — moves by the same per-channel shift.
 * :func:`tensor_key` / :func:`trained_qparams` name every fake-quant by the quantization table's
   ``(layer, role)`` so trained scales can be carried to the converted graph (``mobilequant.qat.convert``).
 """
@@ -49,6 +51,7 @@ __all__ = [
     "fake_quant_modules",
     "weight_fake_quants",
     "silence_dead_channels",
+    "shift_biases",
     "freeze_observers",
     "observers_paused",
     "enable_scale_learning",
@@ -254,6 +257,66 @@ def silence_dead_channels(gm: GraphModule) -> list[tuple[str, int]]:
         w.register_hook(lambda grad, keep=keep: grad * keep.to(grad.device))
         out.append((layer_name(conv), int(dead.sum())))
     return out
+
+
+def _behind_observers(node) -> Node | None:
+    """The ``get_attr`` a value comes from through its fake-quant / observer modules (None: no constant)."""
+    while isinstance(node, Node) and node.op == "call_module" and node.args:
+        node = node.args[0]
+    return node if isinstance(node, Node) and node.op == "get_attr" else None
+
+
+def _bn_after(conv: Node) -> Node | None:
+    """The BN of a QAT conv-BN pattern (``conv → div [→ add bias] → batch_norm``), from its conv."""
+    node, hops = conv, 0
+    while hops < 4 and len(node.users) == 1:
+        node, hops = next(iter(node.users)), hops + 1
+        if node.op == "call_function" and node.target in BN_OPS:
+            return node
+    return None
+
+
+def shift_biases(gm: GraphModule, shifts: dict[str, torch.Tensor]) -> list[str]:
+    """Subtract ``shifts[layer]`` (per output channel) from each layer's bias, in place; returns the layers
+    of ``shifts`` the graph has no bias for.
+
+    This is how a QAT job starts from a bias-corrected PTQ result (``start="ptq"``): the PTQ graph's
+    biases are the float ones minus the correction, so the same shift is applied here. A conv / linear
+    with a bias (the equalized graph, a classifier) shifts it; a conv of torchao's QAT conv-BN pattern has
+    none, and its BN's β moves instead — BN adds β after normalising, so the conv-BN output moves by
+    exactly the shift with running statistics (as in the folded PTQ conv) and with batch statistics alike.
+    """
+    done: set[str] = set()
+    shifted: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _WEIGHTED or layer_name(node) not in shifts:
+            continue
+        layer = layer_name(node)
+        bias = _behind_observers(node.args[2]) if len(node.args) > 2 else None
+        if bias is None and node.target in CONV_OPS:
+            bn = _bn_after(node)
+            bias = _behind_observers(bn.args[2]) if bn is not None and len(bn.args) > 2 else None
+        if bias is None or str(bias.target) in done:
+            continue  # no bias to move (reported), or one shared bias moved once
+        param = gm.get_parameter(str(bias.target)) if _is_param(gm, str(bias.target)) else None
+        target = param if param is not None else gm.get_buffer(str(bias.target))
+        shift = shifts[layer].reshape(-1)
+        if shift.numel() != target.numel():
+            raise ValueError(f"bias correction of {layer}: {shift.numel()} channels, the QAT graph's bias has "
+                             f"{target.numel()}")
+        with torch.no_grad():
+            target.sub_(shift.to(device=target.device, dtype=target.dtype))
+        done.add(str(bias.target))
+        shifted.add(layer)
+    return [layer for layer in shifts if layer not in shifted]
+
+
+def _is_param(gm: GraphModule, target: str) -> bool:
+    try:
+        gm.get_parameter(target)
+        return True
+    except AttributeError:
+        return False
 
 
 def freeze_observers(gm: GraphModule) -> None:

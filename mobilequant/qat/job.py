@@ -60,6 +60,7 @@ from .graph import (
     freeze_observers,
     observers_paused,
     set_mode,
+    shift_biases,
     silence_dead_channels,
     tensor_key,
 )
@@ -290,6 +291,16 @@ def ranges_from_table(gm: GraphModule, table: QuantTable) -> tuple[int, list[Fin
     return len(done), findings
 
 
+def _ptq_fingerprint(ptq_result: QuantResult) -> str:
+    """What a QAT job takes from a PTQ result: its table and its bias-correction shifts."""
+    h = hashlib.sha256(ptq_result.table.sha256().encode())
+    bc = ptq_result.bias_correction
+    for layer, shift in sorted((bc.shifts() if bc is not None else {}).items()):
+        h.update(layer.encode())
+        h.update(shift.to(torch.float64).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------------
 # The job
 
@@ -352,7 +363,7 @@ def _run(config: QATJobConfig, ctx: DistContext, model, train_data, val_data, pt
     elif find_checkpoint(out_dir) is not None:
         raise UsageError(f"{out_dir} already holds a QAT checkpoint; pass resume=True to continue it "
                          "or choose another out_dir")
-    init_extra = ptq_result.table.sha256() if (ptq_result is not None and config.start == "ptq") else ""
+    init_extra = _ptq_fingerprint(ptq_result) if (ptq_result is not None and config.start == "ptq") else ""
     init_hash = state_fingerprint(model, init_extra)
     data_hash = _data_fingerprint(train_data)
     if ckpt_path is not None:
@@ -366,18 +377,25 @@ def _run(config: QATJobConfig, ctx: DistContext, model, train_data, val_data, pt
     start_model = equalized_graph(model, example) if config.quant.cle else model
     prepared = build_qat_graph(start_model, example, quantizer, dropout=config.dropout).to(ctx.device)
     silenced = silence_dead_channels(prepared)
-    _calibrate(prepared, train_data, config.calib_batches, config.batch_size, config.seed, ctx.device)
     findings = [Finding("dead_channels_silenced", layer, f"{k} channel(s) with zero BN running variance: weights "
                         "zeroed and kept at zero (the output stays the constant BN bias)")
                 for layer, k in silenced]
-    if config.start == "ptq" and ckpt is None:
-        if ptq_result is None:
-            from ..quant.ptq import quantize
+    from_ptq = config.start == "ptq" and ckpt is None  # a resumed job has it all in its state dict
+    if from_ptq and ptq_result is None:
+        from ..quant.ptq import quantize
 
-            calib = (train_data.images[i:i + config.batch_size]
-                     for i in range(0, min(len(train_data), config.quant.num_calibration), config.batch_size))
-            ptq_result = quantize(start_model, calib, dataclasses.replace(config.quant, cle=False),
-                                  example_input=example)
+        calib = (train_data.images[i:i + config.batch_size]
+                 for i in range(0, min(len(train_data), config.quant.num_calibration), config.batch_size))
+        # The PTQ default, bias correction included (the job's own quant options have it off: see config).
+        ptq_result = quantize(start_model, calib, dataclasses.replace(config.quant, cle=False, bias_correction=True),
+                              example_input=example)
+    if from_ptq and ptq_result.bias_correction is not None:
+        # Start from the PTQ model's corrected biases too, not only from its ranges.
+        findings += [Finding("bias_correction_missing", layer, "no bias to carry the PTQ bias correction into; "
+                             "trained from the float bias") for layer in
+                     shift_biases(prepared, ptq_result.bias_correction.shifts())]
+    _calibrate(prepared, train_data, config.calib_batches, config.batch_size, config.seed, ctx.device)
+    if from_ptq:
         _, more = ranges_from_table(prepared, ptq_result.table)
         findings += more
     scale_params = enable_scale_learning(prepared) if config.learn_scales else []

@@ -24,7 +24,7 @@ graph representation, not on a PT2E graph whose observers define the parameters 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.fx import GraphModule, Interpreter, Node
@@ -62,6 +62,9 @@ class LayerBiasCorrection:
     mean_abs_shift: float  # mean over output channels of |correction|
     max_abs_shift: float
     mean_abs_bias: float  # mean |bias| before, for scale
+    # what was subtracted from the bias, per output channel (a QAT job started from this PTQ result
+    # subtracts it from its own biases: mobilequant.qat.graph.shift_biases)
+    shift: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,10 @@ class BiasCorrectionReport:
     batches: int
     samples: int
     per_channel: bool
+
+    def shifts(self) -> dict[str, torch.Tensor]:
+        """``layer → shift`` (float64, one value per output channel): each layer's ``bias −= shift``."""
+        return {c.layer: c.shift for c in self.layers if c.shift is not None}
 
     def summary(self) -> str:
         if not self.layers:
@@ -150,6 +157,7 @@ def _shift_bias(gm: GraphModule, layer: str, bias_target: str, shift: torch.Tens
         mean_abs_shift=float(shift.abs().mean()),
         max_abs_shift=float(shift.abs().max()),
         mean_abs_bias=float(old.abs().mean()),
+        shift=shift.detach().to(torch.float64).cpu().clone(),
     )
 
 
