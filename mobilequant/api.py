@@ -398,7 +398,8 @@ class QATSummary:
 
 def qat(model: str | None = None, weights: str | None = None, data: str = "builtin", epochs: int = 1,
         batch_size: int = 64, lr: float = 0.005, recipe: str | None = None, out_dir: str = "runs/qat",
-        resume: bool = False, seed: int = 0, export: list[str] | tuple[str, ...] = (),
+        resume: bool = False, seed: int = 0, export: list[str] | tuple[str, ...] = (), start: str = "float",
+        freeze_bn_step: int | None = None, freeze_observer_step: int | None = None,
         progress: bool = True) -> QATSummary:
     """Quantization-aware fine-tuning (see ``docs/qat.md``); optionally export the result."""
     from pathlib import Path
@@ -415,7 +416,8 @@ def qat(model: str | None = None, weights: str | None = None, data: str = "built
     config = QATJobConfig(model=model or DEFAULT_WEIGHTS, out_dir=out_dir, epochs=epochs, batch_size=batch_size,
                           lr=lr, seed=seed, train_data=train_data,
                           val_data="fashion-mnist" if train_data == "fashion-mnist" else None,
-                          quant=rec.quantization.to_quant_config(), resume=resume, progress=progress)
+                          quant=rec.quantization.to_quant_config(), resume=resume, progress=progress,
+                          start=start, freeze_bn_step=freeze_bn_step, freeze_observer_step=freeze_observer_step)
     result = run_qat(config, model=net)
     exports = []
     for spec in targets:

@@ -30,6 +30,7 @@ _EXAMPLES = {
   mobilequant qat --epochs 1                               # default model, Fashion-MNIST
   mobilequant qat --model shufflenetv2_x0_5 --epochs 1 --export tflite-int8 onnx-int8
   mobilequant qat --resume --out-dir runs/qat              # continue after a crash
+  mobilequant qat --start ptq --freeze-observer-step 0     # fine-tune the PTQ model, keep its ranges
   torchrun --nproc_per_node=2 -m mobilequant qat --epochs 1
 """,
     "audit": """examples:
@@ -119,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="runs/qat", help="checkpoints and logs (default runs/qat)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out-dir")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--start", choices=("float", "ptq"), default="float",
+                   help="start from the float model (ranges observed) or from its PTQ result: ranges and "
+                        "bias-corrected biases (default float)")
+    p.add_argument("--freeze-bn-step", type=int, default=None, metavar="STEP",
+                   help="from this step on BN uses and keeps its running statistics (default: never)")
+    p.add_argument("--freeze-observer-step", type=int, default=None, metavar="STEP",
+                   help="from this step on ranges stop following the data (0 with --start ptq: keep the "
+                        "PTQ ranges; default: never)")
     p.add_argument("--export", nargs="*", default=[], metavar="TARGET", help="export targets after training")
     _common(p)
 
@@ -210,7 +219,8 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "qat":
         result = api.qat(model=args.model, weights=args.weights, data=args.data, epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, recipe=args.recipe, out_dir=args.out_dir,
-                         resume=args.resume, seed=args.seed, export=args.export,
+                         resume=args.resume, seed=args.seed, export=args.export, start=args.start,
+                         freeze_bn_step=args.freeze_bn_step, freeze_observer_step=args.freeze_observer_step,
                          progress=not (args.quiet or args.json))
     elif args.command == "bench":
         result = api.bench(args.artifacts, threads=args.threads, runs=args.runs, warmup=args.warmup)
