@@ -18,7 +18,8 @@ the 8-bit QAT results exported to tflite-int8 and run in LiteRT (file top-1, top
 torch int8 graph and with the trained fake-quant graph), and the time of one QAT training step / one
 float training step (same batch, same threads, train mode).
 QAT: SGD Nesterov, cosine from ``--lr`` (``--lr4`` at 4 bits), BN frozen at half the steps, ranges at
-three quarters, no augmentation.
+three quarters (``--freeze-observers``), no augmentation; ``--start ptq`` starts from the scheme's PTQ
+result, ``--distill W`` adds distillation from the float model.
 
 Accuracies are measured on the first ``--test-images`` of a stratified subset of the 10k test split.
 ``--weights NAME=PATH`` uses a float state dict instead of the shipped weights (e.g. before they ship).
@@ -170,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--start", nargs="+", choices=("float", "ptq"), default=["float"],
                     help="QAT starts: 'float' (ranges observed on the float model) and / or 'ptq' (from the "
                          "scheme's PTQ result with bias correction: its ranges and corrected biases)")
+    ap.add_argument("--distill", type=float, default=0.0, metavar="W",
+                    help="QAT loss: (1 − W)·label CE + W·KL to the float model's predictions (default 0)")
     ap.add_argument("--freeze-observers", type=float, default=0.75, metavar="FRACTION",
                     help="freeze the QAT ranges after this fraction of the steps (0: from the first step)")
     ap.add_argument("--no-export", action="store_true",
@@ -220,12 +223,13 @@ def main(argv: list[str] | None = None) -> int:
                                        quant=qc, freeze_bn_step=steps // 2,
                                        freeze_observer_step=int(args.freeze_observers * steps), start=start,
                                        augment=False, ckpt_every=max(steps, 1), threads=args.threads,
-                                       progress=False, val_data=None, **extra)
+                                       progress=False, val_data=None, distill=args.distill, **extra)
                     t0 = time.perf_counter()
                     result = run_qat(cfg, model=model, train_data=train, val_data=None,
                                      ptq_result=ptq_start if start == "ptq" else None)
                     seconds = time.perf_counter() - t0
                 label = label if start == "float" else f"{label} from PTQ"
+                label = label if not args.distill else f"{label} + KD {args.distill:g}"
                 row = (name, scheme, f"{label}, lr {lr:g}", accuracy(result.graph, test), seconds)
                 if qc.weight_bits < 8:
                     row += (result.history[-1]["osc_freq"], result.history[-1]["osc_frozen"])
@@ -238,19 +242,19 @@ def main(argv: list[str] | None = None) -> int:
         timing.append((name, t_float, t_qat))
 
     print()
-    print(f"{'model':<20} {'scheme':<22} {'method':<32} {'top-1':>7} {'Δ float':>8} {'time':>7}  osc. (freq / frozen)")
+    print(f"{'model':<20} {'scheme':<22} {'method':<38} {'top-1':>7} {'Δ float':>8} {'time':>7}  osc. (freq / frozen)")
     floats = {r[0]: r[3] for r in rows if r[1] == "float"}
     for r in rows:
         osc = f"  {r[5]:.1e} / {r[6] * 100:.3f} %" if len(r) > 5 else ""
         delta = "" if r[1] == "float" else f"{(r[3] - floats[r[0]]) * 100:+.2f}"
         spent = "" if r[1] == "float" else f"{r[4]:.0f} s"
-        print(f"{r[0]:<20} {r[1]:<22} {r[2]:<32} {r[3] * 100:6.2f}% {delta:>8} {spent:>7}{osc}")
+        print(f"{r[0]:<20} {r[1]:<22} {r[2]:<38} {r[3] * 100:6.2f}% {delta:>8} {spent:>7}{osc}")
     if files:
         print()
-        print(f"{'model':<20} {'scheme':<22} {'method':<32} {'file top-1':>10} {'agree int8':>10} "
+        print(f"{'model':<20} {'scheme':<22} {'method':<38} {'file top-1':>10} {'agree int8':>10} "
               f"{'agree fake-quant':>16}   (the exported tflite-int8 in LiteRT vs the torch QAT result)")
         for r in files:
-            print(f"{r[0]:<20} {r[1]:<22} {r[2]:<32} {r[3] * 100:9.2f}% {r[4] * 100:9.2f}% {r[5] * 100:15.2f}%")
+            print(f"{r[0]:<20} {r[1]:<22} {r[2]:<38} {r[3] * 100:9.2f}% {r[4] * 100:9.2f}% {r[5] * 100:15.2f}%")
     print()
     print(f"{'model':<20} {'float step':>11} {'QAT step':>10} {'ratio':>6}   (batch {args.batch_size}, "
           f"{args.threads} threads)")

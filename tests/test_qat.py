@@ -304,6 +304,25 @@ def test_process_count_the_data_cannot_feed():
         shard_plan(10, 32, 1)
 
 
+def test_distillation_from_the_float_model(reference, float_state, tmp_path):
+    """distill=w: (1 − w)·CE + w·T²·KL to the float model. A job with w = 1 trains towards the float
+    model's predictions: its loss starts near the fake-quant error, far below the label loss."""
+    from mobilequant.qat.job import _distilled
+
+    model = make_model(float_state).eval()
+    x, y = make_data()[0].images[:16], make_data()[0].labels[:16]
+    with torch.no_grad():
+        logits = model(x)
+        ce = nn.functional.cross_entropy(logits, y)
+        assert torch.allclose(_distilled(ce, logits, model, x, 0.25, 2.0), 0.75 * ce)  # the teacher itself: KL 0
+        assert _distilled(ce, logits.flip(0), model, x, 1.0, 1.0) > 0.1
+    train, val = make_data()
+    result = run_qat(make_config(tmp_path, epochs=1, distill=1.0), model=make_model(float_state),
+                     train_data=train, val_data=val)
+    label_loss = reference[1].history[0]["train_loss"]  # the same job without distillation
+    assert result.history[0]["train_loss"] < 0.5 * label_loss
+
+
 def test_config_validation():
     with pytest.raises(UsageError, match="batch_size must be at least 1"):
         QATJobConfig(batch_size=0)
@@ -311,6 +330,10 @@ def test_config_validation():
         QATJobConfig.from_dict({"learn_scale": True})
     with pytest.raises(UsageError, match="osc_freeze_threshold"):
         QATJobConfig(osc_freeze_threshold=2.0)
+    with pytest.raises(UsageError, match="distill must be in"):
+        QATJobConfig(distill=1.5)
+    with pytest.raises(UsageError, match="distill_temperature must be positive"):
+        QATJobConfig(distill=0.5, distill_temperature=0)
     a, b = QATJobConfig(), QATJobConfig(out_dir="elsewhere", progress=False, ckpt_every=7)
     assert a.recipe_hash() == b.recipe_hash() != QATJobConfig(lr=0.01).recipe_hash()
     assert QATJobConfig.from_dict(a.to_dict()) == a

@@ -59,6 +59,8 @@ class QATJobConfig:
     osc_dampen: float = 0.0  # depthwise weights: weight of the oscillation-dampening loss (0: off)
     osc_freeze_threshold: float | None = None  # depthwise weights: freeze integers oscillating more often
     osc_momentum: float = 0.01  # EMA momentum of the oscillation frequency
+    distill: float = 0.0  # weight of distillation from the float model (KL to its predictions; 1: labels unused)
+    distill_temperature: float = 1.0  # softmax temperature of the distillation loss
     ckpt_every: int = 50  # also write a checkpoint every this many steps (always at each epoch end)
     resume: bool = False  # continue from the last checkpoint in out_dir
     resume_from: str | None = None  # continue from this checkpoint file
@@ -99,6 +101,10 @@ class QATJobConfig:
                              f"got {self.osc_freeze_threshold}")
         if not 0 < self.osc_momentum <= 1:
             raise UsageError(f"QATJobConfig.osc_momentum must be in (0, 1], got {self.osc_momentum}")
+        if not 0 <= self.distill <= 1:
+            raise UsageError(f"QATJobConfig.distill must be in [0, 1], got {self.distill}")
+        if not self.distill_temperature > 0:
+            raise UsageError(f"QATJobConfig.distill_temperature must be positive, got {self.distill_temperature}")
         if self.start not in START_MODES:
             raise UsageError(f"QATJobConfig.start: unknown mode {self.start!r}"
                              f"{did_you_mean(self.start, START_MODES)}; choose from {', '.join(START_MODES)}")
