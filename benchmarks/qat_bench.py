@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--start", nargs="+", choices=("float", "ptq"), default=["float"],
                     help="QAT starts: 'float' (ranges observed on the float model) and / or 'ptq' (from the "
                          "scheme's PTQ result with bias correction: its ranges and corrected biases)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="QAT job seeds (data order): one row each")
     ap.add_argument("--distill", type=float, default=0.0, metavar="W",
                     help="QAT loss: (1 − W)·label CE + W·KL to the float model's predictions (default 0)")
     ap.add_argument("--freeze-observers", type=float, default=0.75, metavar="FRACTION",
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((name, scheme, label, accuracy(ptq.graph, test), time.perf_counter() - t0))
             lr = args.lr4 if qc.weight_bits < 8 else args.lr
             ptq_start = None
-            for (label, extra), start in [(v, s) for s in args.start for v in variants]:
+            for (label, extra), start, seed in [(v, s, k) for s in args.start for v in variants for k in args.seeds]:
                 key = "lsq" if "LSQ" in label else "dampen" if "damp" in label else "freeze" if "freez" in label \
                     else "qat"
                 if key in args.skip:
@@ -223,13 +224,14 @@ def main(argv: list[str] | None = None) -> int:
                                        quant=qc, freeze_bn_step=steps // 2,
                                        freeze_observer_step=int(args.freeze_observers * steps), start=start,
                                        augment=False, ckpt_every=max(steps, 1), threads=args.threads,
-                                       progress=False, val_data=None, distill=args.distill, **extra)
+                                       progress=False, val_data=None, distill=args.distill, seed=seed, **extra)
                     t0 = time.perf_counter()
                     result = run_qat(cfg, model=model, train_data=train, val_data=None,
                                      ptq_result=ptq_start if start == "ptq" else None)
                     seconds = time.perf_counter() - t0
                 label = label if start == "float" else f"{label} from PTQ"
                 label = label if not args.distill else f"{label} + KD {args.distill:g}"
+                label = label if args.seeds == [0] else f"{label}, seed {seed}"
                 row = (name, scheme, f"{label}, lr {lr:g}", accuracy(result.graph, test), seconds)
                 if qc.weight_bits < 8:
                     row += (result.history[-1]["osc_freq"], result.history[-1]["osc_frozen"])
