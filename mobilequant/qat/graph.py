@@ -21,6 +21,7 @@ What torchao gives and what is added here:
 from __future__ import annotations
 
 import copy
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -298,8 +299,7 @@ def shift_biases(gm: GraphModule, shifts: dict[str, torch.Tensor]) -> list[str]:
             bias = _behind_observers(bn.args[2]) if bn is not None and len(bn.args) > 2 else None
         if bias is None or str(bias.target) in done:
             continue  # no bias to move (reported), or one shared bias moved once
-        param = gm.get_parameter(str(bias.target)) if _is_param(gm, str(bias.target)) else None
-        target = param if param is not None else gm.get_buffer(str(bias.target))
+        target = operator.attrgetter(str(bias.target))(gm)  # a parameter or a buffer
         shift = shifts[layer].reshape(-1)
         if shift.numel() != target.numel():
             raise ValueError(f"bias correction of {layer}: {shift.numel()} channels, the QAT graph's bias has "
@@ -309,14 +309,6 @@ def shift_biases(gm: GraphModule, shifts: dict[str, torch.Tensor]) -> list[str]:
         done.add(str(bias.target))
         shifted.add(layer)
     return [layer for layer in shifts if layer not in shifted]
-
-
-def _is_param(gm: GraphModule, target: str) -> bool:
-    try:
-        gm.get_parameter(target)
-        return True
-    except AttributeError:
-        return False
 
 
 def freeze_observers(gm: GraphModule) -> None:
