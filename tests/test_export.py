@@ -219,6 +219,36 @@ def test_cle_recipe_gives_per_tensor_int8_without_transposes(small, tmp_path):
     assert all(len(t.scales) == 1 for t in info.tensors if t.constant and t.dtype == "int8"), "per tensor"
 
 
+def test_adaround_weights_reach_the_file_unchanged(small, tmp_path):
+    """The learned rounding is what the file stores: the int8 weights read back from the TFLite file are
+    the AdaRound codes, not round-to-nearest of the float weights."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from mobilequant.capture import layer_name
+
+    qr = quantize(small["model"], [small["calib"]], QuantConfig(adaround=True, adaround_iterations=40))
+    assert sum(r.flipped for r in qr.adaround.layers) > 0
+    art = export(qr, "tflite-int8", tmp_path / "ar.tflite", verify_data=small["x"], overrides=VERIFY)
+    assert art.verified, str(art.verification)
+    gm = qr.export_graph
+    conv = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.conv2d.default and layer_name(n) == "stem.0")
+    stored = gm.get_parameter(str(conv.args[1].args[0].args[0].target)).detach()  # conv ← dq ← q ← weight
+    scale = torch.tensor(qr.table.get("stem.0", "weight").scale).reshape(-1, 1, 1, 1)
+    codes = (stored / scale).round()
+    info = read_tflite(art.path.read_bytes())
+    index = next(t.index for t in info.tensors if t.name == "stem.0/weight")
+    interp = Interpreter(model_path=str(art.path), experimental_preserve_all_tensors=True)
+    interp.allocate_tensors()
+    in_file = torch.from_numpy(interp.get_tensor(index).astype(np.float32)).permute(0, 3, 1, 2)  # OHWI → OIHW
+    assert torch.equal(in_file, codes)
+    # against round-to-nearest of the float (BN-folded) weight that the default quantization stores
+    plain = small["qr"].export_graph
+    conv = next(n for n in plain.graph.nodes if n.target == torch.ops.aten.conv2d.default and layer_name(n) == "stem.0")
+    w_float = plain.get_parameter(str(conv.args[1].args[0].args[0].target)).detach()
+    flipped = next(r.flipped for r in qr.adaround.layers if r.layer == "stem.0")
+    assert int((codes != (w_float / scale).round()).sum()) == flipped
+
+
 def test_failed_check_keeps_the_file_flagged(small, tmp_path):
     path = tmp_path / "strict.tflite"
     with pytest.raises(CheckFailed, match="fp32_max_abs_diff") as exc:

@@ -85,6 +85,8 @@ class QuantizationSettings:
     relu6: str = "clamped"  # ReLU6 outputs: clamped = [0, min(6, calibrated)], fixed = exactly [0, 6]
     cle: bool = False  # cross-layer equalization before calibration
     bias_correction: bool = True  # move each conv / linear output's mean quantization error into its bias
+    adaround: bool = False  # learn each weight's rounding (up / down) from the calibration images (AdaRound)
+    adaround_iterations: int = 1000  # AdaRound optimisation steps per layer
     num_calibration: int = 512  # calibration images used at most
     percentile: float = 99.99  # for calibration: percentile
 
@@ -93,7 +95,8 @@ class QuantizationSettings:
 
         return QuantConfig(
             per_channel=self.per_channel, calibration=self.calibration, relu6=self.relu6, cle=self.cle,
-            bias_correction=self.bias_correction, num_calibration=self.num_calibration,
+            bias_correction=self.bias_correction, adaround=self.adaround,
+            adaround_iterations=self.adaround_iterations, num_calibration=self.num_calibration,
             percentile=self.percentile,
         )
 

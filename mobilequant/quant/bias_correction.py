@@ -217,6 +217,14 @@ def correct(prepared: GraphModule, calibration_batches: Iterable) -> BiasCorrect
     :data:`CORRECTION_BUDGET_BYTES` together with the graph's live values; the rest are not used (the
     report says how many were).
     """
+    walk, batches, samples = walk_side_by_side(prepared, calibration_batches, _SideBySide)
+    return BiasCorrectionReport(tuple(walk.report), batches, samples, walk.per_channel)
+
+
+def walk_side_by_side(prepared: GraphModule, calibration_batches: Iterable, walker: Callable[..., _SideBySide],
+                      budget_bytes: int = CORRECTION_BUDGET_BYTES) -> tuple[_SideBySide, int, int]:
+    """Run ``walker(prepared)`` (a :class:`_SideBySide`) on as many calibration images as fit in
+    ``budget_bytes``; return it, the number of batches given and the number of images used."""
     batches = [b[0] if isinstance(b, (tuple, list)) else b for b in calibration_batches]
     for i, b in enumerate(batches):
         if not isinstance(b, torch.Tensor):
@@ -227,17 +235,18 @@ def correct(prepared: GraphModule, calibration_batches: Iterable) -> BiasCorrect
     with torch.no_grad():
         one, two = (_SideBySide(prepared, dry_run=True).run(x[:k]).peak_bytes for k in (1, 2))
         per_image = max(two - one, 1)  # what is not per image (weights and their fake-quantized copies) cancels
-        x = x[: max(1, min(len(x), (CORRECTION_BUDGET_BYTES - (one - per_image)) // per_image))]
-        walk = _SideBySide(prepared).run(x)
-    return BiasCorrectionReport(tuple(walk.report), len(batches), int(x.shape[0]), walk.per_channel)
+        x = x[: max(1, min(len(x), (budget_bytes - (one - per_image)) // per_image))]
+        walk = walker(prepared).run(x)
+    return walk, len(batches), int(x.shape[0])
 
 
 class _SideBySide:
     """Runs the float and the simulated path of a prepared graph together (see :func:`correct`)."""
 
-    def __init__(self, prepared: GraphModule, dry_run: bool = False) -> None:
+    def __init__(self, prepared: GraphModule, dry_run: bool = False, bias_correction: bool = True) -> None:
         self.gm = prepared
         self.dry_run = dry_run
+        self.bias_correction = bias_correction
         self.qparams: dict[str, tuple] = {}
         self.report: list[LayerBiasCorrection] = []
         self.per_channel = False
@@ -285,9 +294,12 @@ class _SideBySide:
                 sim[n] = self._fake_quant(n, sim[n.args[0]])
             elif n.op == "call_function":
                 f = n.target(*map_arg(n.args, fl.__getitem__), **map_arg(n.kwargs, fl.__getitem__))
-                q = n.target(*map_arg(n.args, sim.__getitem__), **map_arg(n.kwargs, sim.__getitem__))
+                args, kwargs = map_arg(n.args, sim.__getitem__), map_arg(n.kwargs, sim.__getitem__)
                 bias = self._bias_target(n)
                 if bias is not None and not self.dry_run:
+                    args = self.adjust_layer(n, args, kwargs, f)
+                q = n.target(*args, **kwargs)
+                if bias is not None and not self.dry_run and self.bias_correction:
                     q = self._correct(n, bias, f, q)
                 fl[n], sim[n] = f, q
             if self.dry_run:  # only the sizing runs measure what is held
@@ -300,6 +312,13 @@ class _SideBySide:
                     fl.pop(a, None)
                     sim.pop(a, None)
         return self
+
+    def adjust_layer(self, node: Node, args: tuple, kwargs: dict, f: torch.Tensor) -> tuple:
+        """Before a conv / linear layer's simulated output is computed: ``args`` are its simulated
+        inputs (input activation, fake-quantized weight, bias), ``f`` its float output. Returns the
+        arguments to compute the simulated output with. A subclass changes the weight here
+        (:mod:`mobilequant.quant.adaround`); this class leaves it."""
+        return args
 
     def _correct(self, node: Node, bias_target: str, f: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         channel_dim = q.dim() - 1 if node.target in _LINEAR_OPS else (1 if q.dim() > 1 else 0)

@@ -49,6 +49,8 @@ class QuantConfig:
     relu6: str = "clamped"  # ReLU6 outputs: "clamped" = [0, min(6, calibrated max)], "fixed" = exactly [0, 6]
     cle: bool = False  # cross-layer equalization before calibration (mobilequant.quant.cle)
     bias_correction: bool = True  # move each conv / linear output's mean quantization error into its bias
+    adaround: bool = False  # learn each weight's rounding (up / down) from calibration data (AdaRound)
+    adaround_iterations: int = 1000  # AdaRound optimisation steps per layer
     weight_bits: int = 8  # symmetric weight range ±(2**(bits-1) - 1), stored as int8 (2..8)
     float_fallback: bool = False  # leave ops the int8 scheme cannot express in float instead of failing
     percentile: float = 99.99  # for calibration="percentile": percentile of |activation| kept, in (50, 100]
@@ -78,6 +80,8 @@ class QuantConfig:
             50.0 < float(self.percentile) <= 100.0
         ):
             raise UsageError(f"QuantConfig.percentile must be a number in (50, 100], got {self.percentile!r}")
+        if self.adaround_iterations < 1:
+            raise UsageError(f"QuantConfig.adaround_iterations must be at least 1, got {self.adaround_iterations}")
         if self.num_calibration < 1:
             raise UsageError(f"QuantConfig.num_calibration must be at least 1, got {self.num_calibration}")
 

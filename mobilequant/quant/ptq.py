@@ -97,6 +97,7 @@ class QuantResult:
     num_calibration_samples: int = 0
     cle: object | None = None  # mobilequant.quant.cle.EqualizationReport when QuantConfig.cle
     bias_correction: object | None = None  # ...bias_correction.BiasCorrectionReport when configured
+    adaround: object | None = None  # mobilequant.quant.adaround.AdaRoundReport when QuantConfig.adaround
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -205,13 +206,18 @@ def quantize(
     ]
     prepared = prepare_pt2e(gm, quantizer)
 
-    kept: list[torch.Tensor] | None = [] if config.bias_correction else None
+    kept: list[torch.Tensor] | None = [] if (config.bias_correction or config.adaround) else None
     n = calibrate(prepared, batches, config.num_calibration, keep=kept)
     if n == 0:
         raise InputError("calibration set is empty: the batches hold no images")
 
-    bc_report = None
-    if config.bias_correction:
+    bc_report = ada_report = None
+    if config.adaround:  # rounds the weights, then corrects the biases in the same walk
+        ada = _optional_module("adaround", "adaround")
+        ada_report = ada.adaround(prepared, kept, ada.AdaRoundOptions(iterations=config.adaround_iterations),
+                                  bias_correction=config.bias_correction)
+        bc_report = ada_report.bias_correction
+    elif config.bias_correction:
         bc_report = _optional_module("bias_correction", "bias_correction").correct(prepared, kept)
 
     findings += repair_degenerate_ranges(prepared, config)
@@ -232,6 +238,7 @@ def quantize(
         num_calibration_samples=n,
         cle=cle_report,
         bias_correction=bc_report,
+        adaround=ada_report,
     )
 
 
