@@ -256,15 +256,17 @@ def _measure_without_xnnpack(row: Row, path: Path, images, float_logits, labels,
 
 
 # ------------------------------------------------------------------------------------------- routes
-def _mobilequant_rows(net, calib, work: Path, measure, full: bool, ctx: dict) -> list[Row]:
+def _mobilequant_rows(net, calib, work: Path, measure, full: bool, ctx: dict,
+                      variants: list[str] | None = None) -> list[Row]:
     from mobilequant.export import default_recipe, export
     from mobilequant.quant import quantize
 
     batches = list(calib.batches(64))
     quantized = {}  # label → (QuantResult, seconds): each int8 variant is quantized once for both files
     rows = []
-    jobs = [(label, target, over) for label, over, core in MQ_INT8 if core or full
-            for target in ("tflite-int8", "onnx-int8")]
+    chosen = [(label, over) for i, (label, over, core) in enumerate(MQ_INT8)
+              if (core or full) and (variants is None or i == 0 or any(v in label for v in variants))]
+    jobs = [(label, target, over) for label, over in chosen for target in ("tflite-int8", "onnx-int8")]
     jobs += [("float16", t, ()) for t in ("tflite-fp16", "onnx-fp16")]
     jobs += [("float32", t, ()) for t in ("tflite-fp32", "onnx-fp32")]
     for i, (label, target, overrides) in enumerate(jobs):
@@ -516,7 +518,7 @@ def run_model(name: str, args, work: Path) -> ModelResult:
         _measure(row, path, evald.images, float_logits, labels, float_top1, args)
 
     t0 = time.perf_counter()
-    res.rows += _mobilequant_rows(net, calib, mwork, measure, full, ctx)
+    res.rows += _mobilequant_rows(net, calib, mwork, measure, full, ctx, args.variants)
     if not args.no_qat and name != IMAGENET:  # QAT needs labelled training data: Fashion-MNIST only
         res.rows += _qat_rows(net, name, evald, mwork, measure, full, args, res.notes)
     if not args.no_ort:
@@ -819,6 +821,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="also write the tables here (Markdown) and the figures "
                                                "next to it (.json)")
     ap.add_argument("--no-qat", action="store_true", help="skip the mobilequant QAT rows")
+    ap.add_argument("--variants", nargs="+", default=None, metavar="TEXT",
+                    help="only the mobilequant int8 variants whose label contains one of these (e.g. "
+                         "AdaRound); the default recipe always runs")
     ap.add_argument("--photos", choices=tuple(PHOTO_DATASETS), default="offline",
                     help=f"{IMAGENET}'s photo collection: 'offline' (62 photos of scikit-image, scikit-learn, "
                          "matplotlib and opencv-doc; pip install -e \".[photos]\", apt-get install opencv-doc) "

@@ -106,3 +106,21 @@ def test_bad_options_are_refused_by_name():
         QuantConfig(adaround="yes")
     with pytest.raises(UsageError, match="warm_start"):
         AdaRoundOptions(warm_start=1.0)
+
+
+def test_dead_channels_stay_zero_and_get_repaired_scales():
+    """All-zero depthwise channels, an all-zero layer and a constant layer (test_ptq's DeadNet): AdaRound
+    leaves the dead weights at zero and the degenerate-range repairs still apply."""
+    from test_ptq import DeadNet, _batches
+
+    torch.manual_seed(0)
+    r = quantize(DeadNet().eval(), _batches(), QuantConfig(adaround=True, adaround_iterations=20))
+    for e in r.table:
+        assert all(s > 0 and s == s and s != float("inf") for s in e.scale), e.key
+    kinds = {(f.kind, f.layer) for f in r.findings}
+    assert {("dead_weight_channels", "dw.0"), ("dead_weight_channels", "zero")} <= kinds
+    dw = next(n for n in r.qdq_graph.graph.nodes
+              if n.target == aten.conv2d.default and layer_name(n) == "dw.0")
+    w = r.qdq_graph.get_parameter(str(dw.args[1].args[0].args[0].target))
+    assert float(w[[2, 5]].abs().max()) == 0.0 and float(w.abs().max()) > 0
+    assert bool(torch.isfinite(r(torch.randn(2, 3, 8, 8))).all())

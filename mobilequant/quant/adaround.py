@@ -51,7 +51,9 @@ class AdaRoundOptions:
     """How each layer's rounding is learned (paper defaults, except fewer iterations: a CPU budget)."""
 
     iterations: int = 1000  # Adam steps per layer
-    batch_size: int = 32  # images per step
+    batch_size: int = 32  # images per step, at most ...
+    positions: int = 8192  # ... and at most this many output positions per step (≥ 1 image): a 224-px
+    #                        network's early layers have 12,544 positions per image, enough on their own
     lr: float = 1e-3
     reg_weight: float = 0.01  # λ of the rounding regulariser
     beta: tuple[float, float] = (20.0, 2.0)  # annealed from the first to the second value
@@ -59,8 +61,9 @@ class AdaRoundOptions:
     seed: int = 0
 
     def __post_init__(self):
-        if self.iterations < 1 or self.batch_size < 1:
-            raise UsageError(f"AdaRound needs iterations and batch_size ≥ 1, got {self.iterations}, {self.batch_size}")
+        if min(self.iterations, self.batch_size, self.positions) < 1:
+            raise UsageError("AdaRound needs iterations, batch_size and positions ≥ 1, got "
+                             f"{self.iterations}, {self.batch_size}, {self.positions}")
         if not 0.0 <= self.warm_start < 1.0:
             raise UsageError(f"AdaRound warm_start must be in [0, 1), got {self.warm_start}")
 
@@ -123,8 +126,6 @@ class _AdaRoundWalk(_SideBySide):
         weight_target = str(obs_node.args[0].target)
         w = _get(self.gm, weight_target).detach()
         scale, zero_point = (t.detach() for t in obs.calculate_qparams())
-        if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
-            return args  # a degenerate range (dead channel): repaired later, nothing to learn here
         per_channel = obs.qscheme in (torch.per_channel_symmetric, torch.per_channel_affine)
         shape = [-1] + [1] * (w.dim() - 1) if per_channel else [1] * w.dim()
         grid = _Grid(w.float(), scale.float().reshape(shape), zero_point.float().reshape(shape),
@@ -156,13 +157,15 @@ class _AdaRoundWalk(_SideBySide):
         v = torch.log(p / (1 - p)).requires_grad_(True)  # h(v) = rest: starts at the float weight
         opt = torch.optim.Adam([v], lr=o.lr)
         n = x.shape[0]
+        channel_dim = f.dim() - 1 if node.target == aten.linear.default else min(1, f.dim() - 1)
+        per_image = max(f[0].numel() // f.shape[channel_dim], 1)  # output positions of one image
+        batch = max(1, min(o.batch_size, n, o.positions // per_image))
         warm = int(o.warm_start * o.iterations)
         for step in range(o.iterations):
-            idx = torch.randint(0, n, (min(o.batch_size, n),), generator=self.generator)
+            idx = torch.randint(0, n, (batch,), generator=self.generator)
             out = node.target(x[idx], grid.weight(_h(v)), *rest, **kwargs)
             out = act(out) if act else out
             # squared error summed over channels, mean over images and positions (as AIMET's AdaRound)
-            channel_dim = out.dim() - 1 if node.target == aten.linear.default else min(1, out.dim() - 1)
             loss = (out - target[idx]).pow(2).sum(channel_dim).mean()
             if step >= warm:
                 progress = (step - warm) / max(o.iterations - warm, 1)  # linear decay, as AIMET's
@@ -178,14 +181,17 @@ class _Grid:
     """``W̃ = s · (clamp(floor(W / s) + h + zp, q_min, q_max) − zp)`` for one weight tensor."""
 
     def __init__(self, w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> None:
-        scaled = w / scale
+        # a channel without a usable scale (all-zero, repaired after this step) keeps its float weight
+        self.valid = torch.isfinite(scale) & (scale > 0)
+        self.w, self.scale = w, torch.where(self.valid, scale, torch.ones_like(scale))
+        scaled = w / self.scale
         self.floor = scaled.floor()
         self.rest = scaled - self.floor
-        self.scale, self.zero_point, self.qmin, self.qmax = scale, zero_point, qmin, qmax
+        self.zero_point, self.qmin, self.qmax = zero_point, qmin, qmax
 
     def weight(self, h: torch.Tensor) -> torch.Tensor:
         q = torch.clamp(self.floor + h + self.zero_point, self.qmin, self.qmax)
-        return self.scale * (q - self.zero_point)
+        return torch.where(self.valid, self.scale * (q - self.zero_point), self.w)
 
 
 def _h(v: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,13 @@ class QuantConfig:
     shipped models, 2–3 images down on two (``docs/quantization.md``). It costs one pass over the
     calibration images holding every live activation of both paths (capped at 2 GiB: ~50 images of a
     224-px MobileNetV2). QAT jobs turn it off (they train the biases); the data-free ReLU6 recipe too.
+
+    ``adaround`` (off by default: it costs minutes, not seconds) learns per weight whether it is rounded
+    up or down, layer by layer, to minimise the layer's output error against the float model
+    (:mod:`mobilequant.quant.adaround`; the scales stay the calibrated ones), then corrects the biases
+    when ``bias_correction`` is on. Shipped MobileNetV2 0.5, tflite-int8 on the 10k test split: agreement
+    with float 99.20 → 99.32 %, drop +0.10 → +0.07 pp; per tensor + CLE + BC: drop +0.22 → −0.01 pp
+    (``docs/quantization.md``). ~5 min instead of ~30 s on one core for a 32-px Fashion-MNIST model.
     """
 
     per_channel: bool = True  # weights: one scale per output channel (False: one per tensor)
