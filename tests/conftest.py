@@ -1,0 +1,22 @@
+"""Test-session settings shared by every test module."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+MAX_WORKERS = 4  # each worker holds torch, LiteRT and ONNX Runtime (1–3 GiB at its peak)
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: one worker per core, at least 2 (the CI machine has 2), at most ``MAX_WORKERS``."""
+    return max(2, min(MAX_WORKERS, os.cpu_count() or 1))
+
+
+def pytest_configure(config) -> None:
+    # Under xdist each worker gets its share of the cores, so torch's intra-op threads do not
+    # oversubscribe the machine (2 workers × 2 threads on 2 cores is slower than 2 × 1).
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
