@@ -15,8 +15,8 @@ def pytest_xdist_auto_num_workers(config) -> int:
 
 
 def pytest_configure(config) -> None:
-    # Under xdist each worker gets its share of the cores, so torch's intra-op threads do not
-    # oversubscribe the machine (2 workers × 2 threads on 2 cores is slower than 2 × 1).
+    # Under xdist each worker gets its share of the cores, so the workers' torch intra-op threads
+    # together do not ask for more cores than the machine has.
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
