@@ -34,6 +34,7 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 from ..capture import capture
 from ..fusion import fold_conv_bn
 from ..quant.config import QuantConfig
+from ..quant.observers import pin_qparams
 from ..quant.ptq import (Finding, QuantResult, calibrate, fold_bias_qdq, fusion_findings, is_captured,
                          repair_degenerate_ranges)
 from ..quant.quantizer import MobileQuantizer
@@ -60,14 +61,6 @@ def trained_float_model(prepared: GraphModule, float_model: nn.Module) -> nn.Mod
     return model
 
 
-def _pin(obs: nn.Module, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
-    """Make an observer report these parameters (as ``mobilequant.quant.ptq`` pins repaired ranges)."""
-    s0, z0 = obs.calculate_qparams()
-    scale = scale.to(s0.dtype).reshape(s0.shape if s0.numel() == scale.numel() else (-1,)).clone()
-    zero_point = zero_point.to(z0.dtype).reshape(z0.shape if z0.numel() == zero_point.numel() else (-1,)).clone()
-    obs.calculate_qparams = lambda: (scale.clone(), zero_point.clone())
-
-
 def _pin_trained(prepared: GraphModule, qparams: dict, calibrated: int) -> list[Finding]:
     findings: list[Finding] = []
     done: set[int] = set()
@@ -82,7 +75,7 @@ def _pin_trained(prepared: GraphModule, qparams: dict, calibrated: int) -> list[
             continue
         done.add(id(obs))
         if key in qparams:
-            _pin(obs, *qparams[key])
+            pin_qparams(obs, *qparams[key])
         else:
             findings.append(Finding("untrained_range", key[0],
                                     f"no QAT fake-quant for this {key[1]}; range observed on {calibrated} images"))

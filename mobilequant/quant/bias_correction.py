@@ -36,7 +36,8 @@ from ..errors import InputError
 from ..fusion import CONV_OPS
 from .observers import make_weight_observer
 
-__all__ = ["LayerBiasCorrection", "BiasCorrectionReport", "correct", "correct_bias", "fake_quantize_weight"]
+__all__ = ["LayerBiasCorrection", "BiasCorrectionReport", "correct", "correct_bias", "fake_quantize_weight",
+           "fake_quantize_observed"]
 
 aten = torch.ops.aten
 _LINEAR_OPS = frozenset({aten.linear.default})
@@ -54,6 +55,18 @@ def fake_quantize_weight(weight: torch.Tensor, per_channel: bool, *, bits: int =
     block = (1, *w.shape[1:]) if per_channel else tuple(w.shape)
     q = quantize_affine(w, block, scale, zero_point, torch.int8, obs.quant_min, obs.quant_max)
     return dequantize_affine(q, block, scale, zero_point, torch.int8, obs.quant_min, obs.quant_max).to(weight.dtype)
+
+
+def fake_quantize_observed(obs, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """``x`` through the quantize → dequantize that ``convert_pt2e`` makes of observer ``obs`` with these
+    parameters (per channel along ``obs.ch_axis`` or per tensor). A degenerate range (zero or non-finite
+    scale, repaired later by ``ptq.repair_degenerate_ranges``) leaves ``x`` unchanged."""
+    if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
+        return x
+    block = (tuple(1 if d == int(obs.ch_axis) else n for d, n in enumerate(x.shape))
+             if obs.qscheme in (torch.per_channel_symmetric, torch.per_channel_affine) else tuple(x.shape))
+    q = quantize_affine(x.float(), block, scale, zero_point, obs.dtype, obs.quant_min, obs.quant_max)
+    return dequantize_affine(q, block, scale, zero_point, obs.dtype, obs.quant_min, obs.quant_max).to(x.dtype)
 
 
 @dataclass(frozen=True)
@@ -258,13 +271,7 @@ class _SideBySide:
             return x  # int32 bias observers (their rounding is far below the others') and non-observers
         if node.target not in self.qparams:
             self.qparams[node.target] = tuple(obs.calculate_qparams())
-        scale, zero_point = self.qparams[node.target]
-        if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
-            return x  # a degenerate range: repaired after this step (ptq.repair_degenerate_ranges)
-        block = (tuple(1 if d == int(obs.ch_axis) else n for d, n in enumerate(x.shape))
-                 if obs.qscheme in (torch.per_channel_symmetric, torch.per_channel_affine) else tuple(x.shape))
-        q = quantize_affine(x.float(), block, scale, zero_point, obs.dtype, obs.quant_min, obs.quant_max)
-        return dequantize_affine(q, block, scale, zero_point, obs.dtype, obs.quant_min, obs.quant_max).to(x.dtype)
+        return fake_quantize_observed(obs, x, *self.qparams[node.target])
 
     def _bias_target(self, node: Node) -> str | None:
         if node.op != "call_function" or node.target not in (CONV_OPS | _LINEAR_OPS) or len(node.args) < 3:

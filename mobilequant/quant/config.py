@@ -56,6 +56,7 @@ class QuantConfig:
     relu6: str = "clamped"  # ReLU6 outputs: "clamped" = [0, min(6, calibrated max)], "fixed" = exactly [0, 6]
     cle: bool = False  # cross-layer equalization before calibration (mobilequant.quant.cle)
     bias_correction: bool = True  # move each conv / linear output's mean quantization error into its bias
+    range_search: bool = False  # narrow activation ranges where the model's output error drops (loss-aware)
     adaround: bool = False  # learn each weight's rounding (up / down) from calibration data (AdaRound)
     adaround_iterations: int = 1000  # AdaRound optimisation steps per layer
     weight_bits: int = 8  # symmetric weight range ±(2**(bits-1) - 1), stored as int8 (2..8)

@@ -75,6 +75,7 @@ __all__ = [
     "EntropyObserver",
     "MSEObserver",
     "ReLU6FixedObserver",
+    "pin_qparams",
 ]
 
 ACTIVATION_METHODS = ("minmax", "moving_average", "percentile", "entropy", "mse")
@@ -582,3 +583,17 @@ def make_weight_observer(per_channel: bool, ch_axis: int = 0, *, bits: int = 8):
     return MinMaxObserver.with_args(
         dtype=torch.int8, qscheme=torch.per_tensor_symmetric, quant_min=-qmax, quant_max=qmax
     )
+
+
+def pin_qparams(obs: torch.nn.Module, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+    """Make observer ``obs`` report these parameters from now on (``convert_pt2e`` and the bias
+    observers derived from it read them through ``calculate_qparams``), in its own dtypes and shapes.
+
+    Observers come from different classes (torchao's and this module's), so this overrides
+    ``calculate_qparams`` on the instance rather than editing class-specific statistics.
+    """
+    s0, z0 = obs.calculate_qparams()
+    scale = scale.detach().to(s0.dtype).reshape(s0.shape if s0.numel() == scale.numel() else (-1,)).clone()
+    zero_point = zero_point.detach().to(z0.dtype).reshape(
+        z0.shape if z0.numel() == zero_point.numel() else (-1,)).clone()
+    obs.calculate_qparams = lambda: (scale.clone(), zero_point.clone())

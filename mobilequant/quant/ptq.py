@@ -44,6 +44,7 @@ from ..capture import MQ_NAME, capture, find_unsupported_ops, layer_name
 from ..errors import InputError, UsageError
 from ..fusion import FusionReport, fold_conv_bn
 from .config import QuantConfig
+from .observers import pin_qparams
 from .quantizer import FUSED_INTO, INT32_MAX, OP_RULES, MobileQuantizer, Rule
 from .table import QuantTable
 
@@ -98,6 +99,7 @@ class QuantResult:
     cle: object | None = None  # mobilequant.quant.cle.EqualizationReport when QuantConfig.cle
     bias_correction: object | None = None  # ...bias_correction.BiasCorrectionReport when configured
     adaround: object | None = None  # mobilequant.quant.adaround.AdaRoundReport when QuantConfig.adaround
+    range_search: object | None = None  # ...range_search.RangeSearchReport when QuantConfig.range_search
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -206,10 +208,15 @@ def quantize(
     ]
     prepared = prepare_pt2e(gm, quantizer)
 
-    kept: list[torch.Tensor] | None = [] if (config.bias_correction or config.adaround) else None
+    kept: list[torch.Tensor] | None = [] if (config.bias_correction or config.adaround
+                                             or config.range_search) else None
     n = calibrate(prepared, batches, config.num_calibration, keep=kept)
     if n == 0:
         raise InputError("calibration set is empty: the batches hold no images")
+
+    range_report = None
+    if config.range_search:  # before the weight steps below, which then see the chosen ranges
+        range_report = _optional_module("range_search", "range_search").search_ranges(prepared, kept)
 
     bc_report = ada_report = None
     if config.adaround:  # rounds the weights, then corrects the biases in the same walk
@@ -239,6 +246,7 @@ def quantize(
         cle=cle_report,
         bias_correction=bc_report,
         adaround=ada_report,
+        range_search=range_report,
     )
 
 
@@ -311,16 +319,6 @@ def is_captured(model) -> bool:
 # Degenerate ranges
 
 
-def _pin(obs: nn.Module, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
-    """Make ``obs`` report these parameters from now on (derived bias observers read them too).
-
-    Observers come from different classes (torchao's, mobilequant.quant.observers'), so the repair
-    overrides ``calculate_qparams`` on the instance rather than editing class-specific statistics.
-    """
-    scale, zero_point = scale.detach().clone(), zero_point.detach().clone()
-    obs.calculate_qparams = lambda: (scale.clone(), zero_point.clone())
-
-
 def _observer(gm: GraphModule, node) -> nn.Module | None:
     if isinstance(node, Node) and node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
@@ -380,7 +378,7 @@ def _repair_activation(obs: nn.Module, layer: str) -> Finding | None:
     lo, hi = getattr(obs, "min_val", None), getattr(obs, "max_val", None)
     known = isinstance(lo, torch.Tensor) and isinstance(hi, torch.Tensor) and lo.numel() == 1
     if known and not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
-        _pin(obs, torch.tensor([DEGENERATE_ACT_SCALE]), torch.tensor([obs.quant_min]))
+        pin_qparams(obs, torch.tensor([DEGENERATE_ACT_SCALE]), torch.tensor([obs.quant_min]))
         return Finding("unobserved_activation", layer, "no calibration data reached this tensor; scale set to 1/255")
     scale, zp = obs.calculate_qparams()
     scale = scale.reshape(-1)
@@ -389,7 +387,7 @@ def _repair_activation(obs: nn.Module, layer: str) -> Finding | None:
     empty = known and float(torch.clamp(hi, min=0) - torch.clamp(lo, max=0)) == 0.0
     broken = not bool(torch.isfinite(scale).all()) or float(scale.min()) <= 0.0
     if empty or broken:
-        _pin(obs, torch.tensor([DEGENERATE_ACT_SCALE]), torch.tensor([obs.quant_min]))
+        pin_qparams(obs, torch.tensor([DEGENERATE_ACT_SCALE]), torch.tensor([obs.quant_min]))
         return Finding("degenerate_activation", layer, "activation is all zero on the calibration set; "
                        "scale set to 1/255")
     if (known and float(lo) == float(hi)) or (not known and getattr(obs, "degenerate", False)):
@@ -420,7 +418,7 @@ def _repair_weight(obs, w, in_obs, bias, layer: str, config: QuantConfig) -> lis
     new = torch.maximum(new, need)
     if not bool(dead.any() or raised.any()):
         return []
-    _pin(obs, new, torch.zeros_like(zp))
+    pin_qparams(obs, new, torch.zeros_like(zp))
     findings = []
     if bool(dead.any()):
         channels = dead.nonzero().reshape(-1).tolist()

@@ -1,0 +1,137 @@
+"""Output-aware activation ranges (``QuantConfig.range_search``): what the search reports is what the
+converted graph does, only activation scales change (by the reported factor, zero points kept), shared
+ranges move together and fixed ranges stay fixed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mobilequant.errors import UsageError
+from mobilequant.quant import QuantConfig, quantize
+from mobilequant.quant.range_search import RangeSearchOptions
+
+
+class Branches(nn.Module):
+    """Two conv-BN-ReLU branches concatenated (one shared range), a 1×1 conv, pooling, a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.pw = nn.Sequential(nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        y = self.pw(torch.cat([self.a(x), self.b(x)], 1))
+        return self.fc(y.mean((2, 3)))
+
+
+def _kl(result, model, x) -> float:
+    """KL divergence of the converted graph's softmax from the float model's, per image."""
+    with torch.no_grad():
+        ref = torch.log_softmax(model(x).double(), 1)
+        out = torch.log_softmax(result(x).double(), 1)
+    return float(F.kl_div(out, ref, log_target=True, reduction="batchmean"))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = Branches().eval()
+    with torch.no_grad():
+        model.fc.weight.mul_(100.0)  # confident logits, as a trained classifier's
+    g = torch.Generator().manual_seed(1)
+    calib = torch.randn(96, 3, 10, 10, generator=g)
+    calib[:3] *= 8.0  # three outliers stretch every min-max range beyond the other images' values
+    held_out = torch.randn(64, 3, 10, 10, generator=g)
+    base = dict(calibration="minmax", bias_correction=False)
+    plain = quantize(model, calib.split(32), QuantConfig(**base))
+    searched = quantize(model, calib.split(32), QuantConfig(**base, range_search=True))
+    return model, calib, held_out, plain, searched
+
+
+def test_only_activation_scales_change_by_the_reported_factor(setup):
+    _, _, _, plain, searched = setup
+    report = searched.range_search
+    assert report.samples == 96 and report.metric == "kl"
+    assert report.changes, report.summary()
+    factors = {c.layer: c.factor for c in report.changes}
+    before = {e.key: e for e in plain.table}
+    after = {e.key: e for e in searched.table}
+    assert before.keys() == after.keys()
+    moved = set()
+    for key, e in after.items():
+        b = before[key]
+        assert e.zero_point == b.zero_point and e.dtype == b.dtype, key
+        if e.scale == b.scale:
+            continue
+        if e.role == "bias":  # int32: scale = input scale × weight scale, follows the input's range
+            continue
+        assert e.role in ("output", "input") and e.dtype == "int8", key  # never a weight scale
+        ratio = e.scale[0] / b.scale[0]
+        assert any(ratio == pytest.approx(f, rel=1e-5) for f in factors.values()), (key, ratio, factors)
+        moved.add(e.name)
+    assert set(factors) <= moved | {"input"}
+
+
+def test_the_reported_error_is_the_converted_graphs(setup):
+    """The search's simulation is the int8 graph ``convert_pt2e`` builds (biases aside): its reported
+    errors match the converted graphs' own, before and after."""
+    model, calib, _, plain, searched = setup
+    report = searched.range_search
+    assert report.error_after < 0.9 * report.error_before
+    assert _kl(plain, model, calib) == pytest.approx(report.error_before, rel=0.05)
+    assert _kl(searched, model, calib) == pytest.approx(report.error_after, rel=0.05)
+
+
+def test_narrower_ranges_help_on_images_it_did_not_see(setup):
+    model, _, held_out, plain, searched = setup
+    assert _kl(searched, model, held_out) < 0.9 * _kl(plain, model, held_out)
+
+
+def test_shared_ranges_move_together(setup):
+    """The concatenation's inputs and output share one range (TFLite's rule): still one after the search."""
+    _, _, _, _, searched = setup
+    t = searched.table
+    assert "a.0" in {c.layer for c in searched.range_search.changes}  # the shared range did move
+    shared = [t.get("a.0"), t.get("b.0"), t.get("cat_0")]
+    assert all(e is not None for e in shared), [e.key for e in t]
+    assert len({(e.scale[0], e.zero_point[0]) for e in shared}) == 1, shared
+
+
+def test_fixed_ranges_are_left_alone():
+    """ReLU6 in the data-free mode keeps exactly [0, 6]; h-sigmoid keeps its fixed parameters."""
+
+    class Fixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6())
+            self.gate = nn.Sequential(nn.Conv2d(8, 8, 1), nn.Hardsigmoid())
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.fc((y * self.gate(y)).mean((2, 3)))
+
+    torch.manual_seed(3)
+    x = torch.randn(32, 3, 8, 8)
+    model = Fixed().eval()
+    plain = quantize(model, [x], QuantConfig(relu6="fixed", bias_correction=False))
+    r = quantize(model, [x], QuantConfig(relu6="fixed", bias_correction=False, range_search=True))
+    relu6 = r.table.get("conv.0")  # conv + ReLU6, one tensor
+    assert relu6.scale[0] == pytest.approx(6 / 255) and relu6.zero_point[0] == -128
+    assert r.table.get("gate.1") == plain.table.get("gate.1")  # h-sigmoid: 1/256, −128
+    changed = {c.layer for c in r.range_search.changes}
+    assert changed and not changed & {"conv.0", "gate.1"}, changed
+
+
+def test_bad_options_are_refused_by_name():
+    with pytest.raises(UsageError, match="range_search"):
+        QuantConfig(range_search="yes")
+    with pytest.raises(UsageError, match="factors"):
+        RangeSearchOptions(factors=(0.5, 1.5))
+    with pytest.raises(UsageError, match="passes"):
+        RangeSearchOptions(passes=0)
