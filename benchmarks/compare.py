@@ -28,8 +28,9 @@ Rows (``--quick`` keeps the core rows marked *):
   per-channel mse + bias correction* (the default recipe), the same without bias correction*, minmax*,
   percentile, entropy (with bias correction); ReLU6 ``fixed``*; per-tensor mse without (the naive
   figure) and with bias correction; per-tensor + CLE without and with* bias correction; AdaRound
-  (``quantization.adaround=true``) per channel and per tensor + CLE, both with bias correction; tflite/onnx
-  fp16* and fp32*. Each int8 variant is quantized once and written as both files (the export time of
+  (``quantization.adaround=true``) per channel and per tensor + CLE, both with bias correction; the
+  output-aware range search (``quantization.range_search=true``) per channel, per channel with AdaRound,
+  and per tensor + CLE, all with bias correction; tflite/onnx fp16* and fp32*. Each int8 variant is quantized once and written as both files (the export time of
   both counts the quantization).
 * ONNX Runtime ``quantize_static`` (QDQ, int8, after ``quant_pre_process``) on the model's fp32 ONNX
   (``torch.onnx.export`` of the module as written: none of mobilequant's folding or rewrites):
@@ -103,6 +104,11 @@ MQ_INT8 = (
     ("per-channel mse + AdaRound + BC", ("quantization.adaround=true",), False),
     ("per-tensor + CLE + AdaRound + BC", ("quantization.per_channel=false", "quantization.cle=true",
                                           "quantization.adaround=true"), False),
+    ("per-channel mse + BC + range search", ("quantization.range_search=true",), False),
+    ("per-channel mse + AdaRound + BC + range search", ("quantization.adaround=true",
+                                                        "quantization.range_search=true"), False),
+    ("per-tensor + CLE + BC + range search", ("quantization.per_channel=false", "quantization.cle=true",
+                                              "quantization.range_search=true"), False),
 )
 # ONNX Runtime quantize_static variants: (label, per_channel, CalibrationMethod name, core row)
 ORT_INT8 = (

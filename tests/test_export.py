@@ -249,6 +249,21 @@ def test_adaround_weights_reach_the_file_unchanged(small, tmp_path):
     assert int((codes != (w_float / scale).round()).sum()) == flipped
 
 
+def test_searched_ranges_reach_the_file(small, tmp_path):
+    """The narrowed activation ranges of ``range_search`` are the file's: each changed tensor's scale is
+    factor × the calibrated one, and the export's own check finds every file parameter in the table."""
+    qr = quantize(small["model"], [small["calib"]], QuantConfig(range_search=True))
+    assert qr.range_search.changes, qr.range_search.summary()
+    art = export(qr, "tflite-int8", tmp_path / "rs.tflite", verify_data=small["x"], overrides=VERIFY)
+    assert art.verified, str(art.verification)
+    by_name = {t.name: t for t in read_tflite(art.path.read_bytes()).tensors}
+    for change in qr.range_search.changes:
+        before = small["qr"].table.get(change.layer) or small["qr"].table.get(change.layer, "input")
+        in_file = by_name[art.name_map[change.layer]]
+        assert in_file.scales[0] == pytest.approx(change.factor * before.scale[0], rel=1e-5), change
+        assert in_file.scales[0] < before.scale[0]
+
+
 def test_failed_check_keeps_the_file_flagged(small, tmp_path):
     path = tmp_path / "strict.tflite"
     with pytest.raises(CheckFailed, match="fp32_max_abs_diff") as exc:

@@ -86,6 +86,7 @@ class QuantizationSettings:
     cle: bool = False  # cross-layer equalization before calibration
     bias_correction: bool = True  # move each conv / linear output's mean quantization error into its bias
     adaround: bool = False  # learn each weight's rounding (up / down) from the calibration images (AdaRound)
+    range_search: bool = False  # narrow activation ranges where the int8 model's output error drops
     adaround_iterations: int = 1000  # AdaRound optimisation steps per layer
     num_calibration: int = 512  # calibration images used at most
     percentile: float = 99.99  # for calibration: percentile
@@ -95,7 +96,7 @@ class QuantizationSettings:
 
         return QuantConfig(
             per_channel=self.per_channel, calibration=self.calibration, relu6=self.relu6, cle=self.cle,
-            bias_correction=self.bias_correction, adaround=self.adaround,
+            bias_correction=self.bias_correction, adaround=self.adaround, range_search=self.range_search,
             adaround_iterations=self.adaround_iterations, num_calibration=self.num_calibration,
             percentile=self.percentile,
         )

@@ -3,7 +3,8 @@
 ``quantize(model, calibration_batches, config)`` reads as the pipeline::
 
     capture → fold conv-BN → [cross-layer equalization] → check ops → prepare_pt2e → calibrate
-            → [bias correction] → repair degenerate ranges → convert_pt2e (simulated + for export) → table
+            → [AdaRound] → [bias correction] → [range search] → repair degenerate ranges
+            → convert_pt2e (simulated + for export) → table
 
 Calibration data is an iterable of float NCHW batches (or ``(images, labels)`` pairs) already
 normalised like the model's input. At most ``config.num_calibration`` images are used. A batch with NaN
@@ -17,7 +18,11 @@ Optional steps are modules of this package, called by contract:
   after calibration, with the calibrated prepared graph (its weight observers give the quantized
   weights, its activation observers the ranges) and the calibration batches actually used; it rewrites
   the conv / linear bias constants of ``prepared`` in place, before the int32 bias parameters are
-  derived at conversion.
+  derived at conversion;
+* ``QuantConfig.adaround``: ``mobilequant.quant.adaround.adaround(prepared, batches, options,
+  bias_correction=...)`` rewrites the weights of ``prepared`` (and corrects the biases in the same walk);
+* ``QuantConfig.range_search``: ``mobilequant.quant.range_search.search_ranges(prepared, batches)``, last,
+  on the model with its final weights and biases; it pins narrower activation parameters on observers.
 
 Degenerate ranges never reach the graph as a zero or NaN scale: an all-zero (dead) weight channel gets
 the layer's median channel scale, an all-zero activation gets scale 1/255 (the [0, 1] range), and a
@@ -214,10 +219,6 @@ def quantize(
     if n == 0:
         raise InputError("calibration set is empty: the batches hold no images")
 
-    range_report = None
-    if config.range_search:  # before the weight steps below, which then see the chosen ranges
-        range_report = _optional_module("range_search", "range_search").search_ranges(prepared, kept)
-
     bc_report = ada_report = None
     if config.adaround:  # rounds the weights, then corrects the biases in the same walk
         ada = _optional_module("adaround", "adaround")
@@ -226,6 +227,9 @@ def quantize(
         bc_report = ada_report.bias_correction
     elif config.bias_correction:
         bc_report = _optional_module("bias_correction", "bias_correction").correct(prepared, kept)
+    range_report = None
+    if config.range_search:  # last: it judges the ranges on the model as it will be (weights, biases final)
+        range_report = _optional_module("range_search", "range_search").search_ranges(prepared, kept)
 
     findings += repair_degenerate_ranges(prepared, config)
     qdq_graph = convert_pt2e(copy.deepcopy(prepared), fold_quantize=False)

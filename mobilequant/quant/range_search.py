@@ -5,9 +5,11 @@ values. What matters is the model's output: a range that is locally MSE-optimal 
 decisions downstream (measured on the shipped ShuffleNetV1: the last stage's grouped 1×1 projection,
 ±80 from the MSE observer, cost 1.1 % of top-1 agreement on its own; half that range cost 0.5 %).
 
-:func:`search_ranges` runs on the calibrated prepared graph, before bias correction / AdaRound (which
-then see the chosen ranges). It simulates the int8 model (weights and activations through their
-observers' quantize → dequantize, biases in float) and walks the activation ranges in graph order —
+:func:`search_ranges` runs on the calibrated prepared graph after AdaRound and bias correction, so it
+judges each range on the model as it will be (on the shipped ShuffleNetV1, searching first and
+correcting the biases afterwards undid the gain: 97.29 % simulated agreement against 97.66 % with bias
+correction alone). It simulates the int8 model (weights and activations through their observers'
+quantize → dequantize, biases in float) and walks the activation ranges in graph order —
 one range per observer, so tensors that share parameters (concat, pooling, channel shuffle) move
 together. For each it tries the range scaled by every factor of ``RangeSearchOptions.factors`` (the
 zero point, hence the position of 0 and a ReLU6 range's lower end, is unchanged), keeps the factor with
@@ -53,10 +55,11 @@ RANGE_SEARCH_BUDGET_BYTES = 2 << 30
 class RangeSearchOptions:
     """How the activation ranges are searched."""
 
-    factors: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # tried on each range (1.0, the
-    #                                                           calibrated range, is the incumbent)
+    # tried on each range (1.0, the calibrated range, is the incumbent). Down to 0.2: on the shipped
+    # ShuffleNetV1 (after bias correction) 0.4..0.9 gave 97.66 → 97.65 % simulated agreement, 0.2..0.9 97.83 %
+    factors: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     samples: int = 512  # calibration images used at most
-    passes: int = 1  # greedy passes over all ranges
+    passes: int = 2  # greedy passes over all ranges (ShuffleNetV1: one 97.83 %, two 98.15 %)
     chunk: int = 128  # images run at once
     min_gain: float = 1e-3  # a factor replaces the incumbent only if it lowers the error by this fraction
 
@@ -100,7 +103,9 @@ def search_ranges(prepared: GraphModule, calibration_batches: Iterable, options:
                   *, budget_bytes: int = RANGE_SEARCH_BUDGET_BYTES) -> RangeSearchReport:
     """Narrow the activation ranges of the calibrated ``prepared`` graph where that lowers its output
     error on the calibration images (module docstring); the chosen ranges are pinned on the observers,
-    so ``convert_pt2e`` and every later step use them."""
+    so ``convert_pt2e`` uses them. Uses as many calibration images as fit in ``budget_bytes`` (the
+    report says how many). On the calibration images the result is never worse than the calibrated
+    ranges (the incumbent is kept unless a factor lowers the error)."""
     options = options or RangeSearchOptions()
     start = time.perf_counter()
     x = _images(calibration_batches)[: options.samples]
