@@ -234,17 +234,24 @@ def correct(prepared: GraphModule, calibration_batches: Iterable) -> BiasCorrect
     return BiasCorrectionReport(tuple(walk.report), batches, samples, walk.per_channel)
 
 
-def walk_side_by_side(prepared: GraphModule, calibration_batches: Iterable, walker: Callable[..., _SideBySide],
-                      budget_bytes: int = CORRECTION_BUDGET_BYTES) -> tuple[_SideBySide, int, int]:
-    """Run ``walker(prepared)`` (a :class:`_SideBySide`) on as many calibration images as fit in
-    ``budget_bytes``; return it, the number of batches given and the number of images used."""
+def calibration_images(calibration_batches: Iterable, step: str) -> torch.Tensor:
+    """The calibration batches (tensors or ``(images, ...)`` tuples) as one tensor; ``step`` names the
+    pipeline step in the error for a batch that is not a tensor or an empty set."""
     batches = [b[0] if isinstance(b, (tuple, list)) else b for b in calibration_batches]
     for i, b in enumerate(batches):
         if not isinstance(b, torch.Tensor):
             raise InputError(f"calibration batch {i} is a {type(b).__name__}, not a tensor")
     if not batches:
-        raise InputError("bias correction needs at least one calibration batch")
-    x = torch.cat(batches)
+        raise InputError(f"{step} needs at least one calibration batch")
+    return torch.cat(batches)
+
+
+def walk_side_by_side(prepared: GraphModule, calibration_batches: Iterable, walker: Callable[..., _SideBySide],
+                      budget_bytes: int = CORRECTION_BUDGET_BYTES) -> tuple[_SideBySide, int, int]:
+    """Run ``walker(prepared)`` (a :class:`_SideBySide`) on as many calibration images as fit in
+    ``budget_bytes``; return it, the number of batches given and the number of images used."""
+    batches = list(calibration_batches)
+    x = calibration_images(batches, "bias correction")
     with torch.no_grad():
         one, two = (_SideBySide(prepared, dry_run=True).run(x[:k]).peak_bytes for k in (1, 2))
         per_image = max(two - one, 1)  # what is not per image (weights and their fake-quantized copies) cancels

@@ -39,8 +39,8 @@ from torch.fx.node import map_arg
 from torchao.quantization.pt2e.observer import FixedQParamsObserver
 
 from ..capture import layer_name
-from ..errors import InputError, UsageError
-from .bias_correction import _get, fake_quantize_observed
+from ..errors import UsageError
+from .bias_correction import _get, calibration_images, fake_quantize_observed
 from .observers import pin_qparams
 from .quantizer import FUSED_INTO
 
@@ -108,7 +108,7 @@ def search_ranges(prepared: GraphModule, calibration_batches: Iterable, options:
     ranges (the incumbent is kept unless a factor lowers the error)."""
     options = options or RangeSearchOptions()
     start = time.perf_counter()
-    x = _images(calibration_batches)[: options.samples]
+    x = calibration_images(calibration_batches, "range search")[: options.samples]
     sim = _Simulation(prepared)
     x = x[: max(1, min(len(x), budget_bytes // max(sim.peak_bytes_per_image(x[:1]), 1)))]
     chunks = list(x.split(options.chunk))
@@ -159,18 +159,6 @@ def search_ranges(prepared: GraphModule, calibration_batches: Iterable, options:
         seconds=time.perf_counter() - start)
 
 
-def _images(calibration_batches: Iterable) -> torch.Tensor:
-    batches = []
-    for i, b in enumerate(calibration_batches):
-        b = b[0] if isinstance(b, (tuple, list)) else b
-        if not isinstance(b, torch.Tensor):
-            raise InputError(f"calibration batch {i} is a {type(b).__name__}, not a tensor")
-        batches.append(b)
-    if not batches:
-        raise InputError("range search needs at least one calibration batch")
-    return torch.cat(batches)
-
-
 class _Simulation:
     """The calibrated prepared graph run node by node, each observer applied as the quantize → dequantize
     it becomes at ``convert_pt2e`` (int32 bias observers left out: their rounding is far below the
@@ -180,12 +168,13 @@ class _Simulation:
     def __init__(self, gm: GraphModule) -> None:
         self.gm = gm
         self.nodes = list(gm.graph.nodes)
-        self.index = {n: i for i, n in enumerate(self.nodes)}
         self.last_use: dict[Node, int] = {}
         for i, n in enumerate(self.nodes):
             for a in n.all_input_nodes:
                 self.last_use[a] = i
         self.consts: dict[Node, object] = {}
+        self.observers: dict[Node, torch.nn.Module] = {}
+        self._fixed: dict[int, tuple] = {}  # id(observer) → its parameters, for observers not searched
         self.qparams: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.layers: dict[str, str] = {}
         self._first: dict[str, int] = {}
@@ -195,7 +184,7 @@ class _Simulation:
                 if n.op == "get_attr":
                     self.consts[n] = _get(gm, str(n.target))
                 elif n.op == "call_module":
-                    obs = gm.get_submodule(str(n.target))
+                    obs = self.observers[n] = gm.get_submodule(str(n.target))
                     src = n.args[0]
                     if src in self.consts:  # a weight or bias: quantized once
                         self.consts[n] = self._fake_quant(obs, self.consts[src], quantized=True)
@@ -217,8 +206,11 @@ class _Simulation:
                 torch.int8, torch.uint8):
             return x
         key = self._group.get(id(obs))
-        scale, zero_point = self.qparams[key] if key in self.qparams else obs.calculate_qparams()
-        return fake_quantize_observed(obs, x, scale, zero_point)
+        if key is not None:
+            return fake_quantize_observed(obs, x, *self.qparams[key])
+        if id(obs) not in self._fixed:  # histogram observers recompute their range on every call
+            self._fixed[id(obs)] = tuple(t.detach() for t in obs.calculate_qparams())
+        return fake_quantize_observed(obs, x, *self._fixed[id(obs)])
 
     def run(self, env: dict, x: torch.Tensor, start: int, stop: int | None, quantized: bool = True) -> dict:
         """Run nodes ``start:stop`` on ``env`` (the values live before ``start``; the input is ``x``);
@@ -229,12 +221,11 @@ class _Simulation:
                 n = self.nodes[i]
                 if n.op == "placeholder":
                     env[n] = x
-                elif n.op in ("get_attr",) or n in self.consts and quantized:
-                    continue
+                elif n.op == "get_attr" or (quantized and n in self.consts):
+                    continue  # constants (weights quantized once) are read from self.consts
                 elif n.op == "call_module":
                     value = env[n.args[0]] if n.args[0] in env else self.consts[n.args[0]]
-                    obs = self.gm.get_submodule(str(n.target))
-                    env[n] = self._fake_quant(obs, value, quantized)
+                    env[n] = self._fake_quant(self.observers[n], value, quantized)
                 elif n.op == "call_function":
                     args, kwargs = map_arg((n.args, n.kwargs), lambda a: env[a] if a in env else self.consts[a])
                     env[n] = n.target(*args, **kwargs)
