@@ -101,7 +101,7 @@ def adaround(prepared: GraphModule, calibration_batches: Iterable, options: AdaR
     layer by layer from the input, and store the rounded weights (on the weight observers' grid) in place
     of the float ones; with ``bias_correction``, correct each bias afterwards as
     :func:`~mobilequant.quant.bias_correction.correct` does. Uses as many calibration images as fit in
-    ``budget_bytes`` (the report says how many)."""
+    ``budget_bytes``, evenly spaced over the set (the report says how many)."""
     options = options or AdaRoundOptions()
     walk, batches, samples = walk_side_by_side(
         prepared, calibration_batches,

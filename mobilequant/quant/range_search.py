@@ -40,14 +40,14 @@ from torchao.quantization.pt2e.observer import FixedQParamsObserver
 
 from ..capture import layer_name
 from ..errors import UsageError
-from .bias_correction import _get, calibration_images, fake_quantize_observed
+from .bias_correction import _get, calibration_images, fake_quantize_observed, spread_subset
 from .observers import pin_qparams
 from .quantizer import FUSED_INTO
 
 __all__ = ["RangeSearchOptions", "RangeChange", "RangeSearchReport", "search_ranges"]
 
 # Values held at once: the live values of the graph at the current range, for every image used
-# (MobileNetV2 at 224 px: ~10 MB per image at the widest point). Images beyond what fits are not used.
+# (MobileNetV2 at 224 px: ~10 MB per image at the widest point). When not all fit, an even spread is used.
 RANGE_SEARCH_BUDGET_BYTES = 2 << 30
 
 
@@ -103,14 +103,14 @@ def search_ranges(prepared: GraphModule, calibration_batches: Iterable, options:
                   *, budget_bytes: int = RANGE_SEARCH_BUDGET_BYTES) -> RangeSearchReport:
     """Narrow the activation ranges of the calibrated ``prepared`` graph where that lowers its output
     error on the calibration images (module docstring); the chosen ranges are pinned on the observers,
-    so ``convert_pt2e`` uses them. Uses as many calibration images as fit in ``budget_bytes`` (the
+    so ``convert_pt2e`` uses them. Uses as many calibration images as fit in ``budget_bytes``, evenly spaced (the
     report says how many). On the calibration images the result is never worse than the calibrated
     ranges (the incumbent is kept unless a factor lowers the error)."""
     options = options or RangeSearchOptions()
     start = time.perf_counter()
-    x = calibration_images(calibration_batches, "range search")[: options.samples]
+    x = calibration_images(calibration_batches, "range search")
     sim = _Simulation(prepared)
-    x = x[: max(1, min(len(x), budget_bytes // max(sim.peak_bytes_per_image(x[:1]), 1)))]
+    x = spread_subset(x, max(1, min(options.samples, budget_bytes // max(sim.peak_bytes_per_image(x[:1]), 1))))
     chunks = list(x.split(options.chunk))
     reference = [sim.output(sim.run({}, c, 0, None, quantized=False)) for c in chunks]
     metric = "kl" if all(r.dim() == 2 for r in reference) and len(reference[0]) > 0 else "relative mse"
