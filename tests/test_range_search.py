@@ -57,6 +57,8 @@ def test_only_activation_scales_change_by_the_reported_factor(setup):
     _, _, _, plain, searched = setup
     report = searched.range_search
     assert report.samples == 96 and report.metric == "kl"
+    options = RangeSearchOptions()
+    assert report.trials == 1 + report.searched * options.passes * len(options.factors)  # each factor, each pass
     assert report.changes, report.summary()
     factors: dict[str, float] = {}  # a range may narrow in both passes: the factors multiply
     for c in report.changes:

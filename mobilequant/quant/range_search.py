@@ -92,11 +92,12 @@ class RangeSearchReport:
     error_before: float  # output error of the calibrated ranges
     error_after: float
     seconds: float
+    trials: int = 0  # output evaluations (each re-runs the graph after the range tried)
 
     def summary(self) -> str:
         return (f"range search: {len(self.changes)} of {self.searched} activation ranges narrowed on "
                 f"{self.samples} samples; output {self.metric} {self.error_before:.4g} → {self.error_after:.4g} "
-                f"({self.seconds:.0f} s)")
+                f"({self.trials} trials, {self.seconds:.0f} s)")
 
 
 def search_ranges(prepared: GraphModule, calibration_batches: Iterable, options: RangeSearchOptions | None = None,
@@ -117,7 +118,11 @@ def search_ranges(prepared: GraphModule, calibration_batches: Iterable, options:
     reference = [torch.log_softmax(r.double(), 1) if metric == "kl" else r.double() for r in reference]
     variance = 1.0 if metric == "kl" else max(float(torch.cat(reference).var()), 1e-12)
 
+    trials = 0
+
     def error(envs: list[dict], position: int) -> float:
+        nonlocal trials
+        trials += 1
         total = 0.0
         for env, c, ref in zip(envs, chunks, reference):
             out = sim.output(sim.run(dict(env), c, position, None)).double()
@@ -156,7 +161,7 @@ def search_ranges(prepared: GraphModule, calibration_batches: Iterable, options:
         searched=len(sim.searchable()), changes=tuple(changes), samples=len(x), metric=metric,
         error_before=error_before if not math.isnan(error_before) else 0.0,
         error_after=incumbent if not math.isnan(incumbent) else 0.0,
-        seconds=time.perf_counter() - start)
+        seconds=time.perf_counter() - start, trials=trials)
 
 
 class _Simulation:
