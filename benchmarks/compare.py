@@ -270,8 +270,13 @@ def _mobilequant_rows(net, calib, work: Path, measure, full: bool, ctx: dict,
     batches = list(calib.batches(64))
     quantized = {}  # label → (QuantResult, seconds): each int8 variant is quantized once for both files
     rows = []
+    labels = {label for label, _, _ in MQ_INT8}
+
+    def wanted(label: str) -> bool:  # a text that is a whole label picks that label alone
+        return any(v == label if v in labels else v in label for v in variants)
+
     chosen = [(label, over) for i, (label, over, core) in enumerate(MQ_INT8)
-              if (core or full) and (variants is None or i == 0 or any(v in label for v in variants))]
+              if (core or full) and (variants is None or i == 0 or wanted(label))]
     jobs = [(label, target, over) for label, over in chosen for target in ("tflite-int8", "onnx-int8")]
     jobs += [("float16", t, ()) for t in ("tflite-fp16", "onnx-fp16")]
     jobs += [("float32", t, ()) for t in ("tflite-fp32", "onnx-fp32")]
@@ -828,7 +833,8 @@ def main(argv: list[str] | None = None) -> int:
                                                "next to it (.json)")
     ap.add_argument("--no-qat", action="store_true", help="skip the mobilequant QAT rows")
     ap.add_argument("--variants", nargs="+", default=None, metavar="TEXT",
-                    help="only the mobilequant int8 variants whose label contains one of these (e.g. "
+                    help="only the mobilequant int8 variants whose label contains one of these, or is one of "
+                         "them where a text is a whole label (e.g. "
                          "AdaRound); the default recipe always runs")
     ap.add_argument("--photos", choices=tuple(PHOTO_DATASETS), default="offline",
                     help=f"{IMAGENET}'s photo collection: 'offline' (62 photos of scikit-image, scikit-learn, "
