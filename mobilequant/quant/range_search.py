@@ -104,9 +104,9 @@ def search_ranges(prepared: GraphModule, calibration_batches: Iterable, options:
                   *, budget_bytes: int = RANGE_SEARCH_BUDGET_BYTES) -> RangeSearchReport:
     """Narrow the activation ranges of the calibrated ``prepared`` graph where that lowers its output
     error on the calibration images (module docstring); the chosen ranges are pinned on the observers,
-    so ``convert_pt2e`` uses them. Uses as many calibration images as fit in ``budget_bytes``, evenly spaced (the
-    report says how many). On the calibration images the result is never worse than the calibrated
-    ranges (the incumbent is kept unless a factor lowers the error)."""
+    so ``convert_pt2e`` uses them. Uses as many calibration images as fit in ``budget_bytes``, evenly
+    spaced over the set (the report says how many). On the calibration images the result is never worse
+    than the calibrated ranges (the incumbent is kept unless a factor lowers the error)."""
     options = options or RangeSearchOptions()
     start = time.perf_counter()
     x = calibration_images(calibration_batches, "range search")
