@@ -346,6 +346,8 @@ def test_every_shipped_recipe_loads():
         assert recipe.target in TARGETS
     assert load_recipe("per-tensor-dsp-cle").quantization.per_channel is False
     assert load_recipe("relu6-fixed-datafree").quantization.relu6 == "fixed"
+    accurate = load_recipe("tflite-int8-accurate").quantization
+    assert accurate.adaround and accurate.range_search and accurate.per_channel and accurate.bias_correction
 
 
 def test_recipe_rejects_unknown_keys_with_suggestions(tmp_path):
