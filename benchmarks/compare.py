@@ -131,6 +131,7 @@ class Row:
     agreement: float | None = None  # % top-1 agreement with the float torch model
     top5_contains_float: float | None = None  # % of images whose float top-1 is in the file's top-5
     agreement_confident: float | None = None  # % agreement on images the float model gives top-1 p ≥ 0.5
+    kl: float | None = None  # mean KL(float softmax ‖ file softmax), nats: fidelity without the near-tie noise
     size_bytes: int | None = None
     latency_ms: float | None = None  # median single-image latency, 1 thread
     latency_min_ms: float | None = None  # fastest call (less sensitive to other processes' load)
@@ -210,6 +211,11 @@ def _score(row: Row, logits, float_logits, labels, float_top1) -> None:
     confident = p_top >= 0.5
     if confident.any():
         row.agreement_confident = float((pred == ref)[confident].mean() * 100.0)
+    # mean KL divergence of the file's softmax from the float model's: on unlabelled near-tie crops one
+    # flipped decision moves agreement by 1/N, while the KL moves with the size of the output error
+    log_p, log_q = (z - z.max(1, keepdims=True) for z in (float_logits, logits))
+    log_p, log_q = (z - np.log(np.exp(z).sum(1, keepdims=True)) for z in (log_p, log_q))
+    row.kl = float((np.exp(log_p) * (log_p - log_q)).sum(1).mean())
     top5 = np.argsort(-logits, axis=1)[:, :5]
     row.top5_contains_float = float((top5 == ref[:, None]).any(1).mean() * 100.0)
     if labels is not None:
@@ -549,7 +555,8 @@ def model_table(res: ModelResult) -> str:
     labelled = res.float_top1 is not None
     head = ["route", "variant", "file"]
     head += ["top-1 %", "drop pp"] if labelled else []
-    head += ["agree %"] + ([] if labelled else ["agree % (float p ≥ 0.5)", "float top-1 in top-5 %"])
+    head += ["agree %"] + ([] if labelled else ["agree % (float p ≥ 0.5)", "float top-1 in top-5 %",
+                                                "output KL ×1000"])
     head += ["size KiB", "latency ms median / min", "export s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
     for r in res.rows:
@@ -559,7 +566,8 @@ def model_table(res: ModelResult) -> str:
             cells = [r.route, r.variant + (f" ({r.note})" if r.note else ""), r.file]
             cells += [_fmt(r.top1, ".2f"), _fmt(r.drop_pp, "+.2f")] if labelled else []
             cells += [_fmt(r.agreement, ".2f")]
-            cells += [] if labelled else [_fmt(r.agreement_confident, ".1f"), _fmt(r.top5_contains_float, ".1f")]
+            cells += [] if labelled else [_fmt(r.agreement_confident, ".1f"), _fmt(r.top5_contains_float, ".1f"),
+                                          _fmt(None if r.kl is None else 1000.0 * r.kl, ".1f")]
             cells += [_fmt(None if r.size_bytes is None else r.size_bytes / 1024, ".1f"),
                       "–" if r.latency_ms is None else f"{r.latency_ms:.3f} / {r.latency_min_ms:.3f}",
                       _fmt(r.export_s, ".1f")]
