@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from mobilequant.errors import UsageError
 from mobilequant.quant import QuantConfig, quantize
-from mobilequant.quant.range_search import RangeSearchOptions
+from mobilequant.quant import range_search
+from mobilequant.quant.range_search import RangeSearchOptions, _split
 
 
 class Branches(nn.Module):
@@ -45,7 +46,7 @@ def setup():
         model.fc.weight.mul_(100.0)  # confident logits, as a trained classifier's
     g = torch.Generator().manual_seed(1)
     calib = torch.randn(96, 3, 10, 10, generator=g)
-    calib[:3] *= 8.0  # three outliers stretch every min-max range beyond the other images' values
+    calib[:3, :, 4:6, 4:6] = 60.0  # a bright spot on three images stretches every min-max range
     held_out = torch.randn(64, 3, 10, 10, generator=g)
     base = dict(calibration="minmax", bias_correction=False)
     plain = quantize(model, calib.split(32), QuantConfig(**base))
@@ -58,6 +59,7 @@ def test_only_activation_scales_change_by_the_reported_factor(setup):
     report = searched.range_search
     assert report.samples == 96 and report.metric == "kl"
     options = RangeSearchOptions()
+    assert report.held_out == 24  # every fourth image checks the choices made on the others
     assert report.trials == 1 + report.searched * options.passes * len(options.factors)  # each factor, each pass
     assert report.changes, report.summary()
     factors: dict[str, float] = {}  # a range may narrow in both passes: the factors multiply
@@ -83,12 +85,47 @@ def test_only_activation_scales_change_by_the_reported_factor(setup):
 
 def test_the_reported_error_is_the_converted_graphs(setup):
     """The search's simulation is the int8 graph ``convert_pt2e`` builds (biases aside): its reported
-    errors match the converted graphs' own, before and after."""
+    errors match the converted graphs' own, before and after, on the images the ranges were chosen on
+    and on the held-out ones."""
     model, calib, _, plain, searched = setup
     report = searched.range_search
+    fit, held = _split(calib, RangeSearchOptions().holdout)
     assert report.error_after < 0.9 * report.error_before
-    assert _kl(plain, model, calib) == pytest.approx(report.error_before, rel=0.05)
-    assert _kl(searched, model, calib) == pytest.approx(report.error_after, rel=0.05)
+    assert report.held_out_after < report.held_out_before
+    assert _kl(plain, model, fit) == pytest.approx(report.error_before, rel=0.05)
+    assert _kl(searched, model, fit) == pytest.approx(report.error_after, rel=0.05)
+    assert _kl(plain, model, held) == pytest.approx(report.held_out_before, rel=0.05)
+    assert _kl(searched, model, held) == pytest.approx(report.held_out_after, rel=0.05)
+
+
+def test_held_out_images_are_spread_and_disjoint():
+    x = torch.arange(512)
+    fit, held = _split(x, 0.25)
+    assert len(held) == 128 and held.tolist() == list(range(3, 512, 4))
+    assert sorted(fit.tolist() + held.tolist()) == list(range(512))
+    assert len(_split(x[:31], 0.25)[1]) == 0  # 7 held-out images: too few to check anything
+    assert len(_split(x, 0.0)[1]) == 0
+
+
+def test_a_narrowing_the_held_out_images_refute_is_turned_down(monkeypatch):
+    """Every held-out image (every fourth) has a bright spot that needs the wide min-max ranges; the
+    others would gain from narrower ones. Without the check the search narrows them; with it, it keeps
+    every calibrated range and the held-out error is unchanged."""
+    torch.manual_seed(0)
+    model = Branches().eval()
+    with torch.no_grad():
+        model.fc.weight.mul_(100.0)
+    x = torch.randn(128, 3, 10, 10, generator=torch.Generator().manual_seed(2))
+    x[3::4, :, 4:6, 4:6] = 60.0
+    config = QuantConfig(calibration="minmax", bias_correction=False, range_search=True)
+    checked = quantize(model, x.split(32), config).range_search
+    search = range_search.search_ranges
+    monkeypatch.setattr(range_search, "search_ranges",
+                        lambda prepared, batches: search(prepared, batches, RangeSearchOptions(holdout=0.0)))
+    unchecked = quantize(model, x.split(32), config).range_search
+    assert unchecked.changes and unchecked.held_out == 0, unchecked.summary()
+    assert checked.turned_down and not checked.changes, checked.summary()
+    assert checked.held_out_after == checked.held_out_before and checked.held_out == 32
 
 
 def test_narrower_ranges_help_on_images_it_did_not_see(setup):
@@ -139,3 +176,5 @@ def test_bad_options_are_refused_by_name():
         RangeSearchOptions(factors=(0.5, 1.5))
     with pytest.raises(UsageError, match="passes"):
         RangeSearchOptions(passes=0)
+    with pytest.raises(UsageError, match="holdout"):
+        RangeSearchOptions(holdout=1.0)
