@@ -107,10 +107,17 @@ def test_held_out_images_are_spread_and_disjoint():
     assert len(_split(x, 0.0)[1]) == 0
 
 
-def test_a_narrowing_the_held_out_images_refute_is_turned_down(monkeypatch):
+def _no_holdout(monkeypatch):
+    """``quantize`` runs the search with ``RangeSearchOptions(holdout=0)``: every image takes part, nothing is undone."""
+    search = range_search.search_ranges
+    monkeypatch.setattr(range_search, "search_ranges",
+                        lambda prepared, batches: search(prepared, batches, RangeSearchOptions(holdout=0.0)))
+
+
+def test_narrowings_the_held_out_images_refute_are_undone(monkeypatch):
     """Every held-out image (every fourth) has a bright spot that needs the wide min-max ranges; the
-    others would gain from narrower ones. Without the check the search narrows them; with it, it keeps
-    every calibrated range and the held-out error is unchanged."""
+    others would gain from narrower ones. Without held-out images the search narrows them; with them it
+    stops the walk before the first narrowing and the held-out error is unchanged."""
     torch.manual_seed(0)
     model = Branches().eval()
     with torch.no_grad():
@@ -119,18 +126,12 @@ def test_a_narrowing_the_held_out_images_refute_is_turned_down(monkeypatch):
     x[3::4, :, 4:6, 4:6] = 60.0
     config = QuantConfig(calibration="minmax", bias_correction=False, range_search=True)
     checked = quantize(model, x.split(32), config).range_search
-    search = range_search.search_ranges
-    monkeypatch.setattr(range_search, "search_ranges",
-                        lambda prepared, batches: search(prepared, batches, RangeSearchOptions(holdout=0.0)))
+    _no_holdout(monkeypatch)
     unchecked = quantize(model, x.split(32), config).range_search
-    assert unchecked.changes and unchecked.held_out == 0, unchecked.summary()
-    assert checked.turned_down and not checked.changes, checked.summary()
+    assert unchecked.changes and unchecked.held_out == 0 and unchecked.undone == 0, unchecked.summary()
+    assert checked.undone and not checked.changes, checked.summary()
     assert checked.held_out_after == checked.held_out_before and checked.held_out == 32
-
-
-def test_narrower_ranges_help_on_images_it_did_not_see(setup):
-    model, _, held_out, plain, searched = setup
-    assert _kl(searched, model, held_out) < 0.9 * _kl(plain, model, held_out)
+    assert checked.error_after == checked.error_before
 
 
 def test_shared_ranges_move_together(setup):
@@ -143,8 +144,10 @@ def test_shared_ranges_move_together(setup):
     assert len({(e.scale[0], e.zero_point[0]) for e in shared}) == 1, shared
 
 
-def test_fixed_ranges_are_left_alone():
-    """ReLU6 in the data-free mode keeps exactly [0, 6]; h-sigmoid keeps its fixed parameters."""
+def test_fixed_ranges_are_left_alone(monkeypatch):
+    """ReLU6 in the data-free mode keeps exactly [0, 6]; h-sigmoid keeps its fixed parameters (the walk
+    is not stopped early here, so that every range it changes is kept)."""
+    _no_holdout(monkeypatch)
 
     class Fixed(nn.Module):
         def __init__(self):

@@ -16,11 +16,12 @@ zero point, hence the position of 0 and a ReLU6 range's lower end, is unchanged)
 the lowest output error on the calibration images, and moves on (a greedy coordinate pass, the
 "loss-aware" ranges of Nahshan et al., "Loss Aware Post-training Quantization", 2021, restricted to one
 scale per range). A held-out part of the calibration images (``RangeSearchOptions.holdout``, every
-fourth image by default) takes no part in the choice: a narrowed range is kept only if it also lowers the
-output error on those images, so a factor that fits the other images' quirks is turned down (the search
-without it narrowed MobileNetV1's ranges until 16 more test images disagreed with float). The output error is the KL divergence of the int8 model's softmax from the float
-model's for a classifier's ``(N, classes)`` output, else the mean squared error over the output tensors
-relative to their variance. Unchanged ranges are not re-evaluated; each trial only re-runs the part of the
+fourth image by default) takes no part in the choices; the walk stops, in hindsight, where their output
+error was lowest — the changes after that point are undone (early stopping), so narrowings that fit only
+the other images' quirks do not ship (without it the search narrowed MobileNetV1's ranges until 15 more
+test images disagreed with float). The output error is the KL divergence of the int8 model's softmax
+from the float model's for a classifier's ``(N, classes)`` output, else the mean squared error over the
+output tensors relative to their variance. Unchanged ranges are not re-evaluated; each trial only re-runs the part of the
 graph after that range (the values live at that point are kept).
 
 Written here because no maintained library searches ranges on a PT2E graph: torchao's observers are
@@ -106,11 +107,11 @@ class RangeSearchReport:
     held_out: int = 0  # of ``samples``, images kept out of the choice (0: no check)
     held_out_before: float = 0.0  # output error on the held-out images, calibrated ranges
     held_out_after: float = 0.0
-    turned_down: int = 0  # best factors of the chosen images that the held-out images did not confirm
+    undone: int = 0  # changes of the walk after its best point on the held-out images, taken back
 
     def summary(self) -> str:
         check = (f"; on {self.held_out} held-out samples {self.held_out_before:.4g} → {self.held_out_after:.4g}, "
-                 f"{self.turned_down} narrowings turned down" if self.held_out else "")
+                 f"{self.undone} later narrowings undone" if self.held_out else "")
         return (f"range search: {len(self.changes)} of {self.searched} activation ranges narrowed on "
                 f"{self.samples} samples; output {self.metric} {self.error_before:.4g} → {self.error_after:.4g}"
                 f"{check} ({self.trials} trials, {self.seconds:.0f} s)")
@@ -121,8 +122,8 @@ def search_ranges(prepared: GraphModule, calibration_batches: Iterable, options:
     """Narrow the activation ranges of the calibrated ``prepared`` graph where that lowers its output
     error on the calibration images (module docstring); the chosen ranges are pinned on the observers,
     so ``convert_pt2e`` uses them. Uses as many calibration images as fit in ``budget_bytes``, evenly
-    spaced over the set (the report says how many). On the calibration images the result is never worse
-    than the calibrated ranges (the incumbent is kept unless a factor lowers the error)."""
+    spaced over the set (the report says how many), a quarter of them held out to stop the walk (module
+    docstring). On either part the result is never worse than the calibrated ranges."""
     options = options or RangeSearchOptions()
     start = time.perf_counter()
     x = calibration_images(calibration_batches, "range search")
@@ -136,7 +137,8 @@ def search_ranges(prepared: GraphModule, calibration_batches: Iterable, options:
 
     changes: list[RangeChange] = []
     changed: set[str] = set()
-    turned_down = 0
+    # (errors, ranges, changed targets) at the start and after each change, for the early stop below
+    trajectory: list[tuple[list[float], dict, set[str]]] = []
     before = [math.nan] * len(sets)
     incumbent = [math.nan] * len(sets)
     for _ in range(options.passes):
@@ -147,6 +149,7 @@ def search_ranges(prepared: GraphModule, calibration_batches: Iterable, options:
                 s.advance(first)
             if math.isnan(incumbent[0]):
                 before = incumbent = [s.error() for s in sets]
+                trajectory.append((incumbent, dict(sim.qparams), set()))
             scale, zero_point = sim.qparams[target]
             best = (incumbent[0], 1.0)
             for f in options.factors:
@@ -157,15 +160,21 @@ def search_ranges(prepared: GraphModule, calibration_batches: Iterable, options:
             sim.qparams[target] = (scale * best[1], zero_point)
             if best[1] == 1.0:
                 continue
-            checked = [best[0]] + [s.error() for s in sets[1:]]
-            if len(sets) > 1 and not checked[1] < incumbent[1]:  # the held-out images do not confirm it
-                sim.qparams[target] = (scale, zero_point)
-                turned_down += 1
-                continue
             changes.append(RangeChange(sim.layers[target], best[1], float(scale.reshape(-1)[0]),
                                        float(scale.reshape(-1)[0]) * best[1], incumbent[0], best[0]))
-            incumbent = checked
+            incumbent = [best[0]] + [s.error() for s in sets[1:]]
             changed.add(target)
+            trajectory.append((incumbent, dict(sim.qparams), set(changed)))
+    # Early stopping on the held-out images: keep the changes up to the point of the walk where their
+    # error was lowest (all of them without held-out images). Checking each change on its own instead
+    # (keep it only if the held-out error drops) chose among many noisy comparisons and lost the gains:
+    # simulated, 10k test split, MobileNetV2 0.5 agreement 99.36 % with this, 99.15 % with per-change checks.
+    k = len(changes)
+    if trajectory and len(sets) > 1:  # the first lowest point: ties keep fewer changes
+        k = min(range(len(trajectory)), key=lambda i: trajectory[i][0][-1])
+        incumbent, qparams, changed = trajectory[k]
+        sim.qparams.update(qparams)
+    undone, changes = len(changes) - k, changes[:k]
     for target in changed:
         pin_qparams(prepared.get_submodule(target), *sim.qparams[target])
     zero = lambda v: 0.0 if math.isnan(v) else v  # noqa: E731 (no searchable range: nothing evaluated)
@@ -174,7 +183,7 @@ def search_ranges(prepared: GraphModule, calibration_batches: Iterable, options:
         error_before=zero(before[0]), error_after=zero(incumbent[0]),
         seconds=time.perf_counter() - start, trials=sets[0].trials,
         held_out=len(held), held_out_before=zero(before[-1]) if len(held) else 0.0,
-        held_out_after=zero(incumbent[-1]) if len(held) else 0.0, turned_down=turned_down)
+        held_out_after=zero(incumbent[-1]) if len(held) else 0.0, undone=undone)
 
 
 def _split(x: torch.Tensor, holdout: float) -> tuple[torch.Tensor, torch.Tensor]:
