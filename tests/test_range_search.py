@@ -108,7 +108,8 @@ def test_held_out_images_are_spread_and_disjoint():
 
 
 def _no_holdout(monkeypatch):
-    """``quantize`` runs the search with ``RangeSearchOptions(holdout=0)``: every image takes part, nothing is undone."""
+    """``quantize`` runs the search with ``RangeSearchOptions(holdout=0)``: every image takes part,
+    nothing is undone."""
     search = range_search.search_ranges
     monkeypatch.setattr(range_search, "search_ranges",
                         lambda prepared, batches: search(prepared, batches, RangeSearchOptions(holdout=0.0)))
