@@ -98,6 +98,11 @@ def test_the_reported_error_is_the_converted_graphs(setup):
     assert _kl(searched, model, held) == pytest.approx(report.held_out_after, rel=0.05)
 
 
+def test_narrower_ranges_help_on_images_it_did_not_see(setup):
+    model, _, held_out, plain, searched = setup
+    assert _kl(searched, model, held_out) < 0.9 * _kl(plain, model, held_out)
+
+
 def test_held_out_images_are_spread_and_disjoint():
     x = torch.arange(512)
     fit, held = _split(x, 0.25)
