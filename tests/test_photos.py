@@ -16,7 +16,7 @@ import torch
 
 import pytest
 
-from mobilequant.data import OFFLINE_PHOTO_SPLITS, PHOTO_SPLITS, Photo, photo_crops, photos
+from mobilequant.data import OFFLINE_PHOTO_SPLITS, PHOTO_SPLITS, Photo, photo_crops, photos, preprocess_image
 from mobilequant.data.photos import CROPS_PER_PHOTO
 from mobilequant.errors import InputError, UsageError
 from mobilequant.models import IMAGENET
@@ -40,6 +40,19 @@ def test_crops_are_preprocessed_imagenet_inputs(split):
     flat = data.images.flatten(1)
     distances = torch.cdist(flat[None], flat[None])[0] + torch.eye(len(flat)) * 1e9
     assert distances.min() > 1.0
+
+
+def test_first_crop_of_each_photo_is_the_standard_view_of_the_whole_photo():
+    # benchmarks/compare.py reports agreement on these crops alone: the photo as an ImageNet model sees it
+    data = photo_crops("evaluation", IMAGENET)
+    for i, photo in enumerate(photos.photo_list("evaluation")):
+        standard = preprocess_image(photos._load(photo), IMAGENET)  # shorter side 256, centre 224
+        crops = data.images[i * CROPS_PER_PHOTO:(i + 1) * CROPS_PER_PHOTO]
+        distance = (crops - standard).abs().flatten(1).mean(1)  # normalised pixels
+        # the same view, resampled along two routes (up to half a pixel apart: 0.11 on the cat's fur) ...
+        assert distance[0] < 0.12, (photo.name, distance)
+        # ... and no other crop is close to it
+        assert distance[1:].min() > 1.4 * distance[0] and distance[1:].min() > 0.12, (photo.name, distance)
 
 
 def test_unknown_split_is_a_usage_error():

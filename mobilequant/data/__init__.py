@@ -14,12 +14,13 @@
 from .builtin import BUILTIN_DATASETS, builtin_dataset, calibration_manifest, calibration_set, load_data, stratified_indices
 from .fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from .fashion_mnist import load_fashion_mnist
-from .photos import OFFLINE_PHOTO_SPLITS, PHOTO_COLLECTIONS, PHOTO_SPLITS, Photo, photo_crops, photo_list
+from .photos import CROPS_PER_PHOTO, OFFLINE_PHOTO_SPLITS, PHOTO_COLLECTIONS, PHOTO_SPLITS, Photo, photo_crops, photo_list
 from .preprocess import preprocess_image, preprocess_images, to_layout
 from .readers import BadImageWarning, ImageData, read_images
 
 __all__ = [
     "BUILTIN_DATASETS",
+    "CROPS_PER_PHOTO",
     "FASHION_MNIST_CLASSES",
     "OFFLINE_PHOTO_SPLITS",
     "PHOTO_COLLECTIONS",

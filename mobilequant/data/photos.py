@@ -237,7 +237,9 @@ def photo_crops(split: str = "evaluation", cfg: PreprocessConfig = IMAGENET, col
     """The preprocessed crops of one half of a photo collection, no labels.
 
     ``collection="skimage"`` (48 images per half) or ``"offline"`` (248 per half). The order is photo by
-    photo (as in :data:`PHOTO_SPLITS` / :data:`OFFLINE_PHOTO_SPLITS`), then crop by crop;
+    photo (as in :data:`PHOTO_SPLITS` / :data:`OFFLINE_PHOTO_SPLITS`), then crop by crop, each photo's
+    :data:`CROPS_PER_PHOTO` crops starting with the whole photo's centre square (which the ImageNet
+    preprocessing turns into the standard view of the photo: shorter side 256, centre 224);
     ``ImageData.source`` names the collection, the split and the photos.
     """
     chosen = photo_list(split, collection)
