@@ -224,14 +224,16 @@ class ExportSummary:
         return "\n".join(lines)
 
 
-def export_model(target: str = "tflite-int8", model: str | None = None, weights: str | None = None,
+def export_model(target: str | None = None, model: str | None = None, weights: str | None = None,
                  data: str = "builtin", eval_data: str = "builtin", recipe: str | None = None,
                  out: str | None = None, overrides=(), num_eval: int | None = None, verify: bool = True,
                  audit: bool = False, progress: bool = True) -> ExportSummary:
     """Quantize / convert a model, write the artifact atomically, verify it in its runtime, summarise.
 
     With no ``model`` this is the main job: the built-in MobileNetV2 0.5 (Fashion-MNIST), calibrated on
-    the shipped 512-image subset and evaluated on the 10k test split.
+    the shipped 512-image subset and evaluated on the 10k test split. ``target`` defaults to the recipe's
+    (every recipe names one), and to ``tflite-int8`` without a recipe; a target that differs from the
+    recipe's is refused before any work.
     """
     import time
 
@@ -240,8 +242,13 @@ def export_model(target: str = "tflite-int8", model: str | None = None, weights:
     from .runtime import open_runner
 
     t0 = time.perf_counter()
-    spec = get_target(target)
-    rec = load_recipe(recipe) if recipe is not None else default_recipe(spec.name)
+    rec = load_recipe(recipe) if recipe is not None else None
+    spec = get_target(target if target is not None else rec.target if rec is not None else "tflite-int8")
+    if rec is None:
+        rec = default_recipe(spec.name)
+    elif rec.target != spec.name:
+        raise UsageError(f"--target {spec.name} differs from the target of recipe {recipe}: {rec.target} "
+                         "(leave --target out to take the recipe's)")
     extra = list(overrides)
     if not verify:
         extra.append("verification.enabled=false")

@@ -23,7 +23,8 @@ _EXAMPLES = {
     "export": """examples:
   mobilequant export --target tflite-int8                 # built-in MobileNetV2 0.5 on Fashion-MNIST
   mobilequant export --target onnx-int8 --model shufflenetv2_x0_5 -o out/
-  mobilequant export --target tflite-int8 --recipe export_recipes/per-tensor-dsp-cle.yaml
+  mobilequant export --recipe export_recipes/per-tensor-dsp-cle.yaml   # the recipe names its target
+  mobilequant export --recipe tflite-int8-accurate --model shufflenetv1_g3   # a built-in recipe, by name
   mobilequant export --target tflite-int8 --model my_pkg.nets:build --weights ckpt.pt --data calib_dir/
 """,
     "qat": """examples:
@@ -97,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
     p = add("export", "quantize (or convert) a model and write a verified TFLite / ONNX artifact")
-    p.add_argument("--target", required=True, help="tflite-int8 | tflite-fp16 | tflite-fp32 | onnx-int8 | "
-                                                   "onnx-fp16 | onnx-fp32")
+    p.add_argument("--target", help="tflite-int8 | tflite-fp16 | tflite-fp32 | onnx-int8 | onnx-fp16 | onnx-fp32 "
+                                    "(may be left out with --recipe: every recipe names its target)")
     _model_args(p, "calibration data: 'builtin' (shipped Fashion-MNIST subset), an image folder, .npy or .npz")
     p.add_argument("--eval-data", default="builtin", help="evaluation data for verification ('builtin': "
                                                           "Fashion-MNIST test set)")
@@ -204,6 +205,8 @@ def _run(args: argparse.Namespace) -> int:
             raise UsageError("mobilequant zoo: choose 'list' or 'info'")
         return EXIT_OK
     if args.command == "export":
+        if args.target is None and args.recipe is None:
+            raise UsageError("export needs --target (or a --recipe, which names its target)")
         result = api.export_model(target=args.target, model=args.model, weights=args.weights, data=args.data,
                                   eval_data=args.eval_data, recipe=args.recipe, out=args.out,
                                   overrides=args.overrides, num_eval=args.num_eval, verify=not args.no_verify,

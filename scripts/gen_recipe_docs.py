@@ -55,8 +55,8 @@ def render() -> str:
         "Files are read with `yaml.safe_load`.", "",
         "```bash",
         "mobilequant export --target tflite-int8                              # the target's built-in recipe",
-        "mobilequant export --target tflite-int8 --recipe per-tensor-dsp-cle  # a named recipe from export_recipes/",
-        "mobilequant export --target tflite-int8 --recipe my_recipe.yaml      # your own file",
+        "mobilequant export --recipe per-tensor-dsp-cle                       # a named recipe from export_recipes/",
+        "mobilequant export --recipe my_recipe.yaml                           # your own file (it names the target)",
         "mobilequant export --target tflite-int8 --set quantization.calibration=mse --set io.layout=NHWC",
         "```", "",
         "Command-line overrides (`--set section.key=value`) are applied after the file and checked the "

@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,6 +95,9 @@ CASES = [
                                       str(d / "bad_recipe.yaml")], 2, "quantization"),
     ("missing-recipe", lambda d: ["export", "--target", "tflite-int8", *_tiny(d), "--recipe",
                                   str(d / "nope.yaml")], 2, "nope.yaml"),
+    ("no-target-no-recipe", lambda d: ["export", *_tiny(d)], 2, "--target"),
+    ("target-differs-from-recipe", lambda d: ["export", "--target", "onnx-int8", *_tiny(d), "--recipe",
+                                              "tflite-int8-adaround"], 2, "tflite-int8-adaround"),
     ("checkpoint-mismatch", lambda d: ["export", "--target", "tflite-int8", *_tiny(d), "--weights",
                                        str(d / "partial.pt")], 2, "missing"),
     ("corrupt-checkpoint", lambda d: ["export", "--target", "tflite-int8", *_tiny(d), "--weights",
@@ -149,6 +153,17 @@ def test_zoo_info_json(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["params"] == 3_504_872
     assert abs(info["madds"] / 1e6 - 300.8) < 0.1
+
+
+def test_export_takes_the_target_of_the_recipe(files, tmp_path, capsys):
+    out = tmp_path / "tiny"
+    out.mkdir()
+    rc = main(["export", "--recipe", "onnx-fp32", *_tiny(files), "--data", str(files / "good.npy"),
+               "--eval-data", str(files / "good.npy"), "-o", str(out), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0, report
+    assert report["target"] == "onnx-fp32" and report["path"].endswith(".onnx")
+    assert Path(report["path"]).parent == out and Path(report["path"]).is_file()
 
 
 def test_export_fp32_then_bench_and_audit_exit_codes(files, tmp_path, capsys):
