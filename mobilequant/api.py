@@ -109,6 +109,8 @@ def resolve_model(model: str | None = None, weights: str | None = None):
         return default_model(DEFAULT_WEIGHTS)
     if model is None:
         model = DEFAULT_WEIGHTS
+    if ":" not in model:
+        _refuse_file_as_model(model)
     if weights is None and ":" not in model:
         from .models import model_info
 
@@ -119,6 +121,28 @@ def resolve_model(model: str | None = None, weights: str | None = None):
     if ":" in model:  # a user factory: name artifacts after it
         net.model_name = model.rsplit(":", 1)[-1]
     return net.eval()
+
+
+# what a checkpoint file is usually called: one passed as --model gets a hint instead of "unknown model"
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".tar")
+
+
+def _refuse_file_as_model(model: str) -> None:
+    """A file named as ``--model`` without ``:factory``: say what to write instead (before any loading)."""
+    from pathlib import Path
+
+    from .models import list_models
+
+    path = Path(model)
+    if model in list_models():  # a zoo name wins over a file of that name in the working directory
+        return
+    if path.suffix == ".py":
+        raise UsageError(f"--model {model}: name the function in it that builds the model, e.g. "
+                         f"'{model}:build' (the checkpoint, if any, goes in --weights)")
+    if path.suffix.lower() in _CHECKPOINT_SUFFIXES or path.is_file():
+        raise UsageError(f"--model {model} is a file, not an architecture: give the architecture with --model "
+                         "(a zoo name, 'pkg.module:factory' or 'file.py:factory') and the checkpoint with "
+                         f"--weights {model}")
 
 
 def _model_name(net) -> str:
