@@ -514,7 +514,6 @@ def run_model(name: str, args, work: Path) -> ModelResult:
     import torch
 
     from mobilequant.data import CROPS_PER_PHOTO
-
     from mobilequant.models import count_params
 
     _log(f"{name}: loading")
