@@ -77,10 +77,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries (CI)")
 
 
-def _model_args(p: argparse.ArgumentParser, data_help: str) -> None:
+def _model_args(p: argparse.ArgumentParser, data_help: str,
+                model_default: str = "the built-in MobileNetV2 0.5 trained on Fashion-MNIST") -> None:
     p.add_argument("--model", default=None,
-                   help="zoo name, 'pkg.module:factory' or 'path/file.py:factory' (default: the built-in "
-                        "MobileNetV2 0.5 trained on Fashion-MNIST)")
+                   help=f"zoo name, 'pkg.module:factory' or 'path/file.py:factory' (default: {model_default})")
     p.add_argument("--weights", default=None, help="checkpoint (state_dict) to load, read with weights_only=True")
     p.add_argument("--data", default="builtin", help=data_help)
 
@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("audit", "per-layer accuracy audit of an exported artifact, with a release gate")
     p.add_argument("artifact", help=".tflite or .onnx file written by `mobilequant export`")
-    _model_args(p, "evaluation data: 'builtin' (Fashion-MNIST test set), an image folder, .npy or .npz")
+    _model_args(p, "evaluation data: 'builtin' (Fashion-MNIST test set), an image folder, .npy or .npz",
+                model_default="the zoo model named in the artifact, with its shipped weights")
     p.add_argument("--num-images", type=int, default=1000, help="evaluation images (default 1000)")
     p.add_argument("--max-drop", type=float, default=None, help="gate: largest accepted top-1 drop (pp)")
     p.add_argument("--min-sqnr", type=float, default=None, help="gate: smallest accepted per-layer SQNR (dB)")

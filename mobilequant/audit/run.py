@@ -96,12 +96,13 @@ def _resolve_model(model, quant_result, meta: dict) -> nn.Module:
     if model is None:
         name = meta.get("model_name")
         if not name:
-            raise UsageError("no float model given and the artifact does not name one; pass model=...")
+            raise UsageError("no float model given and the artifact does not name one; pass model=... "
+                             "(or --model/--weights)")
         from ..weights import default_model, list_default_weights
 
         if name not in list_default_weights():
             raise UsageError(f"the artifact was made from {name!r}, which has no shipped weights; "
-                             "pass the float model it was exported from (model=...)")
+                             "pass the float model it was exported from (model=..., or --model/--weights)")
         model = default_model(name)
     if not isinstance(model, nn.Module):
         raise UsageError(f"model must be a torch nn.Module, got {type(model).__name__}")
