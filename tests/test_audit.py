@@ -278,6 +278,18 @@ def test_tflite_audit_maps_every_layer_and_passes(tflite_report, tflite_artifact
     assert d["verdict"] == "pass" and len(d["layers"]) == len(r.layers) and d["worst_layers"][0] == r.worst_layers(1)[0].name
 
 
+def test_end_to_end_is_the_file_run_whole(tflite_report, tflite_artifact, test_data):
+    # the gate judges the file as an app runs it (LiteRT + XNNPACK, whole graph), as export's summary does
+    from mobilequant.runtime import open_runner
+
+    logits = open_runner(tflite_artifact.path).run(test_data.images.numpy())
+    top1 = float((logits.argmax(1) == test_data.labels.numpy()).mean())
+    assert tflite_report.end_to_end.quant_top1 == pytest.approx(top1, abs=1e-9)
+    notes = [w for w in tflite_report.warnings if w.startswith("end to end:")]
+    assert len(notes) <= 1 and all("images differently" in w for w in notes), notes
+    assert tflite_report.timings_s["end_to_end"] > 0
+
+
 def _break_weight_scale(src, dst, tensor_name: str, factor: float) -> None:
     """Multiply the weight and bias scales of the op producing ``tensor_name`` (the artifact, edited with
     LiteRT's own flatbuffer tools): that op now computes ``factor`` × its real output."""

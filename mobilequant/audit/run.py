@@ -176,6 +176,16 @@ def _check_weights(matches, graph, meta: dict) -> tuple[dict, dict[str, float]]:
     return qweights, wsqnr
 
 
+def _deployed_logits(path, images: torch.Tensor, num_threads: int, batch: int) -> np.ndarray:
+    """The artifact's outputs as an app gets them: the whole file in its runtime (XNNPACK for LiteRT)."""
+    from ..runtime import open_runner
+
+    runner = open_runner(path, num_threads=num_threads)
+    x = images.numpy()
+    return np.concatenate([np.asarray(runner.run(x[s:s + batch])).reshape(len(x[s:s + batch]), -1)
+                           for s in range(0, len(x), batch)])
+
+
 def _reference_graph(model: nn.Module, example: torch.Tensor, meta: dict, quant_result):
     """The float graph the artifact was quantized from, with stable names.
 
@@ -329,6 +339,21 @@ def run_audit(
 
     f_logits, q_logits = np.concatenate(res.float_logits), np.concatenate(res.quant_logits)
     _labels_fit(data, f_logits.shape[1])
+    # The gate judges the file as it ships: run whole, as the export summary and the benchmarks run it.
+    # The per-layer run keeps every intermediate readable (LiteRT then delegates op by op, ONNX Runtime
+    # gets extra graph outputs), and its integer kernels can round a few near-tie images differently.
+    t = time.perf_counter()
+    deployed = _deployed_logits(path, data.images, num_threads, batch)
+    timings["end_to_end"] = time.perf_counter() - t
+    if deployed.shape == q_logits.shape:
+        flips = int((deployed.argmax(1) != q_logits.argmax(1)).sum())
+        if flips:
+            warnings.append(f"end to end: the file run whole; the per-layer run, which keeps every intermediate "
+                            f"tensor, decides {flips} of {len(data)} images differently")
+        q_logits = deployed
+    else:
+        warnings.append(f"end to end: the file run whole gives outputs of shape {deployed.shape[1:]}, the "
+                        f"per-layer run {q_logits.shape[1:]}: end-to-end figures from the per-layer run")
     e2e = end_to_end(f_logits, q_logits, None if data.labels is None else data.labels.numpy())
     results = layer_results(matches, res, segments, metrics)
     for r in results:
