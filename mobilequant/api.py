@@ -262,24 +262,16 @@ def export_model(target: str | None = None, model: str | None = None, weights: s
     import time
 
     from .errors import CheckFailed
-    from .export import default_recipe, export, get_target, load_recipe
+    from .export import export, resolve_recipe
     from .runtime import open_runner
 
     t0 = time.perf_counter()
-    rec = load_recipe(recipe) if recipe is not None else None
-    spec = get_target(target if target is not None else rec.target if rec is not None else "tflite-int8")
-    if rec is None:
-        rec = default_recipe(spec.name)
-    elif rec.target != spec.name:
-        raise UsageError(f"--target {spec.name} differs from the target of recipe {recipe}: {rec.target} "
-                         "(leave --target out to take the recipe's)")
-    extra = list(overrides)
-    if not verify:
-        extra.append("verification.enabled=false")
     if num_eval is not None and num_eval < 1:
         raise UsageError(f"--num-eval must be at least 1, got {num_eval}")
-    if extra:
-        rec = rec.replace(extra)
+    extra = [*overrides, *([] if verify else ["verification.enabled=false"])]
+    # before the model and data load: a recipe / target mismatch or a bad override fails at once
+    rec = resolve_recipe(recipe, "tflite-int8" if target is None and recipe is None else target, extra)
+    spec = rec.spec
     net = resolve_model(model, weights)
     name = _model_name(net)
     path = _output_path(out, name, spec.suffix, spec.name)

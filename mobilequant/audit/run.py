@@ -181,9 +181,8 @@ def _deployed_logits(path, images: torch.Tensor, num_threads: int, batch: int) -
     from ..runtime import open_runner
 
     runner = open_runner(path, num_threads=num_threads)
-    x = images.numpy()
-    return np.concatenate([np.asarray(runner.run(x[s:s + batch])).reshape(len(x[s:s + batch]), -1)
-                           for s in range(0, len(x), batch)])
+    outs = [np.asarray(runner.run(images[s:s + batch])) for s in range(0, len(images), batch)]  # bounded memory
+    return np.concatenate([o.reshape(len(o), -1) for o in outs])
 
 
 def _reference_graph(model: nn.Module, example: torch.Tensor, meta: dict, quant_result):

@@ -38,6 +38,7 @@ __all__ = [
     "TARGETS",
     "load_recipe",
     "default_recipe",
+    "resolve_recipe",
     "list_recipes",
     "supported_ops",
     "Census",
@@ -59,7 +60,10 @@ def supported_ops(target: str | Target) -> frozenset:
     return frozenset(ops)
 
 
-def _resolve_recipe(recipe, target, overrides) -> Recipe:
+def resolve_recipe(recipe=None, target: str | None = None, overrides=()) -> Recipe:
+    """The recipe an export runs: ``recipe`` (a :class:`Recipe`, a built-in name or a path) with
+    ``overrides`` applied, or ``target``'s built-in one. Without ``target`` the recipe's own target is
+    taken (every recipe names one); a ``target`` that differs from it is refused."""
     if recipe is None:
         if target is None:
             raise UsageError("export needs a target or a recipe")
@@ -71,7 +75,9 @@ def _resolve_recipe(recipe, target, overrides) -> Recipe:
     if overrides:
         result = result.replace(list(overrides))
     if target is not None and get_target(target).name != result.target:
-        raise UsageError(f"target {target!r} differs from the recipe's target {result.target!r}")
+        named = "" if isinstance(recipe, Recipe) else f" {recipe}"
+        raise UsageError(f"target {get_target(target).name} differs from the target of recipe{named}: "
+                         f"{result.target} (leave the target out to take the recipe's)")
     return result
 
 
@@ -149,7 +155,7 @@ def export(
     """
     from ..quant import QuantResult, quantize
 
-    recipe = _resolve_recipe(recipe, target, overrides)
+    recipe = resolve_recipe(recipe, target, overrides)
     spec = recipe.spec
     if out_path is None:
         raise UsageError("export needs an output path")
