@@ -380,3 +380,53 @@ def test_verification_numbers_are_in_the_report(small, tmp_path):
     names = {c.name for c in art.verification.checks}
     assert {"int8_top1_agreement", "int8_params"} <= names
     assert np.isfinite(art.size_bytes)
+
+
+def test_onnx_int8_activations_are_stored_uint8_exactly(small, tmp_path):
+    """ONNX Runtime fuses QDQ groups into integer kernels only when a node's activations share one type;
+    the file stores them as uint8 (zero point + 128), which must change no value."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from mobilequant.export.onnx import activations_to_uint8, lower_to_onnx
+
+    qr = small["qr"]
+    art = export(qr, "onnx-int8", tmp_path / "u.onnx", verify_data=small["x"], overrides=VERIFY)
+    census = {c.name: c for c in art.verification.checks}["int8_op_census"]
+    assert census.passed and census.measured.startswith("0 float")
+    graph = onnx.load(str(tmp_path / "u.onnx")).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    q_zps = {inits[n.input[2]].dtype for n in graph.node if n.op_type == "QuantizeLinear"}
+    weight_zps = {inits[n.input[2]].dtype for n in graph.node
+                  if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].dtype == np.int8}
+    assert q_zps == {np.dtype(np.uint8)} and weight_zps == {np.dtype(np.int8)}
+    table_zps = {e.zero_point[0] + 128 for e in qr.table if e.role not in ("weight", "bias")}
+    assert {int(inits[n.input[2]]) for n in graph.node if n.op_type == "QuantizeLinear"} <= table_zps
+
+    # Exact: the int8 and the uint8 graph compute the same values when ORT runs them op by op.
+    signed, _ = lower_to_onnx(qr.graph, qr.example_input, precision="int8")
+    unsigned = onnx.ModelProto()
+    unsigned.CopyFrom(signed)
+    assert activations_to_uint8(unsigned) > 0
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    x = small["x"].numpy()
+    outs = [ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            .run(None, {"input": x})[0] for m in (signed, unsigned)]
+    assert np.array_equal(outs[0], outs[1])
+
+
+def test_int8_accuracy_gap_is_judged_in_whole_images():
+    from mobilequant.export.recipes import VerificationSettings
+    from mobilequant.export.verify import numeric_checks
+
+    n, labels = 512, np.zeros(512, dtype=np.int64)
+    ref = np.zeros((n, 3), np.float32)
+    ref[:, 0] = 1  # the simulation gets every image right
+    for wrong, passed in ((1, True), (2, False)):
+        out = ref.copy()
+        out[:wrong, 1] = 2  # the file gets `wrong` images wrong: 0.2 / 0.4 pp
+        check = {c.name: c for c in numeric_checks("int8", out, ref, labels, VerificationSettings())}["int8_accuracy"]
+        assert check.passed is passed, str(check)
+        assert "less than one of 512 images" in check.detail

@@ -290,11 +290,13 @@ def _to_onnx(spec, qr, float_graph, example, metadata):
     import onnx
 
     from .names import onnx_name_map
-    from .onnx import lower_to_onnx
+    from .onnx import activations_to_uint8, lower_to_onnx
     from .verify import onnx_census
 
     graph = qr.graph if spec.quantized else float_graph
     proto, program = lower_to_onnx(graph, example, precision=spec.precision)
+    if spec.quantized:
+        activations_to_uint8(proto)
     metadata["name_map"] = dict(sorted(onnx_name_map(proto, program, graph, spec.quantized).items()))
     metadata["rewrites"] = []
     for node in proto.graph.node:  # exporter debug info: stack traces with local paths (not deterministic)
@@ -307,8 +309,9 @@ def _to_onnx(spec, qr, float_graph, example, metadata):
 
 
 def _verify(artifact, data, spec, recipe, qr, model, graph, example, verify_data, extra, seed):
-    from ._run import run_onnx_model, run_tflite_bytes
-    from .verify import numeric_checks, onnx_param_check, structure_checks, tflite_param_check
+    from ._run import onnx_runtime_ops, run_onnx_model, run_tflite_bytes
+    from .verify import (numeric_checks, onnx_integer_check, onnx_param_check, structure_checks,
+                         tflite_param_check)
 
     settings = recipe.verification
     x, labels = _images_and_labels(verify_data, settings.num_images)
@@ -331,4 +334,5 @@ def _verify(artifact, data, spec, recipe, qr, model, graph, example, verify_data
                                                     settings.scale_rtol, extra["extra"]))
         else:
             report.checks.append(onnx_param_check(extra["proto"], qr.table, settings.scale_rtol))
+            report.checks.append(onnx_integer_check(onnx_runtime_ops(data)))
     return report

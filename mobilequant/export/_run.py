@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["run_tflite_bytes", "run_onnx_model"]
+__all__ = ["onnx_runtime_ops", "run_onnx_model", "run_tflite_bytes"]
 
 
 def run_tflite_bytes(data: bytes, x: np.ndarray, layout: str, num_threads: int = 1) -> np.ndarray:
@@ -51,3 +51,23 @@ def run_onnx_model(data: bytes, x: np.ndarray, num_threads: int = 1) -> np.ndarr
     name = session.get_inputs()[0].name
     outs = [session.run(None, {name: x[i:i + 256]})[0] for i in range(0, len(x), 256)]
     return np.concatenate(outs).astype(np.float32)
+
+
+def onnx_runtime_ops(data: bytes) -> dict[str, int]:
+    """Op counts of the graph ONNX Runtime (CPU) runs for an ONNX model: its QDQ fusions (QLinearConv,
+    QGemm, QLinearAdd, ...) applied, before the hardware-specific layout passes."""
+    import os
+    import tempfile
+    from collections import Counter
+
+    import onnx
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.log_severity_level = 3
+    with tempfile.TemporaryDirectory(prefix="mq-ort-") as tmp:
+        opts.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+        model = onnx.load(opts.optimized_model_filepath, load_external_data=False)
+    return dict(Counter(n.op_type for n in model.graph.node))

@@ -6,11 +6,13 @@ check                       passes when
 ``fp32_max_abs_diff``       max |file − torch float| ≤ ``fp32_max_abs_diff`` × max |torch float|
 ``fp16_top1_agreement``     top-1 of the file agrees with the float model on ≥ ``fp16_top1_agreement``
 ``int8_top1_agreement``     top-1 of the file agrees with the torch-simulated int8 model on ≥ threshold
-``int8_accuracy``           |accuracy(file) − accuracy(simulated)| ≤ ``int8_accuracy_drop_pp`` (labels)
+``int8_accuracy``           |accuracy(file) − accuracy(simulated)| ≤ ``int8_accuracy_drop_pp`` or one
+                            image, whichever is more (labels)
 ``int8_params``             every quantized tensor in the file has the scales (rel ≤ ``scale_rtol``) and
                             zero points of its ``QuantTable`` entry
 ``int8_op_census``          TFLite: no float compute op (only QUANTIZE at the input / DEQUANTIZE at the
-                            output of a float-I/O file)
+                            output of a float-I/O file); ONNX: no Conv / Gemm / MatMul left in float once
+                            ONNX Runtime has fused the file's QDQ groups into integer kernels
 ``transposes``              TFLite: no TRANSPOSE but one per channel shuffle and one at an NCHW input
 ==========================  ============================================================================
 
@@ -36,6 +38,7 @@ __all__ = [
     "onnx_census",
     "numeric_checks",
     "tflite_param_check",
+    "onnx_integer_check",
     "onnx_param_check",
 ]
 
@@ -164,6 +167,21 @@ def structure_checks(census: Census, quantized: bool) -> list[Check]:
     return checks
 
 
+# ONNX ops with weights: in an int8 file each must run as ONNX Runtime's integer kernel (QLinearConv,
+# QGemm, ...); left as the float op, it runs between DequantizeLinear / QuantizeLinear at float cost.
+_ONNX_WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def onnx_integer_check(runtime_ops: dict[str, int]) -> Check:
+    """``int8_op_census`` of an int8 ONNX file, from the op counts of the graph ONNX Runtime runs."""
+    left = {op: n for op, n in runtime_ops.items() if op in _ONNX_WEIGHTED_OPS}
+    fused = sum(n for op, n in runtime_ops.items() if op.startswith(("QLinear", "QGemm", "MatMulInteger",
+                                                                       "ConvInteger")))
+    n = sum(left.values())
+    return Check("int8_op_census", n == 0, f"{n} float Conv/Gemm/MatMul in ONNX Runtime's graph", "0",
+                 f"{fused} integer kernels" + (f"; float: {left}" if left else ""))
+
+
 # ------------------------------------------------------------------------------------------- numerics
 def _top1(a: np.ndarray) -> np.ndarray:
     return a.reshape(a.shape[0], -1).argmax(1)
@@ -194,9 +212,13 @@ def numeric_checks(precision: str, out: np.ndarray, ref: np.ndarray, labels, set
             acc_file = float(np.mean(_top1(out) == labels))
             acc_sim = float(np.mean(_top1(ref) == labels))
             gap = 100 * abs(acc_file - acc_sim)
-            checks.append(Check("int8_accuracy", gap <= settings.int8_accuracy_drop_pp + 1e-9,
+            # A gap is counted in whole images: one image (100 / n pp, 0.2 pp on 512) is the least it can
+            # be, so a limit below that would fail on any single near-tie the two roundings split.
+            limit = max(settings.int8_accuracy_drop_pp, 100.0 / n)
+            checks.append(Check("int8_accuracy", gap <= limit + 1e-9,
                                 f"file {100 * acc_file:.2f} % vs simulated {100 * acc_sim:.2f} % (gap {gap:.2f} pp)",
-                                f"≤ {settings.int8_accuracy_drop_pp:g} pp"))
+                                f"≤ {limit:.3g} pp", "" if limit == settings.int8_accuracy_drop_pp else
+                                f"{settings.int8_accuracy_drop_pp:g} pp is less than one of {n} images"))
     return checks
 
 
@@ -296,8 +318,10 @@ def onnx_param_check(model, table, rtol: float) -> Check:
         zp = values.get(node.input[2]) if len(node.input) > 2 else np.zeros_like(scale, dtype=np.int64)
         if scale is None or zp is None:
             continue
-        pairs.add((tuple(float(s) for s in np.asarray(scale).reshape(-1)),
-                   tuple(int(z) for z in np.asarray(zp).reshape(-1))))
+        zp = np.asarray(zp)
+        # uint8 activations (``activations_to_uint8``) hold the table's int8 zero point + 128
+        zp = zp.astype(np.int64) - 128 if zp.dtype == np.uint8 else zp
+        pairs.add((tuple(float(s) for s in np.asarray(scale).reshape(-1)), tuple(int(z) for z in zp.reshape(-1))))
     known = _entry_params(table)
     missing_in_table = [p for p in pairs if not any(_close(p[0], s, rtol) and p[1] == z for s, z in known)]
     missing_in_file = [e.key for e in table
