@@ -398,6 +398,28 @@ def test_onnx_audit(quantized, trained, test_data, tmp_path):
         run_audit(cut, test_data, model=trained)
 
 
+@pytest.mark.slow
+def test_cle_artifacts_compare_each_layer_after_its_per_channel_clamp(trained, test_data, tmp_path):
+    """CLE turns each ReLU6 into a clamp with per-channel bounds; the artifact's layer output is after it,
+    so the reference layer must end with it too (it had ended before it: 1-3 dB on every such layer).
+    The TFLite file also takes NHWC input (the DSP recipe's layout), audited without the QuantResult."""
+    from mobilequant.export import export
+    from mobilequant.quant import QuantConfig, quantize
+
+    cal = calibration_set(cfg=trained.preprocess)
+    qr = quantize(trained, (cal.images[i:i + 64] for i in range(0, 256, 64)),
+                  QuantConfig(per_channel=False, cle=True, num_calibration=256))
+    data = test_data.subset(slice(0, 150))
+    files = [export(qr, "tflite-int8", tmp_path / "dsp.tflite", overrides=NO_VERIFY + ("io.layout=NHWC",)),
+             export(qr, "onnx-int8", tmp_path / "dsp.onnx", overrides=NO_VERIFY)]
+    for art, result in zip(files, (None, qr)):
+        r = run_audit(art.path, data, model=trained, quant_result=result, max_drop=2.0, progress=False)
+        relu6 = [l for l in r.layers if l.name in {"features.0.0", "features.1.conv.0.0", "features.18.0"}]
+        assert len(relu6) == 3 and len(r.layers) >= 55, art.path.name
+        assert all(l.iso_sqnr > 15 for l in r.layers), (art.path.name, [(l.name, l.iso_sqnr) for l in r.worst_layers(3)])
+        assert r.end_to_end.top1_agreement > 0.95
+
+
 # -------------------------------------------------------------------------------------- bad input
 @pytest.mark.slow
 def test_labels_missing_fall_back_to_agreement(tflite_artifact, trained, test_data):

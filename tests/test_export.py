@@ -430,3 +430,32 @@ def test_int8_accuracy_gap_is_judged_in_whole_images():
         check = {c.name: c for c in numeric_checks("int8", out, ref, labels, VerificationSettings())}["int8_accuracy"]
         assert check.passed is passed, str(check)
         assert "less than one of 512 images" in check.detail
+
+
+def test_cle_clamps_run_on_integer_codes_in_onnx(small, tmp_path):
+    """CLE's per-channel clamp between two equal Q/DQ parameter sets becomes a Min on the uint8 codes
+    (its Max at zero is dropped: no code lies below the zero point), with the same outputs."""
+    import onnx
+    import onnxruntime as ort
+
+    from mobilequant.export.onnx import activations_to_uint8, clamps_on_codes, lower_to_onnx
+
+    # brighter images: the clamp's range (0 … 5.8) reaches past four of its eight channel bounds (4.5 … 7.6)
+    qr = quantize(small["model"], [small["calib"] * 10], QuantConfig(per_channel=False, cle=True))
+    art = export(qr, "onnx-int8", tmp_path / "dsp.onnx", verify_data=small["x"] * 10, overrides=VERIFY)
+    assert art.verified, str(art.verification)
+    clamps = sum(1 for n in qr.graph.graph.nodes if n.target is torch.ops.aten.clamp.Tensor)
+    assert clamps >= 1 and art.census.ops.get("Min") == clamps and "Max" not in art.census.ops
+
+    on_floats, _ = lower_to_onnx(qr.graph, qr.example_input, precision="int8")
+    activations_to_uint8(on_floats)
+    assert on_floats.graph.node and {"Min", "Max"} <= {n.op_type for n in on_floats.graph.node}
+    on_codes = onnx.ModelProto()
+    on_codes.CopyFrom(on_floats)
+    assert clamps_on_codes(on_codes) == clamps
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    x = torch.cat([small["x"], small["x"] * 10, small["x"] * 30]).numpy()
+    outs = [ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            .run(None, {"input": x})[0] for m in (on_floats, on_codes)]
+    assert np.array_equal(outs[0], outs[1])

@@ -118,6 +118,17 @@ def _kind(node: Node, weight: np.ndarray | None, groups: int) -> str:
     return name.rstrip("_")
 
 
+def _activation(gm: GraphModule, node: Node) -> str | None:
+    """``activation_kind``, plus cross-layer equalization's ReLU6: ``clamp.Tensor(x, 0, 6 / s)`` with
+    per-channel bounds (``mobilequant.quant.cle``), which the artifact keeps inside the layer's output."""
+    kind = activation_kind(node)
+    if kind is None and node.target is aten.clamp.Tensor and len(node.args) == 3 \
+            and all(isinstance(a, Node) and a.op == "get_attr" for a in node.args[1:]):
+        lo = _const(gm, node.args[1])
+        kind = "relu6" if lo is not None and not np.any(lo) else None
+    return kind
+
+
 def _activation_inputs(node: Node) -> tuple[str, ...]:
     out = []
     for a in node.all_input_nodes:
@@ -143,7 +154,7 @@ def fused_layers(gm: GraphModule) -> list[FusedLayer]:
                     and owner["act"] is None:
                 joins = True
                 owner["bn"] = node
-            elif activation_kind(node) and owner["kind_op"] in _ABSORBS_ACTIVATION and owner["act"] is None:
+            elif _activation(gm, node) and owner["kind_op"] in _ABSORBS_ACTIVATION and owner["act"] is None:
                 joins = True
                 owner["act"] = node
         if joins:
@@ -191,7 +202,7 @@ def _make_layer(gm: GraphModule, g: dict) -> FusedLayer:
         members=tuple(layer_name(n) for n in g["members"]),
         output_node=g["end"].name,
         input_nodes=_activation_inputs(start),
-        activation=activation_kind(act) if act is not None else None,
+        activation=_activation(gm, act) if act is not None else None,
         weight=weight,
         groups=groups,
         is_tensor=val is None or isinstance(val, torch.Tensor),

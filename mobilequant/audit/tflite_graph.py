@@ -192,13 +192,17 @@ class TFLiteGraph:
         return out, dict(zip(names, inter))
 
     def check_intermediates(self, x: np.ndarray, names: Iterable[str], max_mean_lsb: float = 1.0) -> str | None:
-        """Compare the delegated run's tensors with LiteRT's delegate-free reference kernels on ``x``.
+        """Compare the delegated run's tensors with LiteRT's delegate-free reference kernels on ``x``
+        (float32, torch's N×C×H×W layout).
 
         Kernels may differ by a code here and there; a tensor whose mean difference exceeds
         ``max_mean_lsb`` codes was not preserved by the delegate. Then the audit switches to the
         reference kernels (slower, every tensor kept) and returns a warning saying so.
         """
+        from .layout import to_file_layout
+
         names = list(names)
+        x = to_file_layout(x, self.input_info().shape, False)  # torch's N×C×H×W → the file's (NHWC input)
         fetch = [self.output_info()] + [self.info(n) for n in names]
         fast = _BatchRunner(lambda: _interpreter(self.content, self.num_threads, True), [self.input_info()])
         ref = _BatchRunner(lambda: _interpreter(self.content, self.num_threads, False), [self.input_info()])

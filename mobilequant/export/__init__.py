@@ -290,13 +290,14 @@ def _to_onnx(spec, qr, float_graph, example, metadata):
     import onnx
 
     from .names import onnx_name_map
-    from .onnx import activations_to_uint8, lower_to_onnx
+    from .onnx import activations_to_uint8, clamps_on_codes, lower_to_onnx
     from .verify import onnx_census
 
     graph = qr.graph if spec.quantized else float_graph
     proto, program = lower_to_onnx(graph, example, precision=spec.precision)
     if spec.quantized:
         activations_to_uint8(proto)
+        clamps_on_codes(proto)
     metadata["name_map"] = dict(sorted(onnx_name_map(proto, program, graph, spec.quantized).items()))
     metadata["rewrites"] = []
     for node in proto.graph.node:  # exporter debug info: stack traces with local paths (not deterministic)
