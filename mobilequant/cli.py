@@ -72,6 +72,22 @@ def _long_options(parser: argparse.ArgumentParser) -> set[str]:
     return opts
 
 
+def _unrecognized(parser: argparse.ArgumentParser, command: str | None, extra: list[str]) -> str:
+    """Unknown arguments of ``command``, with close matches among its own options only (the top-level
+    parser would offer every sub-command's), and the sub-commands that do have an option given."""
+    sub = next((a.choices[command] for a in parser._actions
+                if isinstance(a, argparse._SubParsersAction) and command in a.choices), parser)
+    opt = extra[0].split("=")[0]
+    msg = f"unrecognized arguments: {' '.join(extra)}"
+    if opt.startswith("--"):
+        msg += did_you_mean(opt, _long_options(sub))
+        owners = [name for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+                  for name, child in a.choices.items() if name != command and opt in child._option_string_actions]
+        if owners:
+            msg += f"; {opt} is an option of `mobilequant {owners[0]}`"
+    return f"{msg} (see `{sub.prog} --help`)"
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON (for machines)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries (CI)")
@@ -240,7 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv and not argv[0].startswith("-") and argv[0] not in _EXAMPLES and argv[0] != "help":
             raise UsageError(f"unknown command {argv[0]!r}{did_you_mean(argv[0], _EXAMPLES)}")
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            raise UsageError(_unrecognized(parser, args.command, extra))
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE

@@ -95,6 +95,8 @@ CASES = [
      2, "tiny.py:build"),
     ("unknown-command", lambda d: ["exprot"], 2, "did you mean 'export'"),
     ("unknown-option", lambda d: ["export", "--target", "tflite-int8", "--no-verfy"], 2, "--no-verify"),
+    ("option-of-another-command", lambda d: ["audit", str(d / "truncated.tflite"), "--out", "x"], 2,
+     "--out is an option of `mobilequant export`"),
     ("unknown-recipe-key", lambda d: ["export", "--target", "tflite-int8", *_tiny(d), "--recipe",
                                       str(d / "bad_recipe.yaml")], 2, "quantization"),
     ("missing-recipe", lambda d: ["export", "--target", "tflite-int8", *_tiny(d), "--recipe",
