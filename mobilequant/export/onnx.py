@@ -93,8 +93,8 @@ def activations_to_uint8(model) -> int:
     ``DequantizeLinear`` feeds two nodes (the start of each residual branch). On MobileNetV2 0.5 that left
     15 of 52 convolutions and all 10 residual adds in float between DequantizeLinear / QuantizeLinear
     (1.69 ms per image on one thread; 0.60 ms stored as uint8, the same top-1 on the 10k test split).
-    Written by hand: onnxruntime's ``quantize_static`` writes uint8 activations for its own calibration,
-    and no library pass converts an existing QDQ graph's parameters without re-deriving them.
+    Written by hand: no ONNX or ONNX Runtime tool rewrites the activation type of an existing QDQ graph
+    (ORT's own conversion at load time is the incomplete one above).
     """
     import onnx
     from onnx import numpy_helper

@@ -61,7 +61,8 @@ TARGETS: dict[str, Target] = {
         Target("tflite-int8", "tflite", "int8", ".tflite", "int8 weights and activations (TFLite int8 spec), litert-torch"),
         Target("tflite-fp16", "tflite", "fp16", ".tflite", "float16 weights, float32 compute and I/O"),
         Target("tflite-fp32", "tflite", "fp32", ".tflite", "float32"),
-        Target("onnx-int8", "onnx", "int8", ".onnx", "QDQ ONNX (int8 weights, int32 bias, int8 activations)"),
+        Target("onnx-int8", "onnx", "int8", ".onnx",
+               "QDQ ONNX (int8 weights, int32 bias; activations stored uint8: zero point + 128)"),
         Target("onnx-fp16", "onnx", "fp16", ".onnx", "float16 initializers cast to float32, float32 I/O"),
         Target("onnx-fp32", "onnx", "fp32", ".onnx", "float32"),
     )
