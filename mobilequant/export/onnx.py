@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import warnings
 
 import numpy as np
@@ -36,10 +37,18 @@ def lower_to_onnx(module: nn.Module, example_input: torch.Tensor, *, precision: 
         x = torch.cat([x, x])  # a size-1 dimension would be specialised by torch.export
     program = torch.export.export(module, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
     sink = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
-        warnings.simplefilter("ignore")
-        onnx_program = torch.onnx.export(program, dynamo=True, optimize=True, verbose=False, report=False, input_names=["input"],
-                                         output_names=["output"])
+    # the exporter's registry logs a warning per torchvision op it cannot register (torchvision is not a
+    # dependency): three lines of noise on every export
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry_log.level
+    registry_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+            warnings.simplefilter("ignore")
+            onnx_program = torch.onnx.export(program, dynamo=True, optimize=True, verbose=False, report=False,
+                                             input_names=["input"], output_names=["output"])
+    finally:
+        registry_log.setLevel(level)
     model = onnx_program.model_proto
     if precision == "fp16":
         store_initializers_fp16(model)
