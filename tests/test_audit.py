@@ -18,6 +18,7 @@ import torch
 from mobilequant.audit import (AuditReport, EndToEnd, ErrorStats, Gate, LayerResult, compute_metrics,
                                dead_activation_findings, end_to_end, evaluate_gate, float_weight_findings,
                                fused_layers, run_audit)
+from mobilequant.audit.artifact import open_artifact
 from mobilequant.audit.layout import LayoutMismatch, to_file_layout, to_nchw
 from mobilequant.audit.schema import REPORT_SCHEMA
 from mobilequant.capture import capture
@@ -418,6 +419,13 @@ def test_cle_artifacts_compare_each_layer_after_its_per_channel_clamp(trained, t
         assert len(relu6) == 3 and len(r.layers) >= 55, art.path.name
         assert all(l.iso_sqnr > 15 for l in r.layers), (art.path.name, [(l.name, l.iso_sqnr) for l in r.worst_layers(3)])
         assert r.end_to_end.top1_agreement > 0.95
+        # the layer's tensor is the clamp's output, and its kernel is found behind the clamp
+        assert all(math.isfinite(l.accumulated["weight_sqnr_db"]) for l in relu6), art.path.name
+        ops = {"tflite": ("MINIMUM", "MAXIMUM"), "onnx": ("Min",)}[r.artifact["format"]]
+        graph = open_artifact(art.path)
+        assert all(graph.producer_op(l.tensor) in ops for l in relu6 if l.name != "features.18.0"), art.path.name
+        # the shipped model's two dead channels (zero BN variance) are dead kernels in both files
+        assert ("dead_kernel", "features.1.conv.0.0", "quantized") in {(f.check, f.layer, f.stage) for f in r.findings}
 
 
 # -------------------------------------------------------------------------------------- bad input

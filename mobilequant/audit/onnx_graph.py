@@ -27,7 +27,9 @@ from .weights import QuantizedWeights
 __all__ = ["OnnxGraph"]
 
 _WEIGHT_OPS = {"Conv", "Gemm", "MatMul"}
-_PASS_THROUGH = {"Relu", "Clip"}  # activations between a conv and its output QuantizeLinear
+# between a conv and its layer's output: activations, and CLE's per-channel clamp (Max / Min, on the
+# codes or between a DequantizeLinear and a QuantizeLinear)
+_PASS_THROUGH = {"Relu", "Clip", "Min", "Max", "DequantizeLinear"}
 
 
 def _np_dtype(elem_type: int) -> np.dtype:
@@ -130,7 +132,7 @@ class OnnxGraph:
         """The Conv / Gemm / MatMul whose result (through Q, Relu / Clip) is tensor ``name``."""
         node = self.producer.get(name)
         seen = 0
-        while node is not None and seen < 4:
+        while node is not None and seen < 6:
             if node.op_type in _WEIGHT_OPS:
                 return node
             if node.op_type not in ("QuantizeLinear", *_PASS_THROUGH):

@@ -157,8 +157,13 @@ class TFLiteGraph:
         return None if k is None else self.ops[k][0]
 
     def weights(self, name: str) -> QuantizedWeights | None:
-        """The int8 kernel of the op that produces tensor ``name``, in torch layout (O, I/g, kh, kw) / (O, I)."""
+        """The int8 kernel of the op that produces tensor ``name`` (directly or through a per-channel clamp),
+        in torch layout (O, I/g, kh, kw) / (O, I)."""
         k = self.producer.get(self.by_name[name])
+        for _ in range(4):  # through CLE's per-channel clamp (MINIMUM / MAXIMUM after the conv)
+            if k is None or self.ops[k][0] not in ("MINIMUM", "MAXIMUM"):
+                break
+            k = next((self.producer[i] for i in self.ops[k][1] if i in self.producer), None)
         if k is None:
             return None
         op, ins, _ = self.ops[k]

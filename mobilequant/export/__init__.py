@@ -295,10 +295,10 @@ def _to_onnx(spec, qr, float_graph, example, metadata):
 
     graph = qr.graph if spec.quantized else float_graph
     proto, program = lower_to_onnx(graph, example, precision=spec.precision)
-    if spec.quantized:
+    metadata["name_map"] = dict(sorted(onnx_name_map(proto, program, graph, spec.quantized).items()))
+    if spec.quantized:  # after the name map (node provenance); both keep the names of the layers' tensors
         activations_to_uint8(proto)
         clamps_on_codes(proto)
-    metadata["name_map"] = dict(sorted(onnx_name_map(proto, program, graph, spec.quantized).items()))
     metadata["rewrites"] = []
     for node in proto.graph.node:  # exporter debug info: stack traces with local paths (not deterministic)
         del node.metadata_props[:]

@@ -264,5 +264,31 @@ def onnx_name_map(model, program, gm: GraphModule, quantized: bool) -> dict[str,
             layer = layer_name(src) if src is not None and "mq_name" in src.meta else None
         if layer and node.output and node.output[0]:
             name_map.setdefault(layer, node.output[0])
+    if quantized:
+        taken = set(name_map.values())
+        consumers: dict[str, list] = {}
+        for node in model.graph.node:
+            for name in node.input:
+                consumers.setdefault(name, []).append(node)
+        for layer, out in name_map.items():
+            after = _after_channel_clamp(consumers, out)
+            if after not in taken:
+                name_map[layer] = after
     return name_map
+
+
+def _after_channel_clamp(consumers: dict[str, list], out: str) -> str:
+    """The QuantizeLinear output after CLE's per-channel clamp when ``out`` (a conv's QuantizeLinear) feeds
+    one: ``Q → DQ → Max / Min (constant bounds) → Q``; else ``out``. The exporter loses the clamp's
+    provenance (its ONNX nodes name a ``clamp`` the graph does not have), so it is found by structure."""
+    readers = consumers.get(out, [])
+    if len(readers) != 1 or readers[0].op_type != "DequantizeLinear":
+        return out
+    name, clamps = readers[0].output[0], 0
+    while len(consumers.get(name, [])) == 1 and consumers[name][0].op_type in ("Max", "Min"):
+        name, clamps = consumers[name][0].output[0], clamps + 1
+    readers = consumers.get(name, [])
+    if clamps and len(readers) == 1 and readers[0].op_type == "QuantizeLinear":
+        return readers[0].output[0]
+    return out
 
