@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-__all__ = ["activations_to_uint8", "clamps_on_codes", "lower_to_onnx", "store_initializers_fp16"]
+__all__ = ["activations_to_uint8", "clamps_on_codes", "constants", "lower_to_onnx", "store_initializers_fp16"]
 
 
 def lower_to_onnx(module: nn.Module, example_input: torch.Tensor, *, precision: str):
@@ -109,12 +109,7 @@ def activations_to_uint8(model) -> int:
     from onnx import numpy_helper
 
     graph = model.graph
-    values = {i.name: i for i in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value":
-                    values[node.output[0]] = a.t
+    values = constants(graph)
     consumers: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:
@@ -122,17 +117,15 @@ def activations_to_uint8(model) -> int:
     graph_io = {v.name for v in graph.input} | {v.name for v in graph.output}
 
     def int8_zero_point(node) -> np.ndarray | None:
-        if len(node.input) < 3 or node.input[2] not in values:
-            return None
-        zp = numpy_helper.to_array(values[node.input[2]])
-        return zp if zp.dtype == np.int8 else None
+        zp = values.get(node.input[2]) if len(node.input) > 2 else None
+        return zp if zp is not None and zp.dtype == np.int8 else None
 
     made: dict[str, str] = {}
 
     def to_uint8(node) -> None:
         name = node.input[2]
         if name not in made:
-            zp = numpy_helper.to_array(values[name]).astype(np.int16) + 128
+            zp = values[name].astype(np.int16) + 128
             made[name] = f"{name}_uint8"
             graph.initializer.append(numpy_helper.from_array(zp.astype(np.uint8), made[name]))
         node.input[2] = made[name]
@@ -164,7 +157,8 @@ def _drop_unused_initializers(graph) -> None:
         graph.initializer.remove(init)
 
 
-def _constants(graph) -> dict:
+def constants(graph) -> dict[str, np.ndarray]:
+    """Initializers and ``Constant`` node outputs of an ONNX graph, by name, as arrays."""
     from onnx import numpy_helper
 
     values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
@@ -192,7 +186,7 @@ def clamps_on_codes(model) -> int:
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    values = _constants(graph)
+    values = constants(graph)
     producer = {o: n for n in graph.node for o in n.output}
     consumers: dict[str, list] = {}
     for node in graph.node:

@@ -300,16 +300,9 @@ def _converter_bias_ok(t, consumers, info, table, tensor_layer, rtol: float) -> 
 
 def onnx_param_check(model, table, rtol: float) -> Check:
     """Every QuantizeLinear / DequantizeLinear parameter pair must be a quant-table entry's, and back."""
-    from onnx import numpy_helper
+    from .onnx import constants
 
-    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    consts = {}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value":
-                    consts[node.output[0]] = numpy_helper.to_array(a.t)
-    values = {**consts, **inits}
+    values = constants(model.graph)
     pairs = set()
     for node in model.graph.node:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 2:
