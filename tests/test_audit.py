@@ -428,6 +428,19 @@ def test_cle_artifacts_compare_each_layer_after_its_per_channel_clamp(trained, t
         assert ("dead_kernel", "features.1.conv.0.0", "quantized") in {(f.check, f.layer, f.stage) for f in r.findings}
 
 
+@pytest.mark.slow
+def test_tflite_fp16_audit_reads_buffers_stored_after_the_flatbuffer(trained, test_data, tmp_path):
+    """ai-edge-quantizer's float16 files keep their buffers (the metadata's too) after the flatbuffer, by
+    offset: the audit had found no model name in them, and its cut segments had lost the weights."""
+    from mobilequant.export import export
+
+    art = export(trained, "tflite-fp16", tmp_path / "f16.tflite", overrides=NO_VERIFY)
+    r = run_audit(art.path, test_data.subset(slice(0, 100)), max_drop=1.0, progress=False)  # model from the file
+    assert r.artifact["model_name"] == "mobilenetv2_050" and len(r.layers) >= 55
+    assert all(l.iso_sqnr > 40 for l in r.layers), [(l.name, l.iso_sqnr) for l in r.worst_layers(3)]
+    assert r.end_to_end.top1_agreement > 0.99
+
+
 # -------------------------------------------------------------------------------------- bad input
 @pytest.mark.slow
 def test_labels_missing_fall_back_to_agreement(tflite_artifact, trained, test_data):

@@ -85,6 +85,17 @@ def dequantize(q: np.ndarray, info: TensorInfo) -> np.ndarray:
     return ((q.astype(np.float32) - info.zero_point.reshape(shape)) * info.scale.reshape(shape)).astype(np.float32)
 
 
+def _inline_buffers(model, content: bytes) -> None:
+    """Move buffers stored after the flatbuffer (``offset`` / ``size``: ai-edge-quantizer's float16 files,
+    files over 2 GB) into the model object, so that metadata reads and the cut segments carry them."""
+    for buf in model.buffers or []:
+        size = int(getattr(buf, "size", 0) or 0)
+        if buf.data is None and size:
+            offset = int(buf.offset)
+            buf.data = np.frombuffer(content[offset:offset + size], dtype=np.uint8).copy()
+            buf.offset = buf.size = 0
+
+
 class TFLiteGraph:
     """Parsed TFLite artifact (subgraph 0, the serving signature)."""
 
@@ -99,6 +110,7 @@ class TFLiteGraph:
         self.delegates = True
         try:
             self.model = flatbuffer_utils.convert_bytearray_to_object(bytearray(self.content))
+            _inline_buffers(self.model, self.content)
             self.interpreter = _interpreter(self.content, num_threads)
             self.interpreter.allocate_tensors()
         except Exception as e:  # the flatbuffer reader and LiteRT raise RuntimeError, ValueError, IndexError...
