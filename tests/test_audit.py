@@ -441,6 +441,19 @@ def test_tflite_fp16_audit_reads_buffers_stored_after_the_flatbuffer(trained, te
     assert r.end_to_end.top1_agreement > 0.99
 
 
+@pytest.mark.slow
+def test_fine_tuned_artifact_against_the_shipped_model_is_flagged(tflite_artifact, test_data):
+    """A QAT file names the zoo model it started from; audited against that model's shipped weights
+    (no model given), the report says the reference predates the fine-tuning."""
+    import dataclasses
+
+    qat_like = dataclasses.replace(tflite_artifact, metadata={**tflite_artifact.metadata, "fine_tuned": "qat"})
+    r = run_audit(qat_like, test_data.subset(slice(0, 40)), max_drop=5.0, progress=False)
+    assert any("fine-tuned (qat)" in w for w in r.warnings)
+    r = run_audit(tflite_artifact, test_data.subset(slice(0, 40)), max_drop=5.0, progress=False)
+    assert not any("fine-tuned" in w for w in r.warnings)
+
+
 # -------------------------------------------------------------------------------------- bad input
 @pytest.mark.slow
 def test_labels_missing_fall_back_to_agreement(tflite_artifact, trained, test_data):

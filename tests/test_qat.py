@@ -454,6 +454,7 @@ def test_per_tensor_qat_with_cle_trains_the_equalized_graph_and_exports(float_st
                  overrides=["verification.int8_top1_agreement=0.97"])
     assert art.verification.passed
     assert art.census.ops.get("MINIMUM:int8", 0) > 30 and not art.census.float_compute_ops
+    assert art.metadata["fine_tuned"] == "qat"  # the audit then says its shipped reference predates the training
 
 
 def test_channels_with_zero_bn_variance_are_kept_silent(float_state, tmp_path):

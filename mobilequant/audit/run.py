@@ -275,9 +275,14 @@ def run_audit(
     path, given_map, given_meta = _resolve_artifact(artifact)
     graph = open_artifact(path, num_threads=num_threads)
     meta = {**artifact_provenance(graph), **given_meta}
+    shipped = model is None and quant_result is None
     model = _resolve_model(model, quant_result, meta)
     data = _resolve_data(data, model, images)
     warnings = _check_belongs(model, meta, quant_result, graph, data) + ([export_note] if export_note else [])
+    if shipped and meta.get("fine_tuned"):
+        warnings.append(f"the artifact was fine-tuned ({meta['fine_tuned']}) from {meta.get('model_name')}; it is "
+                        "compared with that model's shipped weights, before fine-tuning: per-layer values include "
+                        "the weight changes (pass the fine-tuned float model for per-layer checks of the file alone)")
     if name_map is None:
         name_map = given_map if given_map is not None else meta.get("name_map")
     t = time.perf_counter()

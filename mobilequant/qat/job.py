@@ -605,6 +605,7 @@ def _run(config: QATJobConfig, ctx: DistContext, model, train_data, val_data, pt
     int8_acc = _evaluate(converted.graph, val_data, ctx, device=torch.device("cpu"))[0] if val_data else None
     parts = {f.name: getattr(converted, f.name) for f in dataclasses.fields(QuantResult)}
     parts["findings"] = findings + converted.findings
+    parts["fine_tuned"] = "qat"
     return QATResult(
         **parts, initial_model=model, prepared=prepared, checkpoint=last_ckpt,
         csv_log=csv_path if ctx.is_main else None, history=history, steps=step,

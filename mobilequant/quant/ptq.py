@@ -105,6 +105,7 @@ class QuantResult:
     bias_correction: object | None = None  # ...bias_correction.BiasCorrectionReport when configured
     adaround: object | None = None  # mobilequant.quant.adaround.AdaRoundReport when QuantConfig.adaround
     range_search: object | None = None  # ...range_search.RangeSearchReport when QuantConfig.range_search
+    fine_tuned: str | None = None  # "qat": the weights were trained after capture (float_model is the trained model)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
