@@ -187,9 +187,10 @@ def clamps_on_codes(model) -> int:
 
     graph = model.graph
     values = constants(graph)
-    producer = {o: n for n in graph.node for o in n.output}
+    nodes = list(graph.node)  # one set of node objects for the lookups below (identity = id())
+    producer = {o: n for n in nodes for o in n.output}
     consumers: dict[str, list] = {}
-    for node in graph.node:
+    for node in nodes:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     graph_outputs = {v.name for v in graph.output}
@@ -200,7 +201,7 @@ def clamps_on_codes(model) -> int:
         return values[node.input[1]], values[node.input[2]]
 
     drop, new_nodes, count = set(), {}, 0
-    for dq in graph.node:
+    for dq in nodes:
         if dq.op_type != "DequantizeLinear" or dq.input[0] in values or params(dq) is None:
             continue
         chain, name = [], dq.output[0]
@@ -222,8 +223,8 @@ def clamps_on_codes(model) -> int:
             continue
         scale, zero, dtype = np.float32(s_in.reshape(())), int(z_in.reshape(())), z_in.dtype
         lo, hi = np.iinfo(dtype).min, np.iinfo(dtype).max
-        nodes, src = [], dq.input[0]
-        for i, (op, bound) in enumerate(chain):
+        made, src = [], dq.input[0]
+        for op, bound in chain:
             # as QuantizeLinear computes it: float32 division, round half to even, saturate
             codes = np.clip(np.round(np.asarray(bound, np.float32) / scale) + zero, lo, hi)
             if (op.op_type == "Max" and codes.max() <= lo) or (op.op_type == "Min" and codes.min() >= hi):
@@ -231,18 +232,18 @@ def clamps_on_codes(model) -> int:
             const = f"{op.name or op.output[0]}_codes"
             graph.initializer.append(numpy_helper.from_array(codes.astype(dtype), const))
             out = f"{op.output[0]}_codes"
-            nodes.append(helper.make_node(op.op_type, [src, const], [out], name=f"{op.name or op.output[0]}_on_codes"))
+            made.append(helper.make_node(op.op_type, [src, const], [out], name=f"{op.name or op.output[0]}_on_codes"))
             src = out
-        if nodes:
-            nodes[-1].output[0] = q.output[0]
+        if made:
+            made[-1].output[0] = q.output[0]
         else:  # every bound a no-op: the quantized input is the output
-            nodes.append(helper.make_node("Identity", [src], [q.output[0]], name=f"{q.name}_identity"))
+            made.append(helper.make_node("Identity", [src], [q.output[0]], name=f"{q.name}_identity"))
         drop.update(id(n) for n in (dq, q, *(op for op, _ in chain)))
-        new_nodes[id(q)] = nodes
+        new_nodes[id(q)] = made
         count += 1
     if count:
         kept = []
-        for node in graph.node:
+        for node in nodes:
             kept.extend(new_nodes.get(id(node), []))
             if id(node) not in drop:
                 kept.append(node)
