@@ -241,10 +241,14 @@ class ExportSummary:
                 for c in self.checks))
         if self.census:
             lines.append("census     " + self.census.replace("\n", "\n           "))
+        audit_failed = self.audit is not None and self.audit.get("verdict") != "pass"
         if self.audit is not None:
-            lines.append(f"audit      {'PASS' if self.audit.get('passed') else 'FAIL'}")
-        lines.append(f"time       {self.seconds:.1f} s" + ("   — VERIFICATION FAILED (file kept, flagged)"
-                                                             if self.failed else ""))
+            first = (self.audit.get("failures") or [{}])[0].get("message", "")
+            lines.append(f"audit      {'FAIL' if audit_failed else 'PASS'}" + (f": {first}" if audit_failed and first else ""))
+        checks_failed = any(not c["passed"] for c in self.checks)
+        lines.append(f"time       {self.seconds:.1f} s" + (
+            "   — VERIFICATION FAILED (file kept, flagged)" if checks_failed else
+            "   — AUDIT FAILED (file kept)" if audit_failed else ""))
         return "\n".join(lines)
 
 
@@ -303,8 +307,8 @@ def export_model(target: str | None = None, model: str | None = None, weights: s
         from .audit import run_audit
 
         rep = run_audit(artifact, evald, model=net, progress=progress)
-        report = rep.to_dict() if hasattr(rep, "to_dict") else {"passed": rep.passed}
-        failed = failed or not report.get("passed", True)
+        report = rep.to_dict()
+        failed = failed or not rep.passed
     ver = getattr(artifact, "verification", None)
     return ExportSummary(
         model=name, target=spec.name, path=str(path), size_bytes=path.stat().st_size, num_eval=len(evald),

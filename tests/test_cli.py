@@ -188,6 +188,22 @@ def test_export_fp32_then_bench_and_audit_exit_codes(files, tmp_path, capsys):
     assert main([*common, "--min-sqnr", "200"]) == 1
 
 
+def test_export_with_audit_reports_the_gate(files, tmp_path, capsys):
+    """`export --audit` prints the audit's verdict (it had printed FAIL for every audit: the summary read a
+    key the report does not have) and a failed gate fails the command."""
+    from mobilequant.api import ExportSummary
+
+    good = str(files / "good.npy")
+    rc = main(["export", "--target", "tflite-int8", *_tiny(files), "--data", good, "--eval-data", good,
+               "-o", str(tmp_path / "a.tflite"), "--audit"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "audit      PASS" in text and "FAILED" not in text
+    base = dict(model="m", target="tflite-int8", path="a.tflite", size_bytes=1, num_eval=1, float_accuracy=None,
+                artifact_accuracy=None, agreement=100.0, seconds=1.0)
+    failing = ExportSummary(**base, failed=True, audit={"verdict": "fail", "failures": [{"message": "drop 0.9 pp"}]})
+    assert "audit      FAIL: drop 0.9 pp" in failing.summary() and "AUDIT FAILED" in failing.summary()
+
+
 @pytest.mark.parametrize("script, doc", [("gen_cli_docs.py", "cli.md"), ("gen_recipe_docs.py", "recipes.md")])
 def test_generated_reference_docs_are_current(script, doc):
     """docs/cli.md comes from the parser, docs/recipes.md from the recipe dataclasses and export_recipes/."""
