@@ -6,8 +6,8 @@ check                       passes when
 ``fp32_max_abs_diff``       max |file − torch float| ≤ ``fp32_max_abs_diff`` × max |torch float|
 ``fp16_top1_agreement``     top-1 of the file agrees with the float model on ≥ ``fp16_top1_agreement``
 ``int8_top1_agreement``     top-1 of the file agrees with the torch-simulated int8 model on ≥ threshold
-``int8_accuracy``           |accuracy(file) − accuracy(simulated)| ≤ ``int8_accuracy_drop_pp`` or one
-                            image, whichever is more (labels)
+``int8_accuracy``           |accuracy(file) − accuracy(simulated)| ≤ ``int8_accuracy_drop_pp``, or the net
+                            images lost within 2·√(images the two decide differently): near-tie noise (labels)
 ``int8_params``             every quantized tensor in the file has the scales (rel ≤ ``scale_rtol``) and
                             zero points of its ``QuantTable`` entry
 ``int8_op_census``          TFLite: no float compute op (only QUANTIZE at the input / DEQUANTIZE at the
@@ -209,16 +209,21 @@ def numeric_checks(precision: str, out: np.ndarray, ref: np.ndarray, labels, set
                             "vs the torch-simulated int8 model"))
         if labels is not None:
             labels = np.asarray(labels)
-            acc_file = float(np.mean(_top1(out) == labels))
-            acc_sim = float(np.mean(_top1(ref) == labels))
+            file_right, sim_right = _top1(out) == labels, _top1(ref) == labels
+            lost = int(np.sum(sim_right & ~file_right))
+            gained = int(np.sum(file_right & ~sim_right))
+            acc_file, acc_sim = float(np.mean(file_right)), float(np.mean(sim_right))
             gap = 100 * abs(acc_file - acc_sim)
-            # A gap is counted in whole images: one image (100 / n pp, 0.2 pp on 512) is the least it can
-            # be, so a limit below that would fail on any single near-tie the two roundings split.
-            limit = max(settings.int8_accuracy_drop_pp, 100.0 / n)
-            checks.append(Check("int8_accuracy", gap <= limit + 1e-9,
+            # The images the file and the simulation decide differently are near-ties that either can win:
+            # a net difference inside 2·√(their number) (a sign test, ~95 %) is that noise, not a loss —
+            # 0.1 pp on 512 images is less than one image. Beyond it, the gap must be within the limit.
+            noise = 2.0 * float(np.sqrt(lost + gained))
+            passed = gap <= settings.int8_accuracy_drop_pp + 1e-9 or abs(lost - gained) <= noise
+            checks.append(Check("int8_accuracy", passed,
                                 f"file {100 * acc_file:.2f} % vs simulated {100 * acc_sim:.2f} % (gap {gap:.2f} pp)",
-                                f"≤ {limit:.3g} pp", "" if limit == settings.int8_accuracy_drop_pp else
-                                f"{settings.int8_accuracy_drop_pp:g} pp is less than one of {n} images"))
+                                f"≤ {settings.int8_accuracy_drop_pp:g} pp, or a net {abs(lost - gained)} image(s) "
+                                f"within 2√{lost + gained} = {noise:.1f}",
+                                f"{lost} image(s) lost, {gained} gained against the simulation"))
     return checks
 
 
