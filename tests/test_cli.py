@@ -54,6 +54,9 @@ def files(tmp_path_factory):
     (d / "tiny.py").write_text(TINY_FACTORY)
     torch.save({"conv.weight": torch.zeros(8, 1, 3, 3)}, d / "partial.pt")
     (d / "corrupt.pt").write_bytes(b"PK\x03\x04 this is not a checkpoint")
+    # the layout of a `mobilequant qat` job checkpoint (mobilequant.qat.checkpoint), not model weights
+    torch.save({"format": "mobilequant-qat-checkpoint", "version": 1, "model": "tiny",
+                "graph": {"w": torch.zeros(1)}}, d / "qat-last.pt")
     with open(d / "evil.pt", "wb") as f:
         pickle.dump({"state_dict": _Evil()}, f)
     x = np.random.default_rng(0).standard_normal((16, 1, 32, 32)).astype(np.float32)
@@ -106,6 +109,8 @@ CASES = [
                                               "tflite-int8-adaround"], 2, "tflite-int8-adaround"),
     ("checkpoint-mismatch", lambda d: ["export", "--target", "tflite-int8", *_tiny(d), "--weights",
                                        str(d / "partial.pt")], 2, "missing"),
+    ("qat-job-checkpoint-as-weights", lambda d: ["export", "--target", "tflite-int8", *_tiny(d), "--weights",
+                                                 str(d / "qat-last.pt")], 2, "QAT job checkpoint"),
     ("corrupt-checkpoint", lambda d: ["export", "--target", "tflite-int8", *_tiny(d), "--weights",
                                       str(d / "corrupt.pt")], 2, "corrupt.pt"),
     ("code-carrying-checkpoint", lambda d: ["export", "--target", "tflite-int8", *_tiny(d), "--weights",

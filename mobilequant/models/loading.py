@@ -146,6 +146,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise InputError(f"checkpoint {path} is empty or truncated") from None
     except Exception as e:  # a malformed file can break the unpickler in many ways
         raise InputError(f"checkpoint {path} could not be read: {type(e).__name__}: {_first_line(e)}") from None
+    if isinstance(obj, dict) and obj.get("format") == "mobilequant-qat-checkpoint":  # mobilequant.qat.checkpoint
+        raise InputError(f"checkpoint {path} is a QAT job checkpoint (`mobilequant qat`), not model weights: it "
+                         "continues training (qat --resume); audit the job's exported files without --weights, "
+                         "or in Python against the trained model: run_audit(file, data, quant_result=result)")
     state = obj
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
