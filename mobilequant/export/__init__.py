@@ -207,7 +207,7 @@ def export(
         "input_layout": recipe.io.layout,
         "io_dtype": recipe.io.dtype,
     }
-    if qr is not None and getattr(qr, "fine_tuned", None):  # QAT: not the weights model_name ships with
+    if qr is not None and qr.fine_tuned:  # QAT: not the weights model_name ships with
         metadata["fine_tuned"] = qr.fine_tuned
     if spec.format == "tflite":
         data, graph, info_extra = _to_tflite(spec, recipe, qr, float_graph, example, metadata)

@@ -265,25 +265,28 @@ def onnx_name_map(model, program, gm: GraphModule, quantized: bool) -> dict[str,
         if layer and node.output and node.output[0]:
             name_map.setdefault(layer, node.output[0])
     if quantized:
+        from .onnx import readers_of
+
         taken = set(name_map.values())
-        consumers: dict[str, list] = {}
-        for node in model.graph.node:
-            for name in node.input:
-                consumers.setdefault(name, []).append(node)
+        readers = readers_of(model.graph.node)
         for layer, out in name_map.items():
-            after = _after_channel_clamp(consumers, out)
+            after = _after_channel_clamp(readers, out)
             if after not in taken:
                 name_map[layer] = after
     return name_map
 
 
-def _after_channel_clamp(consumers: dict[str, list], out: str) -> str:
+def _after_channel_clamp(readers: dict[str, list], out: str) -> str:
     """The QuantizeLinear output after CLE's per-channel clamp when ``out`` (a conv's QuantizeLinear) feeds
-    one: ``Q → DQ → Max / Min (constant bounds) → Q``; else ``out``. The exporter loses the clamp's
-    provenance (its ONNX nodes name a ``clamp`` the graph does not have), so it is found by structure."""
-    readers = consumers.get(out, [])
-    if len(readers) != 1 or readers[0].op_type != "DequantizeLinear":
+    one: ``Q → DQ → Max / Min → Q``; else ``out``. The exporter loses the clamp's provenance (its ONNX
+    nodes name a ``clamp`` the graph does not have), so it is found by structure."""
+    from .onnx import clamp_chain
+
+    dq = readers.get(out, [])
+    if len(dq) != 1 or dq[0].op_type != "DequantizeLinear":
         return out
+    found = clamp_chain(readers, dq[0].output[0])
+    return out if found is None else found[1].output[0]
     name, clamps = readers[0].output[0], 0
     while len(consumers.get(name, [])) == 1 and consumers[name][0].op_type in ("Max", "Min"):
         name, clamps = consumers[name][0].output[0], clamps + 1

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-__all__ = ["activations_to_uint8", "clamps_on_codes", "constants", "lower_to_onnx", "store_initializers_fp16"]
+__all__ = ["activations_to_uint8", "clamp_chain", "clamps_on_codes", "constants", "lower_to_onnx", "readers_of",
+           "store_initializers_fp16"]
 
 
 def lower_to_onnx(module: nn.Module, example_input: torch.Tensor, *, precision: str):
@@ -110,10 +111,7 @@ def activations_to_uint8(model) -> int:
 
     graph = model.graph
     values = constants(graph)
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = readers_of(graph.node)
     graph_io = {v.name for v in graph.input} | {v.name for v in graph.output}
 
     def int8_zero_point(node) -> np.ndarray | None:
@@ -157,6 +155,30 @@ def _drop_unused_initializers(graph) -> None:
         graph.initializer.remove(init)
 
 
+def readers_of(nodes) -> dict[str, list]:
+    """The nodes that read each tensor, by tensor name."""
+    readers: dict[str, list] = {}
+    for node in nodes:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return readers
+
+
+def clamp_chain(readers: dict[str, list], name: str):
+    """``(Max / Min nodes, QuantizeLinear)`` when tensor ``name`` (a DequantizeLinear's output) is read only
+    by a chain of two-input Max / Min ending in a single QuantizeLinear — CLE's per-channel clamp as the
+    exporter writes it; else None. The bounds (each op's other input) are the caller's to check."""
+    chain = []
+    while len(readers.get(name, [])) == 1 and readers[name][0].op_type in ("Max", "Min") \
+            and len(readers[name][0].input) == 2:
+        chain.append(readers[name][0])
+        name = chain[-1].output[0]
+    last = readers.get(name, [])
+    if not chain or len(last) != 1 or last[0].op_type != "QuantizeLinear":
+        return None
+    return chain, last[0]
+
+
 def constants(graph) -> dict[str, np.ndarray]:
     """Initializers and ``Constant`` node outputs of an ONNX graph, by name, as arrays."""
     from onnx import numpy_helper
@@ -189,10 +211,7 @@ def clamps_on_codes(model) -> int:
     values = constants(graph)
     nodes = list(graph.node)  # one set of node objects for the lookups below (identity = id())
     producer = {o: n for n in nodes for o in n.output}
-    consumers: dict[str, list] = {}
-    for node in nodes:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = readers_of(nodes)
     graph_outputs = {v.name for v in graph.output}
 
     def params(node):
@@ -204,19 +223,15 @@ def clamps_on_codes(model) -> int:
     for dq in nodes:
         if dq.op_type != "DequantizeLinear" or dq.input[0] in values or params(dq) is None:
             continue
-        chain, name = [], dq.output[0]
-        while name not in graph_outputs and len(consumers.get(name, [])) == 1 \
-                and consumers[name][0].op_type in ("Max", "Min") and len(consumers[name][0].input) == 2:
-            op = consumers[name][0]
-            bound = next((i for i in op.input if i != name), None)
-            if bound not in values:
-                break
-            chain.append((op, values[bound]))
-            name = op.output[0]
-        readers = consumers.get(name, [])
-        if not chain or len(readers) != 1 or readers[0].op_type != "QuantizeLinear" or params(readers[0]) is None:
+        found = clamp_chain(consumers, dq.output[0])
+        if found is None or params(found[1]) is None:
             continue
-        q = readers[0]
+        ops, q = found
+        inputs = [dq.output[0]] + [op.output[0] for op in ops[:-1]]
+        bounds = [next((i for i in op.input if i != x), None) for op, x in zip(ops, inputs)]
+        if any(b not in values for b in bounds) or any(x in graph_outputs for x in inputs + [ops[-1].output[0]]):
+            continue
+        chain = [(op, values[b]) for op, b in zip(ops, bounds)]
         (s_in, z_in), (s_out, z_out) = params(dq), params(q)
         if s_in.size != 1 or s_in.tobytes() != s_out.tobytes() or z_in.tobytes() != z_out.tobytes() \
                 or z_in.dtype != z_out.dtype:
