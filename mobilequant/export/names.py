@@ -233,11 +233,16 @@ def onnx_name_map(model, program, gm: GraphModule, quantized: bool) -> dict[str,
         if n.name in originals and not n.meta.get("from_node"):
             by_fx[n.name] = originals[n.name]
             continue
-        chain, history = [n.name], n.meta.get("from_node") or []
+        chain, history = [(n.name, None)], n.meta.get("from_node") or []
         while history:  # the provenance chain of this node, newest first
-            chain.append(getattr(history[0], "name", None))
+            chain.append((getattr(history[0], "name", None), getattr(history[0], "graph_id", None)))
             history = getattr(history[0], "from_node", None) or []
-        hit = next((c for c in chain if c in originals), None)
+        # The entry recorded in ``gm``'s own graph names the node; a name alone is not enough: torch.export
+        # renumbers nodes when it traces ``gm``, and on ShuffleNetV1 the new ``relu__9`` is gm's
+        # ``relu__11`` while gm has a ``relu__9`` of its own (each unit's conv1 was mapped to the next's).
+        hit = next((name for name, gid in chain if gid == id(gm.graph) and name in originals), None)
+        if hit is None:  # no graph ids in the provenance (another torch version): the nearest name
+            hit = next((name for name, _ in chain if name in originals), None)
         if hit is not None:
             by_fx[n.name] = originals[hit]
 
@@ -287,11 +292,4 @@ def _after_channel_clamp(readers: dict[str, list], out: str) -> str:
         return out
     found = clamp_chain(readers, dq[0].output[0])
     return out if found is None else found[1].output[0]
-    name, clamps = readers[0].output[0], 0
-    while len(consumers.get(name, [])) == 1 and consumers[name][0].op_type in ("Max", "Min"):
-        name, clamps = consumers[name][0].output[0], clamps + 1
-    readers = consumers.get(name, [])
-    if clamps and len(readers) == 1 and readers[0].op_type == "QuantizeLinear":
-        return readers[0].output[0]
-    return out
 
