@@ -211,6 +211,35 @@ def test_gate_without_labels_gates_disagreement():
     assert evaluate_gate(Gate(max_drop=1.5), e2e, [], []) == []
 
 
+def test_gate_reports_when_it_decides_on_sampling_noise():
+    # ShuffleNetV1's onnx-int8 file on 1,000 images: 0.80 pp = 8 images net, of ~24 decided differently.
+    e2e = end_to_end(*_paired_logits(n=1000, float_only=16, quant_only=8))
+    assert (e2e.float_only_right, e2e.quant_only_right, e2e.drop_pp) == (16, 8, pytest.approx(0.8))
+    b, c = 0.016, 0.008
+    assert e2e.ci95_pp == pytest.approx(196 * np.sqrt((b + c - (b - c) ** 2) / 1000))  # ≈ 0.96 pp
+    (f,) = evaluate_gate(Gate(max_drop=0.5), e2e, [], [])
+    assert f.check == "accuracy_drop" and "within the ±0.96 pp noise of 1000 images" in f.message
+    # The same 8-image net loss on 10,000 images (0.08 ± 0.10 pp) against a 0.05 pp gate: inside the noise
+    # too; 80 images net of 240 (0.80 ± 0.30 pp) against a 0.3 pp gate: outside it, a plain failure.
+    assert "noise" in evaluate_gate(Gate(max_drop=0.05), end_to_end(*_paired_logits(10000, 16, 8)), [], [])[0].message
+    far = end_to_end(*_paired_logits(10000, 160, 80))
+    assert "noise" not in evaluate_gate(Gate(max_drop=0.3), far, [], [])[0].message and far.ci95_pp < 0.31
+    # Without labels the disagreement's binomial interval is the one.
+    nol = end_to_end(*_paired_logits(500, 4, 1)[:2], None)
+    assert nol.ci95_pp == pytest.approx(196 * np.sqrt(0.01 * 0.99 / 500))
+    assert "noise" in evaluate_gate(Gate(max_drop=0.5), nol, [], [])[0].message
+
+
+def _paired_logits(n, float_only, quant_only):
+    """Logits of n images over 3 classes: the float model right on all but ``quant_only`` images, the
+    artifact wrong on ``float_only`` of those and right on the ``quant_only`` others."""
+    labels = np.zeros(n, np.int64)
+    f, q = np.eye(3, dtype=np.float32)[labels], np.eye(3, dtype=np.float32)[labels]
+    f[:quant_only] = np.eye(3, dtype=np.float32)[1]
+    q[quant_only:quant_only + float_only] = np.eye(3, dtype=np.float32)[2]
+    return f, q, labels
+
+
 def test_end_to_end_metrics():
     f = np.array([[3, 2, 1, 0, 0, 0], [0, 5, 1, 0, 0, 0], [1, 0, 0, 0, 0, 9]], np.float32)
     q = np.array([[2, 3, 1, 0, 0, 0], [0, 5, 1, 0, 0, 0], [1, 0, 0, 0, 0, 9]], np.float32)

@@ -31,5 +31,6 @@ def end_to_end(float_logits: np.ndarray, quant_logits: np.ndarray, labels: np.nd
                         "no labels: accuracy cannot be measured; reporting agreement with the float model "
                         "(the accuracy drop is at most the disagreement)")
     labels = np.asarray(labels)
-    return EndToEnd(n, True, float((f_top1 == labels).mean()), float((q_top1 == labels).mean()),
-                    agreement, containment, sq)
+    f_right, q_right = f_top1 == labels, q_top1 == labels
+    return EndToEnd(n, True, float(f_right.mean()), float(q_right.mean()), agreement, containment, sq,
+                    float_only_right=int(np.sum(f_right & ~q_right)), quant_only_right=int(np.sum(q_right & ~f_right)))

@@ -95,6 +95,8 @@ def render_html(report: AuditReport) -> str:
     if e.labels_used:
         rows += [("top-1 accuracy, float model", _pct(e.float_top1)), ("top-1 accuracy, artifact", _pct(e.quant_top1)),
                  ("accuracy drop", _f(e.drop_pp, "{:+.2f} pp"))]
+    rows += [("95 % interval of the " + ("drop" if e.labels_used else "disagreement") + " on these images",
+              _f(e.ci95_pp, "± {:.2f} pp"))]
     rows += [("top-1 agreement with float", _pct(e.top1_agreement)),
              ("top-5 containment (float top-1 in artifact top-5)", _pct(e.top5_containment)),
              ("logits SQNR", _f(e.output_sqnr_db, "{:.1f} dB"))]

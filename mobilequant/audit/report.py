@@ -63,6 +63,10 @@ class EndToEnd:
     top5_containment: float  # fraction where the float top-1 class is in the artifact's top 5
     output_sqnr_db: float  # SQNR of the artifact's logits against the float logits
     note: str = ""
+    # With labels: images only the float model gets right / only the artifact gets right. The drop is
+    # their net difference over ``images``; their sum sets its noise (the other images cannot move it).
+    float_only_right: int | None = None
+    quant_only_right: int | None = None
 
     @property
     def drop_pp(self) -> float | None:
@@ -74,12 +78,45 @@ class EndToEnd:
     def disagreement_pp(self) -> float:
         return (1.0 - self.top1_agreement) * 100.0
 
+    @property
+    def ci95_pp(self) -> float | None:
+        """Half-width (pp) of the 95 % interval of the gated figure: the drop with labels (paired:
+        ``1.96·√((b + c)/n − ((b − c)/n)²)/√n`` with b, c the images only one of the two models gets
+        right), else the disagreement (binomial). It says how far the figure moves with the sample of
+        images alone — a gate closer to the figure than this decides on noise."""
+        n = self.images
+        if not n:
+            return None
+        if self.labels_used:
+            if self.float_only_right is None or self.quant_only_right is None:
+                return None
+            b, c = self.float_only_right / n, self.quant_only_right / n
+            var = max(b + c - (b - c) ** 2, 0.0) / n
+        else:
+            p = 1.0 - self.top1_agreement
+            var = p * (1.0 - p) / n
+        return 196.0 * math.sqrt(var)
+
+    @property
+    def gated_pp(self) -> float:
+        """The figure ``max_drop`` gates: the drop with labels, the disagreement without."""
+        return self.drop_pp if self.labels_used and self.drop_pp is not None else self.disagreement_pp
+
+    def noise_note(self, max_drop: float | None) -> str:
+        """'' or a sentence saying that the gate ``max_drop`` lies inside the gated figure's 95 % interval."""
+        ci = self.ci95_pp
+        if max_drop is None or ci is None or math.isnan(ci) or abs(self.gated_pp - max_drop) >= ci:
+            return ""
+        return (f"the {max_drop:g} pp gate is within the ±{ci:.2f} pp noise of {self.images} images (95 %): "
+                "the verdict is the sample's; more images (--num-images) decide it")
+
     def to_dict(self) -> dict:
         return {"images": self.images, "labels_used": self.labels_used, "float_top1": _num(self.float_top1),
                 "quant_top1": _num(self.quant_top1), "drop_pp": _num(self.drop_pp),
                 "top1_agreement": _num(self.top1_agreement), "top5_containment": _num(self.top5_containment),
                 "disagreement_pp": _num(self.disagreement_pp), "output_sqnr_db": _num(self.output_sqnr_db),
-                "note": self.note}
+                "float_only_right": self.float_only_right, "quant_only_right": self.quant_only_right,
+                "ci95_pp": _num(self.ci95_pp), "note": self.note}
 
 
 @dataclass(frozen=True)
@@ -215,16 +252,19 @@ def format_terminal(report: AuditReport, top: int = 10) -> str:
         lines += [f"  ✗ {f.message}" for f in r.failures[:top]]
         if len(r.failures) > top:
             lines.append(f"  … and {len(r.failures) - top} more (all in the JSON / HTML report)")
+    ci = "" if e.ci95_pp is None or math.isnan(e.ci95_pp) else f" ± {e.ci95_pp:.2f}"
     if e.labels_used:
         lines.append(f"End to end: top-1 float {_pct(e.float_top1)} → artifact {_pct(e.quant_top1)} "
-                     f"(drop {e.drop_pp:+.2f} pp); agreement {_pct(e.top1_agreement)}; "
+                     f"(drop {e.drop_pp:+.2f}{ci} pp at 95 %); agreement {_pct(e.top1_agreement)}; "
                      f"top-5 containment {_pct(e.top5_containment)}; logits SQNR {e.output_sqnr_db:.1f} dB")
     else:
         lines.append(f"End to end (no labels — agreement metrics only): top-1 agreement {_pct(e.top1_agreement)} "
-                     f"(disagreement {e.disagreement_pp:.2f} pp); top-5 containment {_pct(e.top5_containment)}; "
-                     f"logits SQNR {e.output_sqnr_db:.1f} dB")
+                     f"(disagreement {e.disagreement_pp:.2f}{ci} pp at 95 %); top-5 containment "
+                     f"{_pct(e.top5_containment)}; logits SQNR {e.output_sqnr_db:.1f} dB")
     if e.note:
         lines.append(f"  note: {e.note}")
+    if e.noise_note(r.gate.max_drop) and not any(f.check in ("accuracy_drop", "disagreement") for f in r.failures):
+        lines.append(f"  note: {e.noise_note(r.gate.max_drop)}")
     if r.layers:
         lines.append(f"Worst layers by isolated SQNR (the layer's own error; accumulated = what reaches it):")
         w = max(len(l.name) for l in r.layers)

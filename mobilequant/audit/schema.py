@@ -78,7 +78,8 @@ REPORT_SCHEMA: dict = {
         "end_to_end": {
             "type": "object",
             "required": ["images", "labels_used", "float_top1", "quant_top1", "drop_pp", "top1_agreement",
-                         "top5_containment", "disagreement_pp", "output_sqnr_db", "note"],
+                         "top5_containment", "disagreement_pp", "output_sqnr_db", "float_only_right",
+                         "quant_only_right", "ci95_pp", "note"],
             "additionalProperties": False,
             "properties": {
                 "images": {"type": "integer"},
@@ -90,6 +91,9 @@ REPORT_SCHEMA: dict = {
                 "top5_containment": _NUM,
                 "disagreement_pp": _NUM,
                 "output_sqnr_db": _NUM,
+                "float_only_right": {"type": ["integer", "null"], "minimum": 0},
+                "quant_only_right": {"type": ["integer", "null"], "minimum": 0},
+                "ci95_pp": _NUM,
                 "note": {"type": "string"},
             },
         },
