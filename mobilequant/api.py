@@ -8,8 +8,9 @@ Each function takes plain values (names, paths, numbers), runs one job through t
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-from .errors import UsageError
+from .errors import InputError, UsageError
 
 __all__ = ["audit", "bench", "calibrate", "export_model", "qat", "resolve_model", "zoo_info", "zoo_list"]
 
@@ -129,7 +130,6 @@ _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".tar")
 
 def _refuse_file_as_model(model: str) -> None:
     """A file named as ``--model`` without ``:factory``: say what to write instead (before any loading)."""
-    from pathlib import Path
 
     from .models import list_models
 
@@ -151,7 +151,6 @@ def _model_name(net) -> str:
 
 def _output_path(out: str | None, name: str, suffix: str, target: str):
     """``out`` is a file (ends with the target's suffix) or a directory (created if its parent exists)."""
-    from pathlib import Path
 
     out = Path(out or DEFAULT_OUT)
     if out.suffix in (".tflite", ".onnx", ".json"):
@@ -343,7 +342,6 @@ def calibrate(model: str | None = None, weights: str | None = None, data: str = 
               recipe: str | None = None, overrides=(), out: str = "quant_table.json",
               progress: bool = True) -> CalibrateSummary:
     """Calibrate with the recipe's settings (default: tflite-int8) and write the quantization table."""
-    from pathlib import Path
 
     from .export import default_recipe, load_recipe
     from .export.artifact import atomic_write
@@ -390,6 +388,9 @@ def audit(artifact: str, model: str | None = None, weights: str | None = None, d
     """Audit an exported artifact against its float model; ``failed`` when the gate fails (exit 1)."""
     from .audit import run_audit
 
+    for out in (report, html):  # before the audit runs: a path that cannot take the report fails now
+        if out and Path(out).is_dir():
+            raise InputError(f"cannot write {out}: it is a directory (give a file name)")
     net = resolve_model(model, weights) if (model is not None or weights is not None) else None
     rep = run_audit(artifact, data, model=net, max_drop=max_drop, min_sqnr=min_sqnr,
                     fail_on_dead_kernels=fail_on_dead_kernels, images=num_images, progress=progress)
@@ -429,7 +430,6 @@ def qat(model: str | None = None, weights: str | None = None, data: str = "built
         freeze_bn_step: int | None = None, freeze_observer_step: int | None = None,
         progress: bool = True) -> QATSummary:
     """Quantization-aware fine-tuning (see ``docs/qat.md``); optionally export the result."""
-    from pathlib import Path
 
     from .export import default_recipe, get_target, load_recipe
     from .export import export as export_artifact

@@ -88,6 +88,17 @@ def _unrecognized(parser: argparse.ArgumentParser, command: str | None, extra: l
     return f"{msg} (see `{sub.prog} --help`)"
 
 
+def _number(text: str) -> float:
+    """A finite float: ``float()`` also takes 'nan' and 'inf', and a NaN gate would pass every file."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON (for machines)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries (CI)")
@@ -132,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p, "training data: 'builtin' (Fashion-MNIST) or a folder with class sub-folders")
     p.add_argument("--epochs", type=int, default=1, help="epochs (default 1)")
     p.add_argument("--batch-size", type=int, default=64, help="global batch size (default 64)")
-    p.add_argument("--lr", type=float, default=0.005, help="peak learning rate (default 0.005)")
+    p.add_argument("--lr", type=_number, default=0.005, help="peak learning rate (default 0.005)")
     p.add_argument("--recipe", default=None, help="recipe YAML for the quantization settings")
     p.add_argument("--out-dir", default="runs/qat", help="checkpoints and logs (default runs/qat)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out-dir")
@@ -153,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p, "evaluation data: 'builtin' (Fashion-MNIST test set), an image folder, .npy or .npz",
                 model_default="the zoo model named in the artifact, with its shipped weights")
     p.add_argument("--num-images", type=int, default=1000, help="evaluation images (default 1000)")
-    p.add_argument("--max-drop", type=float, default=None, help="gate: largest accepted top-1 drop (pp)")
-    p.add_argument("--min-sqnr", type=float, default=None, help="gate: smallest accepted per-layer SQNR (dB)")
+    p.add_argument("--max-drop", type=_number, default=None, help="gate: largest accepted top-1 drop (pp)")
+    p.add_argument("--min-sqnr", type=_number, default=None, help="gate: smallest accepted per-layer SQNR (dB)")
     p.add_argument("--fail-on-dead-kernels", action="store_true", help="gate: fail when dead kernels are found")
     p.add_argument("--report", default=None, help="write the JSON report here")
     p.add_argument("--html", default=None, help="write the HTML report here")
@@ -169,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     zi.add_argument("name")
     zi.add_argument("--resolution", type=int, default=224)
     zi.add_argument("--num-classes", type=int, default=1000)
-    zi.add_argument("--width-mult", type=float, default=None)
+    zi.add_argument("--width-mult", type=_number, default=None)
     _common(zi)
 
     p = add("bench", "latency and size of artifacts in their real runtimes (the direct metric, not FLOPs)")

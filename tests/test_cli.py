@@ -132,6 +132,9 @@ CASES = [
     ("truncated-artifact", lambda d: ["audit", str(d / "truncated.tflite")], 2, "truncated.tflite"),
     ("not-an-artifact", lambda d: ["bench", str(d / "not_a_model.onnx")], 2, "not_a_model.onnx"),
     ("bad-number", lambda d: ["bench", str(d / "truncated.tflite"), "--runs", "many"], 2, "--runs"),
+    ("nan-gate", lambda d: ["audit", str(d / "truncated.tflite"), "--max-drop", "nan"], 2, "finite number"),
+    ("report-path-is-a-directory", lambda d: ["audit", str(d / "truncated.tflite"), "--html", str(d / "empty_dir")],
+     2, "is a directory"),
 ]
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import InputError
 from .health import DEAD_CHECKS, Finding
 
 __all__ = ["SCHEMA", "LayerResult", "EndToEnd", "GateFailure", "Gate", "AuditReport", "write_json", "format_terminal"]
@@ -211,17 +211,16 @@ class AuditReport:
 
 
 def _atomic_write(path: str | os.PathLike, text: str) -> Path:
+    """Write a report atomically, creating its directory (an existing directory as ``path`` or an
+    unwritable place is an ``InputError`` naming it)."""
+    from ..export.artifact import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
+    return atomic_write(path, text.encode("utf-8"))
 
 
 def write_json(report: AuditReport, path: str | os.PathLike) -> Path:
