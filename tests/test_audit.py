@@ -19,7 +19,7 @@ from mobilequant.audit import (AuditReport, EndToEnd, ErrorStats, Gate, LayerRes
                                dead_activation_findings, end_to_end, evaluate_gate, float_weight_findings,
                                fused_layers, run_audit)
 from mobilequant.audit.artifact import open_artifact
-from mobilequant.audit.layout import LayoutMismatch, to_file_layout, to_nchw
+from mobilequant.export.layout import LayoutMismatch, to_file_layout, to_nchw
 from mobilequant.audit.schema import REPORT_SCHEMA
 from mobilequant.capture import capture
 from mobilequant.data import ImageData, builtin_dataset, calibration_set

@@ -8,6 +8,8 @@ ones on the census).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 from collections import defaultdict
@@ -112,6 +114,8 @@ def test_zoo_family_exports_and_verifies(family, target, tmp_path):
     if spec.precision == "fp16":
         kinds = census.ops if spec.format == "tflite" else census.output.get("initializers", {})
         assert ("DEQUANTIZE" in kinds) if spec.format == "tflite" else ("float16" in kinds)
+    if spec.precision == "fp32":
+        _float_file_matches_the_model_layer_by_layer(artifact, setup)
     if spec.format == "onnx" and spec.precision == "fp16":  # weights in float16, biases kept in float32
         import onnx
 
@@ -123,6 +127,22 @@ def test_zoo_family_exports_and_verifies(family, target, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- one model
+def _float_file_matches_the_model_layer_by_layer(artifact, setup):
+    """The audit of an fp32 file: every mapped layer's tensor holds the float model's value (a tensor
+    mapped to the wrong layer reads far below float32 rounding). Float TFLite files had mapped
+    ShuffleNetV1's depthwise convs at 1×1 spatial size to the channel-shuffle RESHAPE the converter gave
+    their location (−1.7 dB) and MobileNetV3's h-sigmoids to the conv with the folded + 3 (−14 dB)."""
+    from mobilequant.audit import run_audit
+    from mobilequant.data import ImageData
+
+    model = copy.copy(setup["model"])  # exported at 32×32: the audit checks the data against the model
+    model.preprocess = dataclasses.replace(model.preprocess, input_size=(3, RESOLUTION, RESOLUTION))
+    r = run_audit(artifact, ImageData(setup["x"][:8], None, "smooth"), model=model, max_drop=None, progress=False)
+    assert r.layers and not [w for w in r.warnings if "cannot hold" in w], r.warnings
+    low = [(l.name, round(l.acc_sqnr, 1)) for l in r.layers if l.acc_sqnr < 60]
+    assert not low, low
+
+
 def _name_map_follows_the_table(path, name_map, table):
     """Each layer is mapped to a QuantizeLinear with the scale the quantization table gives its output.
     (ShuffleNetV1's conv1 layers had been mapped one unit late: torch.export renumbers ``relu_`` nodes when

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import InputError
 from .layers import FusedLayer
-from .layout import LayoutMismatch, to_file_layout, to_nchw
+from ..export.layout import LayoutMismatch, to_file_layout, to_nchw
 from .metrics import ErrorStats, Metric, compute_metrics
 from .reference import FloatReference
 from .report import LayerResult

@@ -14,7 +14,7 @@
 
 Arrays handed out are float32, dequantized, in the file's layout (rank-4 tensors inside a TFLite
 model are NHWC; the graph input keeps what the exporter gave it). Converting to torch's NCHW is the
-caller's job (:mod:`mobilequant.audit.layout`).
+caller's job (:mod:`mobilequant.export.layout`).
 """
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ class TFLiteGraph:
         ``max_mean_lsb`` codes was not preserved by the delegate. Then the audit switches to the
         reference kernels (slower, every tensor kept) and returns a warning saying so.
         """
-        from .layout import to_file_layout
+        from ..export.layout import to_file_layout
 
         names = list(names)
         x = to_file_layout(x, self.input_info().shape, False)  # torch's N×C×H×W → the file's (NHWC input)

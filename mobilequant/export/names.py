@@ -19,6 +19,7 @@ from torch.ao.quantization.fx._decomposed import quantized_decomposed_lib  # noq
 from torch.fx import GraphModule, Node
 
 from ..capture import layer_name
+from .layout import fits
 from .rewrites import INTERNAL_KEY
 from .tflite_file import WEIGHTED_OPS
 
@@ -28,6 +29,13 @@ __all__ = ["tflite_name_map", "tflite_tensor_names", "onnx_name_map", "quantize_
 _qd = torch.ops.quantized_decomposed
 _QUANTIZE = (_qd.quantize_per_tensor.default, _qd.quantize_per_tensor.tensor)
 _STRUCTURAL = ("getitem", "sym_size", "_assert", "guards")
+_aten = torch.ops.aten
+_WEIGHTED_TARGETS = frozenset({_aten.conv1d.default, _aten.conv2d.default, _aten.conv_transpose2d.input,
+                               _aten.linear.default})
+# The TFLite ops a float graph node becomes (the conv / linear ones: WEIGHTED_OPS).
+_TFLITE_OPS = {**{t: WEIGHTED_OPS | {"BATCH_MATMUL"} for t in _WEIGHTED_TARGETS},
+               _aten.add.Tensor: {"ADD"}, _aten.add_.Tensor: {"ADD"}, _aten.mul.Tensor: {"MUL"},
+               _aten.cat.default: {"CONCATENATION"}}
 
 
 class QuantSite:
@@ -128,19 +136,43 @@ def tflite_name_map(gm: GraphModule, info, quantized: bool) -> tuple[dict[str, s
         _map_graph_output(gm, info, name_map, tensor_layer, quantized)
         return name_map, tensor_layer
     nodes = [n for n in gm.graph.nodes if n.op == "call_function" and "mq_name" in n.meta
-             and not any(s in n.name for s in _STRUCTURAL)]
+             and not n.meta.get(INTERNAL_KEY) and not any(s in n.name for s in _STRUCTURAL)]
     used = set()
     for node in nodes:
         segs = _segments(node)
-        for _, t in produced:
-            if t in used:
+        located = [t for _, t in produced if t not in used
+                   and _located(_components(info.tensors[t].name), segs, first_only=True)]
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            # A location is shared by every op the converter made from a node or moved into it; only a
+            # tensor that can hold the node's value is its output (ShuffleNetV2's concat location also
+            # names a 24-channel half; a shuffle's, its rank-5 middle).
+            located = [t for t in located if fits(info.tensors[t].shape, tuple(val.shape))]
+        if not located:
+            continue
+        # A location can also name a neighbour the converter moved into the node: at 1×1 spatial size
+        # ShuffleNetV1's channel-shuffle RESHAPE carries its depthwise conv's location, ahead of the
+        # DEPTHWISE_CONV_2D (the audit read −1.7 dB there), and IGCV3's unshuffle RESHAPE its block's
+        # residual add. A node with an op of its own takes that op's tensor; a conv or linear whose op
+        # carries another location (a fused activation's) is left to that layer.
+        ops = _TFLITE_OPS.get(node.target)
+        if ops is not None:
+            own = [o for o in located if producer[o].name in ops]
+            if not own and node.target in _WEIGHTED_TARGETS:
                 continue
-            if _located(_components(info.tensors[t].name), segs, first_only=True):
-                # The op after a split-off PAD may carry a fused activation's location instead.
-                t = _past_pads(info, producer, t, lambda o: o not in used, used)
-                tensor_layer[t] = layer_name(node)
-                name_map.setdefault(layer_name(node), info.tensors[t].name)
-                break
+            located = own or located
+        t = located[0]
+        if node.target == torch.ops.aten.hardsigmoid.default and producer[t].name in WEIGHTED_OPS:
+            # relu6(x + 3) / 6 after a conv: the converter folds the + 3 into the conv's bias and the clip
+            # into its fused RELU6 (which carries the h-sigmoid's location), then divides in a MUL; the
+            # conv's tensor is 6 × h-sigmoid (the audit read −14 dB), the MUL's is the h-sigmoid.
+            readers = [op for op in info.ops if t in op.inputs]
+            if len(readers) == 1 and readers[0].name == "MUL" and readers[0].outputs[0] not in used:
+                t = readers[0].outputs[0]
+        # The op after a split-off PAD may carry a fused activation's location instead.
+        t = _past_pads(info, producer, t, lambda o: o not in used, used)
+        tensor_layer[t] = layer_name(node)
+        name_map.setdefault(layer_name(node), info.tensors[t].name)
     _map_graph_output(gm, info, name_map, tensor_layer, quantized)
     return name_map, tensor_layer
 
@@ -254,6 +286,11 @@ def onnx_name_map(model, program, gm: GraphModule, quantized: bool) -> dict[str,
         return None
 
     producer = {out: node for node in model.graph.node for out in node.output}
+    shapes = {}  # per-sample static shapes the exporter recorded (batch first, its size ignored)
+    for v in (*model.graph.value_info, *model.graph.output):
+        dims = v.type.tensor_type.shape.dim
+        if len(dims) > 1 and all(d.HasField("dim_value") for d in dims[1:]):
+            shapes[v.name] = (1, *(d.dim_value for d in dims[1:]))
     name_map: dict[str, str] = {}
     for node in model.graph.node:
         if quantized:
@@ -267,6 +304,12 @@ def onnx_name_map(model, program, gm: GraphModule, quantized: bool) -> dict[str,
         else:
             src = source_node(node)
             layer = layer_name(src) if src is not None and "mq_name" in src.meta else None
+            val = src.meta.get("val") if layer else None
+            shape = shapes.get(node.output[0]) if node.output else None
+            if isinstance(val, torch.Tensor) and shape is not None and not fits(shape, tuple(val.shape), False):
+                # torch.export replays a view chain when a reshape needs a copy, and names the replayed
+                # views after that reshape: ShuffleNetV1's final shuffle reshape also named its rank-5 view
+                continue
         if layer and node.output and node.output[0]:
             name_map.setdefault(layer, node.output[0])
     if quantized:

@@ -294,6 +294,7 @@ def _rewrite_flatten_linear(gm: GraphModule, quantized: bool) -> list[Rewrite]:
         f.replace_input_with(x, src)
         if f.target == aten.flatten.using_ints:
             f.args = (src, 1, -1)
+        f.meta[INTERNAL_KEY] = True  # its vector is now in (H, W, C) order: not the model's flatten output
         done.append(Rewrite("flatten_linear", layer_name(lin) if "mq_name" in lin.meta else lin.name,
                             f"flatten of {c}×{h}×{w} in NHWC order, weight columns permuted (no TRANSPOSE)"))
     return done
