@@ -132,6 +132,8 @@ CASES = [
     ("truncated-artifact", lambda d: ["audit", str(d / "truncated.tflite")], 2, "truncated.tflite"),
     ("not-an-artifact", lambda d: ["bench", str(d / "not_a_model.onnx")], 2, "not_a_model.onnx"),
     ("bad-number", lambda d: ["bench", str(d / "truncated.tflite"), "--runs", "many"], 2, "--runs"),
+    ("zero-width", lambda d: ["zoo", "info", "mobilenetv2_050", "--width-mult", "0"], 2, "width_mult"),
+    ("zero-classes", lambda d: ["zoo", "info", "mobilenetv2_050", "--num-classes", "0"], 2, "num_classes"),
     ("nan-gate", lambda d: ["audit", str(d / "truncated.tflite"), "--max-drop", "nan"], 2, "finite number"),
     ("report-path-is-a-directory", lambda d: ["audit", str(d / "truncated.tflite"), "--html", str(d / "empty_dir")],
      2, "is a directory"),

@@ -100,6 +100,11 @@ def create_model(name: str, num_classes: int = 1000, in_chans: int = 3, **kwargs
     and ``model_name``.
     """
     info = model_info(name)
+    if num_classes < 1 or in_chans < 1:
+        raise UsageError(f"model {name!r}: num_classes and in_chans must be at least 1, got {num_classes} and {in_chans}")
+    width = kwargs.get("width_mult")
+    if width is not None and not (isinstance(width, (int, float)) and 0 < width < float("inf")):
+        raise UsageError(f"model {name!r}: width_mult must be a positive number, got {width!r}")
     try:
         model = info.fn(num_classes=num_classes, in_chans=in_chans, **kwargs)
     except TypeError as e:
