@@ -208,6 +208,13 @@ def test_export_with_audit_reports_the_gate(files, tmp_path, capsys):
                "-o", str(tmp_path / "a.tflite"), "--audit"])
     text = capsys.readouterr().out
     assert rc == 0 and "audit      PASS" in text and "FAILED" not in text
+    # the audit judges the images the export's accuracy line is measured on, not its own first 1,000
+    many = tmp_path / "many.npy"
+    np.save(many, np.random.default_rng(1).standard_normal((1100, 1, 32, 32)).astype(np.float32))
+    rc = main(["export", "--target", "tflite-int8", *_tiny(files), "--data", good, "--eval-data", str(many),
+               "-o", str(tmp_path / "b.tflite"), "--audit", "--json", "-q"])
+    out = json.loads(capsys.readouterr().out)  # (random images: the tiny model's gate may fail, rc 1)
+    assert rc in (0, 1) and out["num_eval"] == 1100 and out["audit"]["end_to_end"]["images"] == 1100
     base = dict(model="m", target="tflite-int8", path="a.tflite", size_bytes=1, num_eval=1, float_accuracy=None,
                 artifact_accuracy=None, agreement=100.0, seconds=1.0)
     failing = ExportSummary(**base, failed=True, audit={"verdict": "fail", "failures": [{"message": "drop 0.9 pp"}]})

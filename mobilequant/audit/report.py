@@ -108,7 +108,7 @@ class EndToEnd:
         if max_drop is None or ci is None or math.isnan(ci) or abs(self.gated_pp - max_drop) >= ci:
             return ""
         return (f"the {max_drop:g} pp gate is within the ±{ci:.2f} pp noise of {self.images} images (95 %): "
-                "the verdict is the sample's; more images (--num-images) decide it")
+                "the verdict is the sample's; more images decide it")
 
     def to_dict(self) -> dict:
         return {"images": self.images, "labels_used": self.labels_used, "float_top1": _num(self.float_top1),
