@@ -15,6 +15,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -455,6 +456,21 @@ def test_per_tensor_qat_with_cle_trains_the_equalized_graph_and_exports(float_st
     assert art.verification.passed
     assert art.census.ops.get("MINIMUM:int8", 0) > 30 and not art.census.float_compute_ops
     assert art.metadata["fine_tuned"] == "qat"  # the audit then says its shipped reference predates the training
+
+    # The ONNX file's name map leads each layer to a QuantizeLinear with the trained scale of its output
+    # (after CLE's clamp where there is one).
+    import onnx
+
+    from mobilequant.export.onnx import constants
+
+    art = export(result, "onnx-int8", tmp_path / "qat-cle.onnx", overrides=["verification.enabled=false"])
+    graph = onnx.load(str(art.path)).graph
+    values, producer = constants(graph), {o: n for n in graph.node for o in n.output}
+    pairs = [(layer, float(np.asarray(values[q.input[1]]).reshape(-1)[0]), e.scale[0])
+             for layer, tensor in art.name_map.items()
+             if (e := result.table.get(layer)) is not None and (q := producer.get(tensor)) is not None
+             and q.op_type == "QuantizeLinear"]
+    assert len(pairs) >= 20 and all(abs(a - b) <= 1e-6 * b for _, a, b in pairs), pairs
 
 
 def test_channels_with_zero_bn_variance_are_kept_silent(float_state, tmp_path):
