@@ -251,14 +251,14 @@ def format_terminal(report: AuditReport, top: int = 10) -> str:
         lines += [f"  ✗ {f.message}" for f in r.failures[:top]]
         if len(r.failures) > top:
             lines.append(f"  … and {len(r.failures) - top} more (all in the JSON / HTML report)")
-    ci = "" if e.ci95_pp is None or math.isnan(e.ci95_pp) else f" ± {e.ci95_pp:.2f}"
+    ci = " pp" if e.ci95_pp is None or math.isnan(e.ci95_pp) else f" ± {e.ci95_pp:.2f} pp at 95 %"
     if e.labels_used:
         lines.append(f"End to end: top-1 float {_pct(e.float_top1)} → artifact {_pct(e.quant_top1)} "
-                     f"(drop {e.drop_pp:+.2f}{ci} pp at 95 %); agreement {_pct(e.top1_agreement)}; "
+                     f"(drop {e.drop_pp:+.2f}{ci}); agreement {_pct(e.top1_agreement)}; "
                      f"top-5 containment {_pct(e.top5_containment)}; logits SQNR {e.output_sqnr_db:.1f} dB")
     else:
         lines.append(f"End to end (no labels — agreement metrics only): top-1 agreement {_pct(e.top1_agreement)} "
-                     f"(disagreement {e.disagreement_pp:.2f}{ci} pp at 95 %); top-5 containment "
+                     f"(disagreement {e.disagreement_pp:.2f}{ci}); top-5 containment "
                      f"{_pct(e.top5_containment)}; logits SQNR {e.output_sqnr_db:.1f} dB")
     if e.note:
         lines.append(f"  note: {e.note}")
