@@ -128,7 +128,10 @@ def _checked_float_graph(model: nn.Module, example: torch.Tensor, spec: Target):
     bad = find_unsupported_ops(gm, supported_ops(spec))
     if bad:
         listed = ", ".join(f"{name} ({op})" for name, op in bad)
-        raise InputError(f"{len(bad)} op(s) cannot be exported to {spec.name}: {listed}")
+        floats = sorted({op for _, op in bad} & {str(o) for o in supported_ops(spec.format + "-fp32")})
+        hint = (f"; {', '.join(floats)} export to float targets ({spec.format}-fp16, {spec.format}-fp32)"
+                if spec.quantized and floats else "")
+        raise InputError(f"{len(bad)} op(s) cannot be exported to {spec.name}: {listed}{hint}")
     return gm
 
 
