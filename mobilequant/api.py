@@ -52,13 +52,15 @@ class ZooInfo:
     paper_params_m: float | None
     paper_madds_m: float | None
     targets: list[str] = field(default_factory=list)
+    # the configuration the paper's figures are for, when it is not the one measured here ("" if it is)
+    paper_config: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def summary(self) -> str:
         def paper(v):
-            return "n/a" if v is None else f"{v:g} M"
+            return "n/a" if v is None else f"{v:g} M" + (f" {self.paper_config}" if self.paper_config else "")
 
         return "\n".join([
             f"{self.name}  ({self.family}; {self.paper})",
@@ -86,9 +88,13 @@ def zoo_info(name: str, resolution: int = 224, num_classes: int = 1000, width_mu
         kwargs["width_mult"] = width_mult
     with torch.device("meta"):
         model = create_model(name, **kwargs)
+    differs = [f"{info.paper_resolution} px"] if resolution != info.paper_resolution else []
+    differs += [f"{info.paper_num_classes} classes"] if num_classes != info.paper_num_classes else []
+    differs += ["the variant's own width"] if width_mult is not None else []
     return ZooInfo(name, info.family, info.paper, resolution, num_classes, count_params(model),
                    count_madds(model, (model.preprocess.input_size[0], resolution, resolution)),
-                   info.paper_params_m, info.paper_madds_m, list(TARGETS))
+                   info.paper_params_m, info.paper_madds_m, list(TARGETS),
+                   f"at {', '.join(differs)}" if differs else "")
 
 
 # ----------------------------------------------------------------------------------- shared helpers

@@ -168,7 +168,11 @@ def test_zoo_info_json(capsys):
     assert main(["zoo", "info", "mobilenetv2_100", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["params"] == 3_504_872
-    assert abs(info["madds"] / 1e6 - 300.8) < 0.1
+    assert abs(info["madds"] / 1e6 - 300.8) < 0.1 and info["paper_config"] == ""
+    # another configuration than the paper's: the paper's figure says which one it is for
+    assert main(["zoo", "info", "mobilenetv2_050", "--num-classes", "10", "--width-mult", "0.35"]) == 0
+    text = capsys.readouterr().out
+    assert "(paper 97 M at 1000 classes, the variant's own width)" in text
 
 
 def test_export_takes_the_target_of_the_recipe(files, tmp_path, capsys):
