@@ -111,10 +111,10 @@ MQ_INT8 = (
     ("per-tensor + CLE + BC + range search", ("quantization.per_channel=false", "quantization.cle=true",
                                               "quantization.range_search=true"), False),
 )
-# ONNX Runtime quantize_static variants: (label, per_channel, CalibrationMethod name, core row)
-# (label, per channel, calibration, core row, activation type). ORT's default activation type is int8;
-# its CPU kernels fuse a QDQ graph fully only with uint8 activations (docs/benchmarks.md, "ONNX int8
-# files run as integer kernels"), so one row shows ORT's file with those, for latency.
+# ONNX Runtime quantize_static variants: (label, per channel, CalibrationMethod name, core row, activation
+# type). ORT's default activation type is int8; its CPU kernels fuse a QDQ graph fully only with uint8
+# activations (docs/benchmarks.md, "ONNX int8 files run as integer kernels"), so one row shows ORT's file
+# with those, for latency.
 ORT_INT8 = (
     ("per-channel MinMax", True, "MinMax", True, "QInt8"),
     ("per-channel Percentile", True, "Percentile", False, "QInt8"),

@@ -262,8 +262,9 @@ def format_terminal(report: AuditReport, top: int = 10) -> str:
                      f"{_pct(e.top5_containment)}; logits SQNR {e.output_sqnr_db:.1f} dB")
     if e.note:
         lines.append(f"  note: {e.note}")
-    if e.noise_note(r.gate.max_drop) and not any(f.check in ("accuracy_drop", "disagreement") for f in r.failures):
-        lines.append(f"  note: {e.noise_note(r.gate.max_drop)}")
+    noise = e.noise_note(r.gate.max_drop)  # a failing gate says it in its failure already
+    if noise and not any(f.check in ("accuracy_drop", "disagreement") for f in r.failures):
+        lines.append(f"  note: {noise}")
     if r.layers:
         lines.append(f"Worst layers by isolated SQNR (the layer's own error; accumulated = what reaches it):")
         w = max(len(l.name) for l in r.layers)

@@ -162,7 +162,7 @@ def tflite_name_map(gm: GraphModule, info, quantized: bool) -> tuple[dict[str, s
                 continue
             located = own or located
         t = located[0]
-        if node.target == torch.ops.aten.hardsigmoid.default and producer[t].name in WEIGHTED_OPS:
+        if node.target == _aten.hardsigmoid.default and producer[t].name in WEIGHTED_OPS:
             # relu6(x + 3) / 6 after a conv: the converter folds the + 3 into the conv's bias and the clip
             # into its fused RELU6 (which carries the h-sigmoid's location), then divides in a MUL; the
             # conv's tensor is 6 × h-sigmoid (the audit read −14 dB), the MUL's is the h-sigmoid.
