@@ -156,9 +156,13 @@ def _model_name(net) -> str:
 
 
 def _output_path(out: str | None, name: str, suffix: str, target: str):
-    """``out`` is a file (ends with the target's suffix) or a directory (created if its parent exists)."""
+    """``out`` is a file (ends with the target's suffix) or a directory (created if its parent exists).
+
+    Returns the file's path and the directory created for it (``None`` if none was).
+    """
 
     out = Path(out or DEFAULT_OUT)
+    created = None
     if out.suffix in (".tflite", ".onnx", ".json"):
         path = out
     else:
@@ -167,6 +171,7 @@ def _output_path(out: str | None, name: str, suffix: str, target: str):
                 raise UsageError(f"output directory {out.parent} does not exist")
             try:
                 out.mkdir()
+                created = out
             except OSError as e:
                 raise UsageError(f"cannot create output directory {out}: {e.strerror or e}") from None
         elif not out.is_dir():
@@ -181,7 +186,7 @@ def _output_path(out: str | None, name: str, suffix: str, target: str):
             pass
     except OSError as e:
         raise UsageError(f"output directory {path.parent} is not writable ({e.strerror or e})") from None
-    return path
+    return path, created
 
 
 def _logits(net, images, batch_size: int = 500):
@@ -201,9 +206,7 @@ def _load(data: str, cfg, split: str, limit: int | None = None):
     from .data import load_data
 
     d = load_data(data, cfg, split=split)
-    if limit is not None and limit < len(d):
-        d = d.subset(range(limit))
-    return d
+    return d if limit is None else d.spread(limit)
 
 
 # ------------------------------------------------------------------------------------------- export
@@ -270,8 +273,10 @@ def export_model(target: str | None = None, model: str | None = None, weights: s
     """
     import time
 
+    from .data import fit_labels
     from .errors import CheckFailed
     from .export import export, resolve_recipe
+    from .export.recipes import VerificationSettings
     from .runtime import open_runner
 
     t0 = time.perf_counter()
@@ -283,39 +288,48 @@ def export_model(target: str | None = None, model: str | None = None, weights: s
     spec = rec.spec
     net = resolve_model(model, weights)
     name = _model_name(net)
-    path = _output_path(out, name, spec.suffix, spec.name)
-    cfg = net.preprocess
-    calib = _load(data, cfg, "calibration", rec.quantization.num_calibration) if spec.quantized else None
-    evald = _load(eval_data, cfg, "test", num_eval)  # default: the whole evaluation set (10k test images)
-    if len(evald) != rec.verification.num_images:  # verification runs on the same images as the summary
-        rec = rec.replace([f"verification.num_images={len(evald)}"])
-    if progress:
-        print(f"mobilequant: {name} → {spec.name}: calibrating on {0 if calib is None else len(calib)} images, "
-              f"verifying on {len(evald)}", flush=True)
-    failed = False
+    path, created = _output_path(out, name, spec.suffix, spec.name)
     try:
-        artifact = export(net, spec.name, path, recipe=rec,
-                          calibration_data=None if calib is None else calib.batches(64),
-                          verify_data=evald, model_name=name)
-    except CheckFailed as e:
-        artifact = getattr(e, "artifact", None)
-        if artifact is None:
-            raise
-        failed = True
-    float_logits = _logits(net, evald.images)
-    file_logits = open_runner(path).run(evald.images.numpy())
-    import torch
+        cfg = net.preprocess
+        if num_eval is None and rec.verification.num_images != VerificationSettings.num_images:
+            # a recipe or --set that asks for N verification images: the summary and the checks take N
+            num_eval = rec.verification.num_images
+        calib = _load(data, cfg, "calibration", rec.quantization.num_calibration) if spec.quantized else None
+        evald = _load(eval_data, cfg, "test", num_eval)  # default: the whole evaluation set (10k test images)
+        evald = fit_labels(evald, net)  # before any work: labels the model cannot have fail here
+        if len(evald) != rec.verification.num_images:  # verification runs on the same images as the summary
+            rec = rec.replace([f"verification.num_images={len(evald)}"])
+        if progress:
+            print(f"mobilequant: {name} → {spec.name}: calibrating on {0 if calib is None else len(calib)} images, "
+                  f"verifying on {len(evald)}", flush=True)
+        failed = False
+        try:
+            artifact = export(net, spec.name, path, recipe=rec,
+                              calibration_data=None if calib is None else calib.batches(64),
+                              verify_data=evald, model_name=name)
+        except CheckFailed as e:
+            artifact = getattr(e, "artifact", None)
+            if artifact is None:
+                raise
+            failed = True
+        float_logits = _logits(net, evald.images)
+        file_logits = open_runner(path).run(evald.images.numpy())
+        import torch
 
-    file_logits = torch.as_tensor(file_logits)
-    report = None
-    if audit:
-        from .audit import run_audit
+        file_logits = torch.as_tensor(file_logits)
+        report = None
+        if audit:
+            from .audit import run_audit
 
-        # the images the accuracy line above is measured on (the audit's own default is its first 1,000:
-        # ShuffleNetV1 read +0.18 pp on the 10k split above it and failed the gate at +0.80 on 1,000)
-        rep = run_audit(artifact, evald, model=net, images=None, progress=progress)
-        report = rep.to_dict()
-        failed = failed or not rep.passed
+            # the images the accuracy line above is measured on (the audit's own default is 1,000 of them:
+            # ShuffleNetV1 read +0.18 pp on the 10k split above it and failed the gate at +0.80 on 1,000)
+            rep = run_audit(artifact, evald, model=net, images=None, progress=progress)
+            report = rep.to_dict()
+            failed = failed or not rep.passed
+    except BaseException:
+        if created is not None and not any(created.iterdir()):  # nothing written: leave no trace
+            created.rmdir()
+        raise
     ver = getattr(artifact, "verification", None)
     return ExportSummary(
         model=name, target=spec.name, path=str(path), size_bytes=path.stat().st_size, num_eval=len(evald),

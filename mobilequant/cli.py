@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", default="out", help="output file or directory (default: out/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set quantization.per_channel=false (repeatable; see docs/recipes.md)")
-    p.add_argument("--num-eval", type=int, default=None, help="evaluation images for the summary and the checks (default: all)")
+    p.add_argument("--num-eval", type=int, default=None, help="evaluation images for the summary and the checks, spread evenly over the set (default: all, or verification.num_images where a recipe or --set changes it)")
     p.add_argument("--no-verify", action="store_true", help="skip the read-back verification")
     p.add_argument("--audit", action="store_true", help="run the per-layer accuracy audit after export, on the evaluation images (gate: 0.5 pp drop)")
     _common(p)
@@ -218,6 +218,18 @@ def _quiet_library_logs() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.showwarning = _show_warning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """mobilequant's own warnings (about the user's data and files) as one line each, like its errors;
+    a library's warning keeps Python's format, which says where it comes from."""
+    import warnings
+
+    if category.__module__.startswith("mobilequant."):
+        print(f"mobilequant: warning: {message}", file=sys.stderr if file is None else file, flush=True)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -65,6 +65,8 @@ def files(tmp_path_factory):
     np.save(d / "nan.npy", nan)
     np.save(d / "wrong_shape.npy", np.zeros((4, 3, 20, 20), np.float32))
     np.save(d / "good.npy", x)
+    np.savez(d / "labels_past_the_classes.npz", images=x, labels=np.arange(16) + 5)  # the model has 10
+    np.save(d / "one_colour_image.npy", np.zeros((40, 40, 3), np.uint8))  # one image, not 40 of 40 × 3
     (d / "empty_dir").mkdir()
     (d / "bad_recipe.yaml").write_text("target: tflite-int8\nquantisation:\n  per_channel: true\n")
     (d / "truncated.tflite").write_bytes(b"\x1c\x00\x00\x00TFL3" + b"\x00" * 20)
@@ -122,6 +124,12 @@ CASES = [
     ("wrong-input-shape", lambda d: ["export", "--target", "tflite-int8", *_tiny(d), "--data",
                                      str(d / "wrong_shape.npy"), "--eval-data", str(d / "good.npy")], 2,
      "shape"),
+    # labels the model cannot have: refused before anything is written, and the new -o folder is removed
+    ("labels-past-the-classes", lambda d: ["export", "--target", "onnx-fp32", *_tiny(d), "--eval-data",
+                                           str(d / "labels_past_the_classes.npz"), "-o", str(d / "new_dir")], 2,
+     "run from 5 to 20 but the model has 10 classes"),
+    ("one-colour-image-as-array", lambda d: ["export", "--target", "tflite-int8", *_tiny(d), "--data",
+                                             str(d / "one_colour_image.npy")], 2, "1×H×W×C"),
     ("unsupported-op", lambda d: ["export", "--target", "tflite-int8", *_tiny(d, "build_unsupported"),
                                   "--data", str(d / "good.npy"), "--eval-data", str(d / "good.npy")], 2,
      "act"),
@@ -184,6 +192,27 @@ def test_export_takes_the_target_of_the_recipe(files, tmp_path, capsys):
     assert rc == 0, report
     assert report["target"] == "onnx-fp32" and report["path"].endswith(".onnx")
     assert Path(report["path"]).parent == out and Path(report["path"]).is_file()
+
+
+def test_data_warnings_are_one_line_and_the_recipe_image_count_is_kept(files, tmp_path, capsys):
+    """A folder whose class names mean nothing to the model: the export runs, the labels are dropped with one
+    'mobilequant: warning:' line (not Python's two-line warning format naming our source file); a
+    ``--set verification.num_images`` is the number of images checked, not replaced by the whole set."""
+    from PIL import Image
+
+    for i, name in enumerate(("cat", "dog", "emu")):
+        for j in range(4):
+            (tmp_path / "set" / name).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((28, 28), 40 * i + j, np.uint8)).save(tmp_path / "set" / name / f"{j}.png")
+    rc = main(["export", "--target", "onnx-fp32", *_tiny(files), "--eval-data", str(tmp_path / "set"),
+               "--set", "verification.num_images=6", "-o", str(tmp_path), "--json"])
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert rc == 0, captured.err
+    assert report["float_accuracy"] is None and report["num_eval"] == 6
+    warned = [line for line in captured.err.splitlines() if "labels not used" in line]
+    assert len(warned) == 1 and warned[0].startswith("mobilequant: warning: "), captured.err
+    assert "LabelWarning" not in captured.err and ".py:" not in captured.err
 
 
 def test_export_fp32_then_bench_and_audit_exit_codes(files, tmp_path, capsys):

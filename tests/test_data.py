@@ -6,9 +6,11 @@ these tests need it and fail, rather than skip, without it.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -18,9 +20,11 @@ from PIL import Image
 from mobilequant.data import (
     BadImageWarning,
     ImageData,
+    LabelWarning,
     builtin_dataset,
     calibration_manifest,
     calibration_set,
+    fit_labels,
     load_data,
     load_fashion_mnist,
     preprocess_image,
@@ -30,6 +34,7 @@ from mobilequant.data import (
     to_layout,
 )
 from mobilequant.data import builtin as builtin_mod
+from mobilequant.data.readers import DataWarning
 from mobilequant.data.fashion_mnist import ENV_VAR, fashion_mnist_root, read_idx
 from mobilequant.errors import InputError, UsageError
 from mobilequant.models import FASHION_MNIST, IMAGENET, PreprocessConfig
@@ -142,15 +147,35 @@ def test_resize_shorter_side_then_centre_crop():
     x = preprocess_image(image, cfg)[0]
     assert x.shape == (32, 32)
     assert torch.all(x[:, :15] == 0) and torch.all(x[:, 17:] == 1)
-    # resize=None and an image larger than the input: resized straight to it (antialiased, so a constant
-    # image stays constant).
+    # resize=None (no frame) and an image larger than the input: resized straight to it (antialiased, so a
+    # constant image stays constant).
     big = np.full((100, 60, 3), 128, dtype=np.uint8)
-    y = preprocess_image(big, FASHION_MNIST)
+    y = preprocess_image(big, dataclasses.replace(FASHION_MNIST, frame=None))
     assert y.shape == (1, 32, 32)
     torch.testing.assert_close(y, torch.full_like(y, (128 / 255 - MEAN) / STD), rtol=0, atol=1e-5)
     # Mixed sizes in one list.
     z = preprocess_images([np.zeros((28, 28), np.uint8), big, image], FASHION_MNIST)
     assert z.shape == (3, 1, 32, 32)
+
+
+def test_fashion_frame_fits_other_sizes_as_the_training_images_were_framed():
+    # Fashion-MNIST's items are 28×28 on a 32×32 zero canvas; an image of another size is fitted into the
+    # 28×28 frame (aspect kept), then padded — not stretched over the whole canvas.
+    big = np.full((100, 60), 128, dtype=np.uint8)
+    y = preprocess_image(big, FASHION_MNIST)[0]
+    inside = (y - (0 - MEAN) / STD).abs() > 1e-5
+    rows, cols = np.flatnonzero(inside.any(1)), np.flatnonzero(inside.any(0))
+    assert (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1) == (2, 30, 7, 24)  # 28 × 17 in the middle
+    assert y[16, 16].item() == pytest.approx((128 / 255 - MEAN) / STD, abs=1e-5)
+    # a real item scaled up to 56×56 comes back to (nearly) its 28×28 framing; stretched over 32×32 it
+    # would not
+    item = load_fashion_mnist("test")[0][0]
+    up = np.asarray(Image.fromarray(item).resize((56, 56), Image.Resampling.BILINEAR))
+    framed, original = preprocess_images(up[None], FASHION_MNIST), preprocess_images(item[None], FASHION_MNIST)
+    stretched = preprocess_images(up[None], dataclasses.replace(FASHION_MNIST, frame=None))
+    assert (framed - original).abs().mean().item() < 0.5 * (stretched - original).abs().mean().item()
+    # a batch of one size (the fast path) and a list give the same tensor
+    torch.testing.assert_close(framed, preprocess_images([up], FASHION_MNIST))
 
 
 def test_preprocess_rejects_bad_input():
@@ -174,6 +199,51 @@ def test_to_layout():
 
 
 # --- ImageData ------------------------------------------------------------------------------------------
+
+def test_spread_takes_images_from_the_whole_set():
+    data = ImageData(torch.randn(10, 1, 4, 4), torch.arange(10) // 5, "t")  # class-sorted, like a folder
+    assert data.spread(4).labels.tolist() == [0, 0, 1, 1]  # not the first four, all of class 0
+    assert torch.equal(data.spread(4).images, data.images[[0, 2, 5, 7]])
+    assert data.spread(10) is data and data.spread(99) is data
+    with pytest.raises(UsageError):
+        data.spread(0)
+
+
+class _Classifier(torch.nn.Module):
+    def __init__(self, classes, names=None):
+        super().__init__()
+        self.fc = torch.nn.Linear(16, classes)
+        if names is not None:
+            self.class_names = names
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def test_folder_labels_are_fitted_to_the_model(tmp_path):
+    def folder(*names):
+        root = tmp_path / "_".join(names)
+        for i, n in enumerate(names):
+            _png(root / n / "x.png", np.full((4, 4), 10 * i, np.uint8))
+        return read_images(root, PreprocessConfig(input_size=(1, 4, 4), mean=(0.5,), std=(0.5,), resize=None))
+
+    names = ("T-shirt/top", "Trouser", "Pullover", "Dress")
+    # by the model's class names: a subset of the classes, spelt as a file system allows
+    data = fit_labels(folder("dress", "Trouser", "t-shirt_top"), _Classifier(4, names))
+    assert data.classes == ("Trouser", "dress", "t-shirt_top") and data.labels.tolist() == [1, 3, 0]
+    # by class index: "2" and "10" are classes 2 and 10, not sorted positions
+    assert fit_labels(folder("10", "2"), _Classifier(12)).labels.tolist() == [10, 2]
+    with pytest.raises(InputError, match="class folder '10' is a class index but the model has 4"):
+        fit_labels(folder("10", "2"), _Classifier(4))
+    # one folder per class: sorted position, as torchvision's ImageFolder numbers them
+    assert fit_labels(folder("cat", "dog"), _Classifier(2)).labels.tolist() == [0, 1]
+    # anything else cannot be trusted: labels dropped, with a warning naming the folders
+    with pytest.warns(LabelWarning, match="2 class folder\\(s\\) \\(cat, dog\\)"):
+        assert fit_labels(folder("cat", "dog"), _Classifier(10)).labels is None
+    # array labels outside the model's classes fail before any work
+    with pytest.raises(InputError, match="run from 0 to 3 but the model has 3 classes"):
+        fit_labels(ImageData(torch.zeros(4, 1, 4, 4), torch.arange(4), "arr.npz"), _Classifier(3))
+
 
 def test_image_data_batches_and_subset():
     data = ImageData(torch.randn(10, 1, 4, 4), torch.arange(10), "t")
@@ -243,6 +313,26 @@ def test_folder_errors(tmp_path):
         read_images(tmp_path / "missing", FASHION_MNIST)
 
 
+def test_folder_follows_linked_folders_once_and_exif_orientation(tmp_path):
+    _png(tmp_path / "elsewhere" / "x.png", np.zeros((28, 28), np.uint8))
+    (tmp_path / "set" / "a").mkdir(parents=True)
+    _png(tmp_path / "set" / "a" / "own.png", np.zeros((28, 28), np.uint8))
+    (tmp_path / "set" / "a" / "linked").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "set" / "a" / "loop").symlink_to(tmp_path / "set")  # a link up the tree: walked once
+    data = read_images(tmp_path / "set", FASHION_MNIST)
+    assert len(data) == 2 and data.classes == ("a",)
+    # a phone photo stored sideways with EXIF orientation 6 (rotate 90° clockwise to show)
+    wide = np.zeros((20, 40, 3), np.uint8)
+    wide[:, :4] = 255  # a white stripe on the left edge as stored: on the top edge as shown
+    im = Image.fromarray(wide)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    im.save(tmp_path / "sideways.jpg", exif=exif, quality=95)
+    shown = read_images(tmp_path / "sideways.jpg", dataclasses.replace(FASHION_MNIST, frame=None))
+    rows = (shown.images[0, 0] > 0).any(1).nonzero().flatten()
+    assert shown.images.shape == (1, 1, 32, 32) and rows.max() < 16  # the stripe is at the top
+
+
 def test_single_image_file(tmp_path):
     _png(tmp_path / "one.png", np.full((28, 28), 255, np.uint8))
     data = load_data(str(tmp_path / "one.png"), FASHION_MNIST, "calibration")
@@ -277,7 +367,7 @@ def test_array_errors(tmp_path):
     bad = np.zeros((2, 1, 32, 32), np.float32)
     bad[0, 0, 0, 0] = np.nan
     np.save(tmp_path / "nan.npy", bad)
-    with pytest.raises(InputError, match="NaN"):
+    with pytest.raises(InputError, match=r"NaN or infinite values \(image 0; 1 of 2\)"):
         read_images(tmp_path / "nan.npy", FASHION_MNIST)
     np.savez(tmp_path / "labels.npz", images=np.zeros((3, 28, 28), np.uint8), labels=np.arange(2))
     with pytest.raises(InputError, match="labels"):
@@ -288,6 +378,31 @@ def test_array_errors(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"junk")
     with pytest.raises(InputError, match="cannot read"):
         read_images(tmp_path / "junk.npz", FASHION_MNIST)
+    (tmp_path / "junk.npy").write_bytes(b"junk" * 40)  # numpy's message would advise allow_pickle=True
+    with pytest.raises(InputError, match="not a NumPy .npy file"):
+        read_images(tmp_path / "junk.npy", FASHION_MNIST)
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object))
+    with pytest.raises(InputError, match="Python objects, which are not loaded"):
+        read_images(tmp_path / "objects.npy", FASHION_MNIST)
+    # one H×W×3 photo saved as is would read as H grey images of W × 3 pixels
+    np.save(tmp_path / "photo.npy", np.zeros((48, 64, 3), np.uint8))
+    with pytest.raises(InputError, match="1×H×W×C"):
+        read_images(tmp_path / "photo.npy", FASHION_MNIST)
+
+
+def test_float_arrays_that_look_like_raw_pixels_are_warned_about(tmp_path, test_split):
+    raw = test_split[0][:8]
+    normalised = preprocess_images(raw, FASHION_MNIST).numpy()
+    np.save(tmp_path / "normalised.npy", normalised)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_images(tmp_path / "normalised.npy", FASHION_MNIST)
+    padded = np.pad(raw, ((0, 0), (2, 2), (2, 2)))[:, None].astype(np.float32)
+    for name, x, phrase in (("unit.npy", padded / 255, r"scaled to \[0, 1\]"), ("pixels.npy", padded, "0 … 255")):
+        np.save(tmp_path / name, x)
+        with pytest.warns(DataWarning, match=phrase):
+            data = read_images(tmp_path / name, FASHION_MNIST)
+        assert torch.equal(data.images, torch.from_numpy(x))  # used as given all the same
 
 
 # --- built-in data and the shipped calibration set ------------------------------------------------------

@@ -110,7 +110,7 @@ def _resolve_model(model, quant_result, meta: dict) -> nn.Module:
 
 
 def _resolve_data(data, model: nn.Module, images: int | None):
-    from ..data import ImageData, load_data
+    from ..data import ImageData, fit_labels, load_data
 
     if not isinstance(data, ImageData):
         cfg = getattr(model, "preprocess", None)
@@ -122,8 +122,8 @@ def _resolve_data(data, model: nn.Module, images: int | None):
     if images is not None:
         if images < 1:
             raise UsageError(f"images must be at least 1, got {images}")
-        data = data.subset(slice(0, images))
-    return data
+        data = data.spread(images)
+    return fit_labels(data, model)
 
 
 def _check_belongs(model: nn.Module, meta: dict, quant_result, graph, data) -> list[str]:
@@ -207,13 +207,6 @@ def _reference_graph(model: nn.Module, example: torch.Tensor, meta: dict, quant_
     return gm
 
 
-def _labels_fit(data, classes: int) -> None:
-    if data.labels is not None and len(data.labels):
-        lo, hi = int(data.labels.min()), int(data.labels.max())
-        if lo < 0 or hi >= classes:
-            raise InputError(f"labels of {data.source} run from {lo} to {hi} but the model has {classes} classes")
-
-
 def run_audit(
     artifact,
     data,
@@ -247,8 +240,8 @@ def run_audit(
     ``.npz``), preprocessed for the model. ``model``: the float model (default: ``quant_result``'s, else
     the shipped weights named in the artifact's metadata). ``name_map``: stable layer name → tensor name
     (default: the Artifact's, else the one embedded in the file). Gate: ``max_drop`` (pp), ``min_sqnr``
-    (dB, isolated, per layer), ``fail_on_dead_kernels``. ``images``: how many images to use (the first
-    ones; ``None``: all). ``layer_checks=False`` skips the per-layer comparison (end to end and weight
+    (dB, isolated, per layer), ``fail_on_dead_kernels``. ``images``: how many images to use (spread evenly over
+    ``data``; ``None``: all). Class-folder labels are fitted to the model (``data.fit_labels``). ``layer_checks=False`` skips the per-layer comparison (end to end and weight
     health only). Raises :class:`~mobilequant.errors.InputError` for a file that is not an artifact,
     an artifact that does not belong to the model, or data that does not fit.
     """
@@ -342,7 +335,6 @@ def run_audit(
     timings.update(res.timings)
 
     f_logits, q_logits = np.concatenate(res.float_logits), np.concatenate(res.quant_logits)
-    _labels_fit(data, f_logits.shape[1])
     # The gate judges the file as it ships: run whole, as the export summary and the benchmarks run it.
     # The per-layer run keeps every intermediate readable (LiteRT then delegates op by op, ONNX Runtime
     # gets extra graph outputs), and its integer kernels can round a few near-tie images differently.

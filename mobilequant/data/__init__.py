@@ -6,6 +6,7 @@
 * :func:`builtin_dataset`, :func:`load_fashion_mnist`: the full splits from the Debian package
   ``dataset-fashion-mnist``.
 * :func:`preprocess_images`: the one place preprocessing happens.
+* :func:`fit_labels`: class-folder labels matched to a model's classes, and checked against them.
 * :func:`photo_crops`: crops of real photos for ImageNet models, two disjoint halves; ``collection="skimage"``
   (12 scikit-image photos, the default) or ``"offline"`` (62 photos of scikit-image, scikit-learn,
   matplotlib and Debian's opencv-doc).
@@ -14,6 +15,7 @@
 from .builtin import BUILTIN_DATASETS, builtin_dataset, calibration_manifest, calibration_set, load_data, stratified_indices
 from .fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from .fashion_mnist import load_fashion_mnist
+from .labels import LabelWarning, fit_labels, model_classes
 from .photos import CROPS_PER_PHOTO, OFFLINE_PHOTO_SPLITS, PHOTO_COLLECTIONS, PHOTO_SPLITS, Photo, photo_crops, photo_list
 from .preprocess import preprocess_image, preprocess_images, to_layout
 from .readers import BadImageWarning, ImageData, read_images
@@ -27,12 +29,15 @@ __all__ = [
     "PHOTO_SPLITS",
     "BadImageWarning",
     "ImageData",
+    "LabelWarning",
     "Photo",
     "builtin_dataset",
     "calibration_manifest",
     "calibration_set",
+    "fit_labels",
     "load_data",
     "load_fashion_mnist",
+    "model_classes",
     "photo_crops",
     "photo_list",
     "preprocess_image",

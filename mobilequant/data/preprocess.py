@@ -6,10 +6,14 @@ Geometry, from a model's :class:`~mobilequant.models.PreprocessConfig` with ``in
   shrinking; Pillow), then the centre ``H×W`` is cropped (the ImageNet evaluation recipe). A crop larger
   than the resized image is padded with zeros around it.
 * ``cfg.resize = None``: an image that fits inside ``H×W`` is **not resampled**; it is centred on a
-  zero (black) canvas of ``H×W``. This is the choice for Fashion-MNIST: 28×28 → 32×32 with 2 pixels
-  of zeros on every side, pixel-exact, matching the black background of the data set. The shipped
-  Fashion-MNIST weights were trained this way. An image larger than ``H×W`` on either side is resized
-  straight to ``H×W`` (bilinear, antialiased), aspect ratio not kept.
+  zero (black) canvas of ``H×W``. An image larger than ``H×W`` on either side is resized straight to
+  ``H×W`` (bilinear, antialiased), aspect ratio not kept.
+* ``cfg.resize = None`` with ``cfg.frame = (h, w)``: the size the training images had inside the input.
+  An image is fitted into that frame keeping its aspect ratio (resized only when it is not already
+  that size on one side and no larger on the other), then centred on the zero canvas. This is
+  Fashion-MNIST's: 28×28 → 32×32 with 2 pixels of zeros on every side, pixel-exact, matching the black
+  background of the data set (the shipped weights were trained this way); a 56×56 or a 32×32 image of
+  an item is resized to 28×28 first, so it is framed as the training images were.
 
 Channels are converted to ``C``: grey → RGB repeats the grey plane; RGB → grey uses the ITU-R 601
 luma weights (0.299, 0.587, 0.114), as Pillow's ``convert("L")``; an alpha channel is dropped.
@@ -71,10 +75,21 @@ def _centre(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return out
 
 
+def _fit(h: int, w: int, frame: Sequence[int]) -> tuple[int, int]:
+    """The size of an ``h×w`` image fitted into ``frame`` (height, width), aspect ratio kept."""
+    scale = min(frame[0] / h, frame[1] / w)
+    if scale == 1.0:
+        return h, w
+    return max(min(round(h * scale), frame[0]), 1), max(min(round(w * scale), frame[1]), 1)
+
+
 def _geometry(image: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     _, height, width = cfg.input_size
     h, w = image.shape[:2]
     if cfg.resize is None:
+        if cfg.frame is not None:
+            fit = _fit(h, w, cfg.frame)
+            return _centre(image if fit == (h, w) else _resize(image, *fit), height, width)
         if h <= height and w <= width:
             return _centre(image, height, width)
         return _resize(image, height, width)
@@ -138,7 +153,8 @@ def preprocess_images(images: np.ndarray | Sequence[np.ndarray], cfg: Preprocess
         if batch.shape[3] in (2, 4):  # drop alpha
             batch = batch[..., : batch.shape[3] - 1]
         h, w = batch.shape[1:3]
-        if cfg.resize is None and h <= height and w <= width:
+        if cfg.resize is None and (_fit(h, w, cfg.frame) == (h, w) if cfg.frame is not None else
+                                   h <= height and w <= width):
             # Fast path (Fashion-MNIST): pad the whole batch at once; the same result as image by image.
             top, left = (height - h) // 2, (width - w) // 2
             return _normalise(np.pad(batch, ((0, 0), (top, height - h - top), (left, width - w - left), (0, 0))), cfg)

@@ -37,7 +37,7 @@ from ..errors import InputError, UsageError
 from ..models import PreprocessConfig
 from .preprocess import preprocess_images
 
-__all__ = ["IMAGE_SUFFIXES", "BadImageWarning", "ImageData", "read_array_file", "read_image_file",
+__all__ = ["IMAGE_SUFFIXES", "BadImageWarning", "DataWarning", "ImageData", "read_array_file", "read_image_file",
            "read_image_folder", "read_images"]
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff",
@@ -47,6 +47,10 @@ _ON_BAD = ("skip", "error")
 
 class BadImageWarning(UserWarning):
     """An image file that could not be decoded was skipped."""
+
+
+class DataWarning(UserWarning):
+    """Data that are read as given but look unlike what the model expects."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,17 @@ class ImageData:
             stop = start + batch_size
             yield self.images[start:stop], None if self.labels is None else self.labels[start:stop]
 
+    def spread(self, count: int) -> ImageData:
+        """``count`` images evenly spread over the set, in order (all of them when ``count ≥ len(self)``).
+
+        Not the first ``count``: a class-folder set is sorted by class, so its first images are one class.
+        """
+        if count >= len(self):
+            return self
+        if count < 1:
+            raise UsageError(f"image count must be at least 1, got {count}")
+        return self.subset(np.arange(count, dtype=np.int64) * len(self) // count)
+
     def subset(self, indices: Sequence[int] | np.ndarray | torch.Tensor | slice) -> ImageData:
         """The images at ``indices`` (a slice or a sequence of ints), in that order."""
         if not isinstance(indices, slice):
@@ -107,10 +122,11 @@ def _check_on_bad(on_bad_image: str) -> None:
 
 def _decode(path: Path) -> np.ndarray:
     """Decode an image file to uint8 HW (grey) or HWC (RGB); raise the decoder's exception if it cannot."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     with Image.open(path) as im:
         im.load()
+        im = ImageOps.exif_transpose(im)  # a phone photo's pixels as it is shown (EXIF orientation)
         grey = im.getbands() in (("L",), ("L", "A"), ("1",), ("I",), ("F",)) or im.mode.startswith("I;")
         if im.mode.startswith("I;16"):  # 16-bit grey: 0..65535 → 0..255
             return np.round(np.asarray(im, dtype=np.float64) / 257.0).astype(np.uint8)
@@ -146,8 +162,13 @@ def _is_image(path: Path) -> bool:
 
 
 def _images_below(folder: Path) -> list[Path]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    found, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link back up the tree: walked already
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         found += [Path(dirpath) / f for f in filenames if _is_image(Path(f))]
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
@@ -206,7 +227,17 @@ def read_array_file(path: str | os.PathLike, cfg: PreprocessConfig) -> ImageData
                 arrays = {k: loaded[k] for k in loaded.files}
         else:
             arrays = {"images": np.load(path, allow_pickle=False)}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    except ValueError as e:
+        # numpy's message for anything it cannot parse ends with advice to load the file with
+        # allow_pickle=True — advice never to take with a file from elsewhere
+        why = str(e)
+        if "pickle" in why:
+            with open(path, "rb") as f:
+                npy = f.read(6) == b"\x93NUMPY"
+            why = ("it holds Python objects, which are not loaded (save a plain numeric array)" if npy
+                   else "not a NumPy .npy file")
+        raise InputError(f"cannot read {path}: {why}") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
         raise InputError(f"cannot read {path}: {e}") from None
     if not isinstance(arrays.get("images", np.empty(0)), np.ndarray):
         raise InputError(f"{path} is not a .npy array file")
@@ -226,6 +257,11 @@ def _array_images(images: np.ndarray, cfg: PreprocessConfig, path: Path) -> torc
             images = images.transpose(0, 2, 3, 1)  # channels-first raw images
         if images.ndim not in (3, 4) or len(images) == 0:
             raise InputError(f"{path}: uint8 images must be N×H×W or N×H×W×C with N ≥ 1, got shape {images.shape}")
+        if images.ndim == 3 and images.shape[2] in (3, 4) and images.shape[1] > 4:
+            # N×H×W with a width of 3 or 4 pixels is no image set anyone has: this is one H×W×C image
+            raise InputError(f"{path}: shape {images.shape} reads as {images.shape[0]} grey images {images.shape[1]} "
+                             f"× {images.shape[2]} pixels; for one colour image save it as 1×H×W×C "
+                             "(image[None])")
         return preprocess_images(images, cfg)
     if np.issubdtype(images.dtype, np.floating):
         want = tuple(cfg.input_size)
@@ -234,10 +270,33 @@ def _array_images(images: np.ndarray, cfg: PreprocessConfig, path: Path) -> torc
             hint = "; it looks channels-last: transpose it to N×C×H×W" if images.shape[1:] == (h, w, c) else ""
             raise InputError(f"{path}: float arrays are preprocessed model input and must be N×{c}×{h}×{w}, "
                              f"got shape {images.shape}{hint}")
-        if not np.isfinite(images).all():
-            raise InputError(f"{path}: float images contain NaN or infinite values")
+        bad = np.flatnonzero(~np.isfinite(images.reshape(len(images), -1)).all(axis=1))
+        if len(bad):
+            shown = ", ".join(str(i) for i in bad[:5]) + (", …" if len(bad) > 5 else "")
+            raise InputError(f"{path}: float images contain NaN or infinite values (image {shown}; "
+                             f"{len(bad)} of {len(images)})")
+        _warn_unnormalised(images, cfg, path)
         return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
     raise InputError(f"{path}: images must be uint8 (raw pixels) or float (preprocessed), got {images.dtype}")
+
+
+def _warn_unnormalised(images: np.ndarray, cfg: PreprocessConfig, path: Path) -> None:
+    """Warn when float images look like raw pixels rather than the model's normalised input.
+
+    Normalised input ``(x/255 − mean) / std`` of real images has negative values (below-mean pixels) and
+    stays within about ±1/std; pixels scaled to [0, 1] or left at 0 … 255 have neither property.
+    """
+    lo, hi = float(images.min()), float(images.max())
+    reach = (1.0 + max(cfg.mean)) / min(cfg.std)  # the largest |value| normalised input can take
+    if hi > 2 * reach:
+        what = "like 0 … 255 pixels"
+    elif lo >= 0.0 and hi <= 1.0 and any(m > 0 for m in cfg.mean):
+        what = "like pixels scaled to [0, 1] without the mean / std"
+    else:
+        return
+    warnings.warn(f"{path}: float arrays are used as they are, as the model's normalised input ((x/255 − mean) "
+                  f"/ std, mean {cfg.mean}, std {cfg.std}), but these values run {lo:.3g} … {hi:.3g}, {what}; "
+                  "pass raw uint8 pixels to have them preprocessed", DataWarning, stacklevel=3)
 
 
 def _array_labels(labels: np.ndarray | None, count: int, path: Path) -> torch.Tensor | None:

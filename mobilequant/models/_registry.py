@@ -20,6 +20,8 @@ class PreprocessConfig:
     """How raw images become the model's input tensor (the single place preprocessing is defined).
 
     ``input_size`` is (channels, height, width); ``mean``/``std`` are per channel in [0, 1] pixel units.
+    ``frame`` (with ``resize=None``): the (height, width) the training images had inside the input, e.g.
+    Fashion-MNIST's 28×28 on a 32×32 zero canvas; images of another size are fitted into it first.
     """
 
     input_size: tuple[int, int, int] = (3, 224, 224)
@@ -27,6 +29,7 @@ class PreprocessConfig:
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     resize: int | None = 256  # shorter side before the centre crop; None = resize straight to input_size
     layout: str = "NCHW"
+    frame: tuple[int, int] | None = None  # with resize=None: images are fitted into this box, then padded
 
     def with_channels(self, in_chans: int) -> PreprocessConfig:
         if in_chans == self.input_size[0]:
@@ -37,12 +40,13 @@ class PreprocessConfig:
 
     def with_resolution(self, resolution: int) -> PreprocessConfig:
         resize = None if self.resize is None else round(resolution * self.resize / self.input_size[1])
-        return replace(self, input_size=(self.input_size[0], resolution, resolution), resize=resize)
+        frame = None if self.frame is None else tuple(round(resolution * f / self.input_size[1]) for f in self.frame)
+        return replace(self, input_size=(self.input_size[0], resolution, resolution), resize=resize, frame=frame)
 
 
 IMAGENET = PreprocessConfig()
 # Fashion-MNIST: 28x28 grey images padded to 32x32 (the documented choice for the shipped weights).
-FASHION_MNIST = PreprocessConfig(input_size=(1, 32, 32), mean=(0.2860,), std=(0.3530,), resize=None)
+FASHION_MNIST = PreprocessConfig(input_size=(1, 32, 32), mean=(0.2860,), std=(0.3530,), resize=None, frame=(28, 28))
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule
 from torchao.quantization.pt2e import FakeQuantizeBase, move_exported_model_to_eval
 
-from ..data import ImageData, load_data, stratified_indices
+from ..data import ImageData, fit_labels, load_data, stratified_indices
 from ..errors import InputError, UsageError
 from ..quant.ptq import Finding, QuantResult, is_captured
 from ..quant.table import QuantTable
@@ -114,7 +114,7 @@ def _reproducible(threads: int | None, device: torch.device) -> Iterator[None]:
 
 
 def _data(spec: str, split: str, limit: int | None, seed: int, model: nn.Module, what: str) -> ImageData:
-    data = load_data(spec, model.preprocess, split)
+    data = fit_labels(load_data(spec, model.preprocess, split), model)
     if data.labels is None:
         raise InputError(f"{what} data {data.source} have no labels; QAT needs labelled images")
     if limit is not None and limit < len(data):

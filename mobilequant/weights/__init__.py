@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import InputError, UsageError, did_you_mean
+from ..data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from ..models import PreprocessConfig, create_model
 
 __all__ = ["DEFAULT_WEIGHTS", "WEIGHTS_DIR", "default_model", "list_default_weights", "weights_info",
@@ -53,7 +54,8 @@ def default_model(name: str = DEFAULT_WEIGHTS) -> nn.Module:
     """A zoo model with its shipped Fashion-MNIST weights, in eval mode.
 
     Built with the manifest's ``create_model`` kwargs and ``preprocess=`` the preprocessing it was
-    trained with (28×28 grey zero-padded to 32×32, see :data:`mobilequant.models.FASHION_MNIST`).
+    trained with (28×28 grey zero-padded to 32×32, see :data:`mobilequant.models.FASHION_MNIST`), and
+    ``class_names`` (Fashion-MNIST's, so image folders named by class are labelled by name).
     The checkpoint's sha256 is checked before it is loaded with ``torch.load(weights_only=True)``.
     """
     info = weights_info(name)
@@ -66,9 +68,11 @@ def default_model(name: str = DEFAULT_WEIGHTS) -> nn.Module:
         raise InputError(f"{path} does not match the sha256 in the weights manifest; reinstall mobilequant")
     p = info["preprocess"]
     preprocess = PreprocessConfig(input_size=tuple(p["input_size"]), mean=tuple(p["mean"]), std=tuple(p["std"]),
-                                  resize=p["resize"], layout=p["layout"])
+                                  resize=p["resize"], layout=p["layout"],
+                                  frame=None if p.get("frame") is None else tuple(p["frame"]))
     model = create_model(info["model"], **info["kwargs"], preprocess=preprocess)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    model.class_names = FASHION_MNIST_CLASSES  # every shipped checkpoint is a Fashion-MNIST classifier
     return model.eval()
 
 

@@ -1,0 +1,100 @@
+"""Labels fitted to the model that is judged on them, before any figure is computed from them.
+
+A class-folder data set labels its images by the folders' sorted position (``ImageData.classes``), which is
+right only when the folders are exactly the model's classes in the model's order. :func:`fit_labels`
+decides what the folder names mean, in this order:
+
+1. every folder name is one of the model's ``class_names`` (case, spaces and ``_ - / .`` ignored: a folder
+   ``T-shirt_top`` is Fashion-MNIST's ``T-shirt/top``): the label is that class's index — the folders may
+   be a subset of the classes;
+2. every folder name is a decimal integer: the label is that integer (``0``, ``285``, ``967`` …);
+3. there are exactly as many folders as the model has classes: sorted position, as torchvision's
+   ``ImageFolder`` (and so a model trained with it) numbers them;
+4. otherwise the labels cannot be trusted: they are dropped with a :class:`LabelWarning` (figures that need
+   labels are then not reported; those that compare the file with the float model still are).
+
+Then every label, from folders or from an array file, must be a class of the model: one outside
+``0 … classes − 1`` is an :class:`~mobilequant.errors.InputError` naming the data, before any work.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from .readers import ImageData
+
+__all__ = ["LabelWarning", "fit_labels", "model_classes"]
+
+
+class LabelWarning(UserWarning):
+    """Class-folder labels that cannot be matched to the model's classes were dropped."""
+
+
+def model_classes(model: nn.Module, input_size: Sequence[int]) -> int | None:
+    """The number of classes ``model`` scores (its output's last dimension on one zero image), or ``None``
+    when its output is not one ``N × classes`` tensor."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, *input_size))
+    except Exception:  # noqa: BLE001 - a model that cannot take this input fails later, with its own message
+        return None
+    finally:
+        model.train(was_training)
+    return int(out.shape[1]) if torch.is_tensor(out) and out.ndim == 2 else None
+
+
+def _key(name: str) -> str:
+    return "".join(ch for ch in name.casefold() if ch not in "_- /.")
+
+
+def _folder_labels(classes: tuple[str, ...], num_classes: int, class_names: Sequence[str] | None,
+                   source: str) -> list[int] | None:
+    """The model's label for each folder (in ``classes`` order), or ``None`` when there is none to trust."""
+    if class_names:
+        index = {_key(n): i for i, n in enumerate(class_names)}
+        if all(_key(c) in index for c in classes):
+            return [index[_key(c)] for c in classes]
+    if all(c.isdecimal() for c in classes):
+        labels = [int(c) for c in classes]
+        if max(labels) >= num_classes:
+            raise InputError(f"{source}: class folder {classes[labels.index(max(labels))]!r} is a class index "
+                             f"but the model has {num_classes} classes (0 … {num_classes - 1})")
+        return labels
+    if len(classes) == num_classes:
+        return list(range(num_classes))
+    return None
+
+
+def fit_labels(data: ImageData, model: nn.Module) -> ImageData:
+    """``data`` with labels that mean the model's classes (see the module docstring); unchanged when the
+    model's output is not a class score vector or the data have no labels."""
+    if data.labels is None or len(data) == 0:
+        return data
+    num_classes = model_classes(model, data.input_size)
+    if num_classes is None:
+        return data
+    class_names = getattr(model, "class_names", None)
+    if data.classes is not None and tuple(data.classes) != tuple(class_names or ()):
+        mapping = _folder_labels(tuple(data.classes), num_classes, class_names, data.source)
+        if mapping is None:
+            shown = ", ".join(data.classes[:4]) + (", …" if len(data.classes) > 4 else "")
+            warnings.warn(f"{data.source}: labels not used — its {len(data.classes)} class folder(s) ({shown}) are "
+                          f"neither the model's {num_classes} classes by name nor class indices, and not one "
+                          f"folder per class; name each folder by its class index (0 … {num_classes - 1})",
+                          LabelWarning, stacklevel=2)
+            return ImageData(data.images, None, data.source, None)
+        if mapping != list(range(len(mapping))):
+            data = ImageData(data.images, torch.tensor(mapping, dtype=torch.int64)[data.labels], data.source,
+                             data.classes)
+    lo, hi = int(data.labels.min()), int(data.labels.max())
+    if lo < 0 or hi >= num_classes:
+        raise InputError(f"labels of {data.source} run from {lo} to {hi} but the model has {num_classes} "
+                         f"classes (0 … {num_classes - 1})")
+    return data
