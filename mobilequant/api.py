@@ -404,7 +404,7 @@ class AuditSummary:
 
 
 def audit(artifact: str, model: str | None = None, weights: str | None = None, data: str = "builtin",
-          num_images: int | None = 1000, max_drop: float | None = None, min_sqnr: float | None = None,
+          num_images: int | None = 1000, max_drop: float | None = 0.5, min_sqnr: float | None = None,
           fail_on_dead_kernels: bool = False, report: str | None = None, html: str | None = None,
           progress: bool = True) -> AuditSummary:
     """Audit an exported artifact against its float model; ``failed`` when the gate fails (exit 1)."""

@@ -59,9 +59,16 @@ def capture(model: nn.Module, example_input: torch.Tensor, dynamic_batch: bool =
             ep = torch.export.export(model, (x,), dynamic_shapes=dynamic_shapes)
     except Exception as e:  # export raises many unrelated types; all mean "cannot capture"
         raise InputError(_capture_error_line(model, e, dynamic_batch)) from e
+    outputs, spec = ep.graph_signature.user_outputs, ep.call_spec.out_spec
+    if len(outputs) != 1 or (spec is not None and not spec.is_leaf()):
+        raise InputError(f"{type(model).__name__} returns {len(outputs)} tensor(s) in a tuple, list or dict; "
+                         "mobilequant exports and checks models with one output tensor — wrap the model so "
+                         "that forward returns the one you ship, or export each head on its own")
     gm = ep.module()
     name_layers(gm)
     _relu6_as_hardtanh(gm)
+    _division_by_constant_as_mul(gm)
+    _hard_activations_from_arithmetic(gm)
     return gm
 
 
@@ -75,6 +82,80 @@ def _relu6_as_hardtanh(gm: GraphModule) -> None:
             node.target = torch.ops.aten.hardtanh_.default if inplace else torch.ops.aten.hardtanh.default
             node.args = (node.args[0], 0.0, 6.0)
             changed = True
+    if changed:
+        gm.recompile()
+
+
+def _division_by_constant_as_mul(gm: GraphModule) -> None:
+    """``x / c`` for a number ``c`` as ``x * (1 / c)``: the spelling the quantizer and both runtimes take
+    (TFLite's int8 DIV is not in the int8 spec's op set), and the one the h-swish pattern
+    ``x * relu6(x + 3) / 6`` — how many MobileNetV3 implementations write it — is matched in."""
+    aten = torch.ops.aten
+    changed = False
+    for node in gm.graph.nodes:
+        if (node.op == "call_function" and node.target in (aten.div.Tensor, aten.div_.Tensor) and len(node.args) == 2
+                and not node.kwargs and isinstance(node.args[1], (int, float)) and not isinstance(node.args[1], bool)
+                and node.args[1] != 0):
+            node.target = aten.mul_.Tensor if node.target == aten.div_.Tensor else aten.mul.Tensor
+            node.args = (node.args[0], 1.0 / node.args[1])
+            changed = True
+    if changed:
+        gm.recompile()
+
+
+def _hard_activations_from_arithmetic(gm: GraphModule) -> None:
+    """h-swish and h-sigmoid written as arithmetic — ``x * relu6(x + 3) / 6``, ``x * (relu6(x + 3) / 6)``,
+    ``relu6(x + 3) / 6`` — as ``aten.hardswish`` / ``aten.hardsigmoid``.
+
+    The same values, but one op: the quantizer gives h-sigmoid its fixed output range and h-swish one
+    range (not one per intermediate), and TFLite's converter fuses the arithmetic into a single
+    HARD_SWISH anyway — so the int8 simulation computes what the file computes.
+    """
+    aten = torch.ops.aten
+    muls = (aten.mul.Tensor, aten.mul_.Tensor)
+
+    def call(node, targets) -> bool:
+        return isinstance(node, Node) and node.op == "call_function" and node.target in targets
+
+    def only_user(node):
+        return next(iter(node.users)) if len(node.users) == 1 else None
+
+    def times_sixth(node) -> bool:
+        return call(node, muls) and len(node.args) == 2 and isinstance(node.args[1], float) and abs(
+            node.args[1] - 1.0 / 6.0) < 1e-7
+
+    def other(mul, operand):
+        a, b = mul.args[:2]
+        return b if a is operand else a if b is operand else None
+
+    changed = False
+    for r in list(gm.graph.nodes):
+        if not (call(r, (aten.hardtanh.default, aten.hardtanh_.default)) and tuple(r.args[1:]) == (0.0, 6.0)):
+            continue
+        a = r.args[0]
+        if not (call(a, (aten.add.Tensor,)) and len(a.args) == 2 and a.args[1] == 3 and len(a.users) == 1):
+            continue
+        x, u = a.args[0], only_user(r)
+        if u is None:
+            continue
+        if call(u, muls) and other(u, r) is x and times_sixth(only_user(u) or r):
+            target, last = aten.hardswish.default, only_user(u)  # x * relu6(x + 3) / 6
+        elif times_sixth(u) and u.args[0] is r:
+            v = only_user(u)
+            if call(v, muls) and other(v, u) is x:
+                target, last = aten.hardswish.default, v  # x * (relu6(x + 3) / 6)
+            else:
+                target, last = aten.hardsigmoid.default, u  # relu6(x + 3) / 6
+        else:
+            continue
+        with gm.graph.inserting_before(last):
+            new = gm.graph.call_function(target, (x,))
+        new.meta.update(last.meta)
+        last.replace_all_uses_with(new)
+        for dead in dict.fromkeys((last, u, r, a)):  # the arithmetic it replaces, last first
+            if not dead.users:
+                gm.graph.erase_node(dead)
+        changed = True
     if changed:
         gm.recompile()
 

@@ -100,6 +100,11 @@ def _number(text: str) -> float:
     return value
 
 
+def _gate(text: str) -> float | None:
+    """A gate threshold: a finite number, or 'off'."""
+    return None if text.strip().lower() == "off" else _number(text)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON (for machines)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries (CI)")
@@ -165,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p, "evaluation data: 'builtin' (Fashion-MNIST test set), an image folder, .npy or .npz",
                 model_default="the zoo model named in the artifact, with its shipped weights")
     p.add_argument("--num-images", type=int, default=1000, help="evaluation images (default 1000)")
-    p.add_argument("--max-drop", type=_number, default=None, help="gate: largest accepted top-1 drop (pp)")
+    p.add_argument("--max-drop", type=_gate, default=0.5,
+                   help="gate: largest accepted top-1 drop in pp, or of disagreement with the float model on "
+                        "unlabelled data (default 0.5, as `export --audit`; 'off': no drop gate)")
     p.add_argument("--min-sqnr", type=_number, default=None, help="gate: smallest accepted per-layer SQNR (dB)")
     p.add_argument("--fail-on-dead-kernels", action="store_true", help="gate: fail when dead kernels are found")
     p.add_argument("--report", default=None, help="write the JSON report here")

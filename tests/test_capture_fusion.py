@@ -177,3 +177,33 @@ def test_activation_after_concat_moves_onto_its_inputs():
     assert "moved before a concat" in report.summary()
     with torch.no_grad():
         torch.testing.assert_close(gm(x), m(x), rtol=1e-5, atol=1e-6)
+
+
+class _Arithmetic(nn.Module):
+    """h-swish / h-sigmoid as users write them, and a division by a number."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        x = self.conv(x)
+        if self.form == "x*relu6(x+3)/6":
+            return x * nn.functional.relu6(x + 3) / 6
+        if self.form == "x*(relu6(x+3)/6)":
+            return x * (nn.functional.relu6(x + 3.0) / 6.0)
+        if self.form == "relu6(x+3)/6":
+            return nn.functional.relu6(x + 3) / 6
+        return x / 4  # a plain division
+
+
+@pytest.mark.parametrize("form, op", [("x*relu6(x+3)/6", "hardswish"), ("x*(relu6(x+3)/6)", "hardswish"),
+                                      ("relu6(x+3)/6", "hardsigmoid"), ("x/4", "mul")])
+def test_arithmetic_activations_are_captured_as_one_op(form, op):
+    model = _Arithmetic(form).eval()
+    x = torch.randn(2, 3, 8, 8) * 4
+    gm = capture(model, x)
+    ops = {n.target.__name__.split(".")[0] for n in gm.graph.nodes if n.op == "call_function"}
+    assert op in ops and not ops & {"div", "add", "hardtanh"}, ops
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-6, atol=1e-6)

@@ -226,7 +226,8 @@ def test_export_fp32_then_bench_and_audit_exit_codes(files, tmp_path, capsys):
     assert main(["bench", str(out), "--runs", "5", "--json"]) == 0
     bench = json.loads(capsys.readouterr().out)
     assert bench["results"][0]["runtime"] == "litert" and bench["results"][0]["median_ms"] > 0
-    common = ["audit", str(out), *_tiny(files), "--data", str(files / "good.npy"), "--num-images", "16", "-q"]
+    common = ["audit", str(out), *_tiny(files), "--data", str(files / "good.npy"), "--num-images", "16", "-q",
+              "--max-drop", "off"]
     assert main([*common, "--min-sqnr", "0"]) == 0
     assert main([*common, "--min-sqnr", "200"]) == 1
 

@@ -334,6 +334,88 @@ def test_unknown_target_suggests_close_names(small, tmp_path):
         export(small["qr"], "onnx-int8", tmp_path / "x.tflite")
 
 
+def _cbr(i, o, k=3, s=1, g=1, act=True):
+    return nn.Sequential(nn.Conv2d(i, o, k, s, k // 2, groups=g, bias=False), nn.BatchNorm2d(o),
+                         *([nn.ReLU6()] if act else []))
+
+
+class UserIdioms(nn.Module):
+    """How users write MobileNet / ShuffleNet pieces that the zoo writes otherwise: h-swish as
+    ``x * relu6(x + 3) / 6``, torchvision's channel shuffle with ``.contiguous()``, a constant multiply,
+    ``x.view(x.size(0), -1)`` into a classifier, and ``x.mean((2, 3))`` as the global pooling."""
+
+    def __init__(self, head: str):
+        super().__init__()
+        self.head = head
+        self.stem = _cbr(3, 8, s=2, act=False)
+        self.dw = _cbr(8, 8, g=8)
+        self.pw = _cbr(8, 16, k=1, g=2)
+        self.skip = _cbr(16, 16, k=1, act=False)
+        self.down = _cbr(16, 16, s=4)
+        self.fc = nn.Linear(16 * 4 if head == "view" else 16, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x * nn.functional.relu6(x + 3) / 6
+        x = self.pw(self.dw(x))
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        if self.head == "mean":
+            return self.fc(x.mean((2, 3)))
+        x = self.down(x + 4.0 * self.skip(x))
+        return self.fc(x.view(x.size(0), -1))
+
+
+@pytest.mark.parametrize("head", ["mean", "view"])
+@pytest.mark.parametrize("target", ["tflite-int8", "tflite-fp32"])
+def test_user_idioms_export_without_layout_transposes(head, target, tmp_path):
+    """Each idiom had failed: the division was refused as an op no target takes; the shuffle with
+    `.contiguous()` and the 2-D mean left TRANSPOSEs (verification failed); the view into the classifier
+    crashed the TFLite lowering with a traceback; the converter's int8 constant for 4.0 failed the
+    parameter check."""
+    torch.manual_seed(0)
+    model = calibrated_copy(UserIdioms(head))
+    art = export(model, target, tmp_path / "u.tflite", calibration_data=[smooth_images(N_CALIB, size=16)],
+                 verify_data=smooth_images(N_VERIFY, size=16, seed=3), overrides=VERIFY)
+    assert art.verification.passed, art.verification.failed
+    assert art.census.transposes == 2  # the NCHW input's and the shuffle's own
+    assert "HARD_SWISH" in " ".join(art.census.ops)  # the division became the h-swish pattern
+    kinds = {r.split(" at ")[0] for r in art.census.rewrites}
+    assert "channel_shuffle" in kinds and ("spatial_mean" in kinds) == (head == "mean")
+
+
+def test_a_model_with_several_outputs_is_refused_before_writing(tmp_path):
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.a, self.b = nn.Conv2d(3, 4, 3), nn.Linear(4, 3), nn.Linear(4, 2)
+
+        def forward(self, x):
+            y = self.conv(x).mean((2, 3))
+            return {"a": self.a(y), "b": self.b(y)}
+
+    path = tmp_path / "two.onnx"
+    with pytest.raises(InputError, match="returns 2 tensor"):
+        export(TwoHeads().eval(), "onnx-fp32", path, example_input=torch.zeros(1, 3, 8, 8))
+    assert not path.exists()
+
+
+def test_fp16_flips_on_near_ties_are_not_counted():
+    from mobilequant.export.recipes import VerificationSettings
+    from mobilequant.export.verify import numeric_checks
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((200, 10)).astype(np.float32)
+    ref[5, :2] = [3.0, 3.0 + 1e-5]  # the float model's two best scores 1e-5 apart
+    out = ref + rng.standard_normal(ref.shape).astype(np.float32) * 1e-4
+    out[5, :2] = [3.0 + 1e-4, 3.0]  # float16 rounding decides that tie the other way
+    check = numeric_checks("fp16", out, ref, None, VerificationSettings())[0]
+    assert check.passed and "1 of 1 flip(s) near ties" in check.measured
+    i = int(ref[7].argmax())
+    out[7, (i + 1) % 10] = ref[7, i] + 1  # a flip no near tie explains: counted, whatever the file's error
+    assert not numeric_checks("fp16", out, ref, None, VerificationSettings())[0].passed
+
+
 def test_unsupported_ops_listed_before_writing(tmp_path):
     class Odd(nn.Module):
         def __init__(self):

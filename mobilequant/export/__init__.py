@@ -267,7 +267,39 @@ def _to_tflite(spec, recipe, qr, float_graph, example, metadata):
         if node.meta.get("mq_rewrite_internal") and node.target == torch.ops.aten.hardtanh.default:
             q = next(iter(node.users))
             mids.append(((float(q.args[1]),), (int(q.args[2]),)))
+    if spec.quantized:
+        extra += _converter_scalar_params(graph, info, data)
     return data, graph, {"census": census, "info": info, "tensor_layer": tensor_layer, "extra": extra + mids}
+
+
+def _converter_scalar_params(graph, info, data: bytes) -> list[tuple[tuple[float, ...], tuple[int, ...]]]:
+    """Parameters of the int8 constants the converter makes for a graph's number operands (``40.0 * x``).
+
+    The quantizer leaves a number operand of add / mul / sub unquantized; litert-torch stores it as a
+    one-element int8 tensor with parameters of its own, which no quant-table entry has. Such a tensor is
+    accepted when it holds one of the graph's numbers to within half a quantization step."""
+    from .tflite_file import WEIGHTED_OPS, tensor_values
+
+    aten = torch.ops.aten
+    arithmetic = (aten.add.Tensor, aten.add_.Tensor, aten.mul.Tensor, aten.mul_.Tensor, aten.sub.Tensor,
+                  aten.sub_.Tensor, aten.rsub.Scalar)
+    numbers = {float(a) for node in graph.graph.nodes if node.op == "call_function" and node.target in arithmetic
+               for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool)}
+    if not numbers:
+        return []
+    operands = {t for op in info.ops if op.name not in WEIGHTED_OPS for t in op.inputs}
+    params = []
+    for t in info.tensors:
+        if not (t.constant and t.quantized and t.index in operands and len(t.scales) == 1
+                and int(np.prod(t.shape or (1,))) == 1):
+            continue
+        code = tensor_values(data, t.index)
+        if code is None:
+            continue
+        value = (float(code.reshape(-1)[0]) - t.zero_points[0]) * t.scales[0]
+        if any(abs(value - n) <= 0.5 * t.scales[0] * (1 + 1e-6) for n in numbers):
+            params.append(((float(t.scales[0]),), (int(t.zero_points[0]),)))
+    return params
 
 
 def _tflite_fp16_weights(data: bytes) -> bytes:

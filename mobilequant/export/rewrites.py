@@ -16,6 +16,10 @@ float graph), changes no value the torch simulation computes, and is reported as
   TRANSPOSEs in NHWC; written as ``permute(0,2,3,1) → reshape(N,H,W,g,C/g) → transpose(3,4) →
   reshape(N,H,W,C) → permute(0,3,1,2)`` it lowers to one TRANSPOSE (the outer permutes cancel against the
   layout transposes). In a quantized graph every new tensor gets the shuffle's (shared) parameters.
+* ``spatial_mean``: ``x.mean((2, 3))`` (global pooling to N×C, a common classifier head) lowers to a
+  TRANSPOSE back to NCHW before the MEAN; ``mean((2, 3), keepdim=True) → flatten`` lowers to an NHWC
+  MEAN and a RESHAPE (in a quantized graph the flatten keeps the mean's parameters). When ``x`` is
+  ``permute(y, (0, 3, 1, 2))`` (the end of an NHWC-written channel shuffle) it becomes ``y.mean((1, 2))``.
 * ``channel_clamp``: CLE's exact ReLU6, ``clamp.Tensor(x, lo, hi)`` with per-channel ``[C,1,1]`` bounds,
   lowers to MINIMUM / MAXIMUM whose NCHW-shaped constants keep the op in NCHW: a TRANSPOSE pair around
   every clamp. Written as ``permute(0,2,3,1) → clamp with [C] bounds → permute(0,3,1,2)`` the
@@ -49,7 +53,7 @@ _META_KEYS = ("nn_module_stack", "stack_trace", "mq_name", "source_fn_stack", "f
 
 @dataclass(frozen=True)
 class Rewrite:
-    kind: str  # "hardsigmoid" | "channel_shuffle" | "flatten_linear" | "channel_clamp"
+    kind: str  # "hardsigmoid" | "channel_shuffle" | "flatten_linear" | "channel_clamp" | "spatial_mean"
     layer: str
     detail: str
 
@@ -65,6 +69,7 @@ def rewrite_for_tflite(gm: GraphModule, quantized: bool) -> list[Rewrite]:
     done += _rewrite_channel_shuffle(gm, quantized)
     done += _rewrite_flatten_linear(gm, quantized)
     done += _rewrite_channel_clamp(gm, quantized)
+    done += _rewrite_spatial_mean(gm, quantized)
     if done:
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
@@ -200,6 +205,9 @@ def _rewrite_channel_shuffle(gm: GraphModule, quantized: bool) -> list[Rewrite]:
             continue
         b, _ = _through_qdq(t)
         r3 = _single_user(b)
+        while r3 is not None and r3.op == "call_function" and r3.target in _IDENTITIES:
+            b, _ = _through_qdq(r3)  # `.contiguous()` before the last view (torchvision's channel_shuffle)
+            r3 = _single_user(b)
         if r3 is None or r3.target not in _RESHAPES or _shape(r3) is None or _shape(r3)[1:] != (c, h, w):
             continue
         if quantized and qargs is None:
@@ -294,6 +302,8 @@ def _rewrite_flatten_linear(gm: GraphModule, quantized: bool) -> list[Rewrite]:
         f.replace_input_with(x, src)
         if f.target == aten.flatten.using_ints:
             f.args = (src, 1, -1)
+        elif f.target != aten.reshape.default:  # x.view(N, -1): a view of the permuted tensor does not exist
+            f.target = aten.reshape.default
         f.meta[INTERNAL_KEY] = True  # its vector is now in (H, W, C) order: not the model's flatten output
         done.append(Rewrite("flatten_linear", layer_name(lin) if "mq_name" in lin.meta else lin.name,
                             f"flatten of {c}×{h}×{w} in NHWC order, weight columns permuted (no TRANSPOSE)"))
@@ -333,4 +343,60 @@ def _rewrite_channel_clamp(gm: GraphModule, quantized: bool) -> list[Rewrite]:
         out.replace_all_uses_with(result)
         done.append(Rewrite("channel_clamp", cl.meta.get("mq_fused_into") or (
             layer_name(cl) if "mq_name" in cl.meta else cl.name), "per-channel clamp computed in NHWC"))
+    return done
+
+
+# ------------------------------------------------------------------------------------ spatial mean
+def _channels_last_source(x) -> Node | None:
+    """``y`` when ``x`` is ``permute(y, (0, 3, 1, 2))`` — the NCHW view of a channels-last tensor — directly or
+    through a ``q → dq`` pair with ``y``'s own parameters (a permute keeps them); else ``None``."""
+    if isinstance(x, Node) and x.op == "call_function" and x.target in _DQ:
+        q = x.args[0]
+        if not (isinstance(q, Node) and q.target in _Q and tuple(q.args[1:]) == tuple(x.args[1:])):
+            return None
+        x = q.args[0]
+        y = _channels_last_source(x)
+        same = y is not None and y.target in _DQ and tuple(y.args[1:]) == tuple(q.args[1:])
+        return y if same else None
+    if (isinstance(x, Node) and x.op == "call_function" and x.target == aten.permute.default
+            and [int(d) for d in x.args[1]] == [0, 3, 1, 2]):
+        return x.args[0]
+    return None
+
+
+def _rewrite_spatial_mean(gm: GraphModule, quantized: bool) -> list[Rewrite]:
+    done = []
+    for m in list(gm.graph.nodes):
+        if m.op != "call_function" or m.target != aten.mean.dim or len(m.args) < 2:
+            continue
+        keepdim = bool(m.args[2] if len(m.args) > 2 else m.kwargs.get("keepdim", False))
+        shape = _shape(m)  # its own N×C (×1×1): an earlier rewrite may have left its input without a shape
+        if (shape is None or len(shape) != (4 if keepdim else 2) or (keepdim and shape[2:] != (1, 1))
+                or sorted(int(d) % 4 for d in m.args[1]) != [2, 3]):
+            continue
+        y = _channels_last_source(m.args[0])
+        out, qargs = _through_qdq(m)
+        if (y is None and keepdim) or (quantized and qargs is None):
+            continue
+        name = layer_name(m) if "mq_name" in m.meta else m.name
+        if y is not None and not keepdim:
+            m.args, m.kwargs = (y, [1, 2], False), {}
+            done.append(Rewrite("spatial_mean", name, "mean over H, W of the channels-last tensor before the "
+                                                      "permute (no TRANSPOSE)"))
+            continue
+        # keepdim=False: mean kept 4-D (NHWC MEAN), then flattened to N×C; keepdim=True over the channels-last
+        # tensor: N×1×1×C, then reshaped to N×C×1×1 (the same order of values at 1×1)
+        src, dims = (y, [1, 2]) if y is not None else (m.args[0], [2, 3])
+        m.args, m.kwargs = (src, dims, True), {}
+        users = list(out.users)
+        with gm.graph.inserting_before(out.next):
+            r = (gm.graph.call_function(aten.reshape.default, (out, [-1, shape[1], 1, 1])) if keepdim
+                 else gm.graph.call_function(aten.flatten.using_ints, (out, 1, -1)))
+            result = _qdq(gm, r, *qargs, like=m) if quantized else r
+        _copy_meta(r, m)
+        r.meta[INTERNAL_KEY] = True  # the mean's value again, in its own shape: not a layer of its own
+        for u in users:
+            u.replace_input_with(out, result)
+        done.append(Rewrite("spatial_mean", name, f"mean over H, W of {'the channels-last tensor' if y is not None else 'x'}"
+                                                  " kept 4-D, then reshaped (no TRANSPOSE)"))
     return done
