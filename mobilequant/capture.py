@@ -14,6 +14,10 @@ The names only depend on the module tree and the order of ops inside a module, s
 fusion, quantization and export and are how later stages (quant table, export name map, runtime
 intermediates, audit) refer to layers.
 
+Each op then has one spelling for the stages after capture: ReLU6 as ``hardtanh(x, 0, 6)``, ``x / c`` (a
+number) as ``x * (1 / c)``, and h-swish / h-sigmoid written as arithmetic (``x * relu6(x + 3) / 6``) as
+``aten.hardswish`` / ``aten.hardsigmoid``. A model must return one tensor.
+
 :func:`find_unsupported_ops` lists every op a backend cannot handle before any work is done.
 """
 

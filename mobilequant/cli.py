@@ -115,7 +115,7 @@ def _model_args(p: argparse.ArgumentParser, data_help: str,
     p.add_argument("--model", default=None,
                    help=f"zoo name, 'pkg.module:factory' or 'path/file.py:factory' (default: {model_default})")
     p.add_argument("--weights", default=None, help="checkpoint (state_dict) to load, read with weights_only=True")
-    p.add_argument("--data", default="builtin", help=data_help)
+    p.add_argument("--data", default="builtin", help=data_help + " (rules: docs/data.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,8 @@ Folding (computed in float64, stored in float32)::
     b' = (b − μ) · s + β
 
 The folded weights are written as new parameters on the graph module (the user's model is untouched)
-and the BN node is removed.
+and the BN node is removed. ``linear → batch_norm`` (a BatchNorm1d after a classifier's linear layer, on
+N×C) folds the same way, one scale per output feature.
 
 Before folding, a ReLU (or ReLU6) that reads only a concatenation is moved onto the concatenation's
 inputs: ``relu(cat(a, b)) = cat(relu(a), relu(b))`` exactly, and an input that is already the output of
@@ -306,7 +307,11 @@ def _delete_unreferenced(gm: GraphModule, targets: set[str]) -> None:
 
 
 def _why_not_foldable(conv, bn: Node) -> str | None:
-    if not (isinstance(conv, Node) and conv.op == "call_function" and conv.target in CONV_OPS):
+    if isinstance(conv, Node) and conv.op == "call_function" and conv.target == aten.linear.default:
+        val = conv.meta.get("val")
+        if val is None or val.dim() != 2:  # BatchNorm1d after a linear on N×C: the features are the channels
+            return "input is a linear layer whose output is not N×C"
+    elif not (isinstance(conv, Node) and conv.op == "call_function" and conv.target in CONV_OPS):
         return "input is not a convolution"
     if len(conv.users) != 1:
         return "convolution output has other users"

@@ -207,3 +207,23 @@ def test_arithmetic_activations_are_captured_as_one_op(form, op):
     ops = {n.target.__name__.split(".")[0] for n in gm.graph.nodes if n.op == "call_function"}
     assert op in ops and not ops & {"div", "add", "hardtanh"}, ops
     torch.testing.assert_close(gm(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+def test_batchnorm1d_after_a_linear_is_folded():
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc, self.bn = nn.Conv2d(3, 8, 3), nn.Linear(8, 6), nn.BatchNorm1d(6)
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2)
+            self.bn.weight.data.uniform_(0.5, 1.5)
+
+        def forward(self, x):
+            return self.bn(self.fc(self.conv(x).mean((2, 3))))
+
+    model = Head().eval()
+    x = torch.randn(4, 3, 8, 8)
+    gm = capture(model, x)
+    report = fold_conv_bn(gm)
+    assert [f.bn for f in report.folded] == ["bn"] and not any(n.target in BN_OPS for n in gm.graph.nodes)
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
