@@ -295,6 +295,12 @@ def export_model(target: str | None = None, model: str | None = None, weights: s
             # a recipe or --set that asks for N verification images: the summary and the checks take N
             num_eval = rec.verification.num_images
         calib = _load(data, cfg, "calibration", rec.quantization.num_calibration) if spec.quantized else None
+        if not spec.quantized and data != "builtin":
+            import warnings
+
+            from .data.readers import DataWarning
+
+            warnings.warn(f"--data {data} is not read: {spec.name} needs no calibration", DataWarning, stacklevel=2)
         evald = _load(eval_data, cfg, "test", num_eval)  # default: the whole evaluation set (10k test images)
         evald = fit_labels(evald, net)  # before any work: labels the model cannot have fail here
         if len(evald) != rec.verification.num_images:  # verification runs on the same images as the summary

@@ -36,13 +36,13 @@ class LabelWarning(UserWarning):
 
 
 def model_classes(model: nn.Module, input_size: Sequence[int]) -> int | None:
-    """The number of classes ``model`` scores (its output's last dimension on one zero image), or ``None``
+    """The number of classes ``model`` scores (its output's last dimension on zero images), or ``None``
     when its output is not one ``N × classes`` tensor."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(torch.zeros(1, *input_size))
+            out = model(torch.zeros(2, *input_size))  # 2: a captured graph may not take a batch of one
     except Exception:  # noqa: BLE001 - a model that cannot take this input fails later, with its own message
         return None
     finally:
