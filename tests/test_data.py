@@ -237,6 +237,10 @@ def test_folder_labels_are_fitted_to_the_model(tmp_path):
         fit_labels(folder("10", "2"), _Classifier(4))
     # one folder per class: sorted position, as torchvision's ImageFolder numbers them
     assert fit_labels(folder("cat", "dog"), _Classifier(2)).labels.tolist() == [0, 1]
+    # … unless the model names its classes and these are not them ("class1" … "class10" would sort
+    # class10 second)
+    with pytest.warns(LabelWarning, match="neither the model's 2 classes by name nor class indices;"):
+        assert fit_labels(folder("cat", "dog"), _Classifier(2, ("bird", "fish"))).labels is None
     # anything else cannot be trusted: labels dropped, with a warning naming the folders
     with pytest.warns(LabelWarning, match="2 class folder\\(s\\) \\(cat, dog\\)"):
         assert fit_labels(folder("cat", "dog"), _Classifier(10)).labels is None

@@ -8,8 +8,8 @@ decides what the folder names mean, in this order:
    ``T-shirt_top`` is Fashion-MNIST's ``T-shirt/top``): the label is that class's index — the folders may
    be a subset of the classes;
 2. every folder name is a decimal integer: the label is that integer (``0``, ``285``, ``967`` …);
-3. there are exactly as many folders as the model has classes: sorted position, as torchvision's
-   ``ImageFolder`` (and so a model trained with it) numbers them;
+3. the model has no ``class_names`` and there are exactly as many folders as it has classes: sorted
+   position, as torchvision's ``ImageFolder`` (and so a model trained with it) numbers them;
 4. otherwise the labels cannot be trusted: they are dropped with a :class:`LabelWarning` (figures that need
    labels are then not reported; those that compare the file with the float model still are).
 
@@ -67,7 +67,7 @@ def _folder_labels(classes: tuple[str, ...], num_classes: int, class_names: Sequ
             raise InputError(f"{source}: class folder {classes[labels.index(max(labels))]!r} is a class index "
                              f"but the model has {num_classes} classes (0 … {num_classes - 1})")
         return labels
-    if len(classes) == num_classes:
+    if len(classes) == num_classes and not class_names:
         return list(range(num_classes))
     return None
 
@@ -86,8 +86,9 @@ def fit_labels(data: ImageData, model: nn.Module) -> ImageData:
         if mapping is None:
             shown = ", ".join(data.classes[:4]) + (", …" if len(data.classes) > 4 else "")
             warnings.warn(f"{data.source}: labels not used — its {len(data.classes)} class folder(s) ({shown}) are "
-                          f"neither the model's {num_classes} classes by name nor class indices, and not one "
-                          f"folder per class; name each folder by its class index (0 … {num_classes - 1})",
+                          f"neither the model's {num_classes} classes by name nor class indices"
+                          f"{'' if class_names else ', and not one folder per class'}; name each folder by its "
+                          f"class index (0 … {num_classes - 1})",
                           LabelWarning, stacklevel=2)
             return ImageData(data.images, None, data.source, None)
         if mapping != list(range(len(mapping))):
