@@ -7,6 +7,8 @@ Each function takes plain values (names, paths, numbers), runs one job through t
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -189,6 +191,17 @@ def _output_path(out: str | None, name: str, suffix: str, target: str):
     return path, created
 
 
+@contextlib.contextmanager
+def _removed_if_left_empty(directory: Path | None):
+    """A job that fails leaves no trace: the output directory it created is removed if still empty."""
+    try:
+        yield
+    except BaseException:
+        if directory is not None and directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()
+        raise
+
+
 def _logits(net, images, batch_size: int = 500):
     import torch
 
@@ -289,15 +302,13 @@ def export_model(target: str | None = None, model: str | None = None, weights: s
     net = resolve_model(model, weights)
     name = _model_name(net)
     path, created = _output_path(out, name, spec.suffix, spec.name)
-    try:
+    with _removed_if_left_empty(created):
         cfg = net.preprocess
         if num_eval is None and rec.verification.num_images != VerificationSettings.num_images:
             # a recipe or --set that asks for N verification images: the summary and the checks take N
             num_eval = rec.verification.num_images
         calib = _load(data, cfg, "calibration", rec.quantization.num_calibration) if spec.quantized else None
         if not spec.quantized and data != "builtin":
-            import warnings
-
             from .data.readers import DataWarning
 
             warnings.warn(f"--data {data} is not read: {spec.name} needs no calibration", DataWarning, stacklevel=2)
@@ -332,10 +343,6 @@ def export_model(target: str | None = None, model: str | None = None, weights: s
             rep = run_audit(artifact, evald, model=net, images=None, progress=progress)
             report = rep.to_dict()
             failed = failed or not rep.passed
-    except BaseException:
-        if created is not None and not any(created.iterdir()):  # nothing written: leave no trace
-            created.rmdir()
-        raise
     ver = getattr(artifact, "verification", None)
     return ExportSummary(
         model=name, target=spec.name, path=str(path), size_bytes=path.stat().st_size, num_eval=len(evald),

@@ -4,9 +4,11 @@ Folder rules
     Image files (``.png .jpg .jpeg .bmp .gif .webp .tif .tiff .ppm .pgm .pbm``, any case) are read in
     sorted order of their path relative to the folder, so the order is the same on every machine. If the
     folder has sub-folders holding images, each first-level sub-folder is a class: labels are the class
-    indices in sorted name order (``ImageData.classes``), and images may sit at any depth below their
-    class folder; image files beside the class folders are then an error. Without sub-folders the images
-    are unlabelled. Hidden files and folders (name starting with ".") and other files are ignored.
+    folders' positions in sorted name order (``ImageData.classes``), which :func:`mobilequant.data.fit_labels`
+    maps onto a model's classes before they are used; images may sit at any depth below their class
+    folder (linked folders are followed, each once); image files beside the class folders are then an
+    error. Without sub-folders the images are unlabelled. Hidden files and folders (name starting with
+    ".") and other files are ignored. EXIF orientation is applied.
 
 Array rules (``.npy``: one array of images; ``.npz``: images under ``images`` (or ``x``), optional int
 labels under ``labels`` (or ``y``); an ``.npz`` holding a single array is that array of images)
@@ -14,7 +16,7 @@ labels under ``labels`` (or ``y``); an ``.npz`` holding a single array is that a
       (C = 1, 3 or 4). A uint8 ``N×C×H×W`` array (C = 1 or 3 and a last side that is not 1, 3 or 4) is
       taken as channels-first and transposed.
     * float arrays are already-preprocessed model input, used as is: ``N×C×H×W`` equal to the model's
-      ``input_size``, finite values.
+      ``input_size``, finite values (a :class:`DataWarning` when they look like raw or [0, 1] pixels).
     * any other dtype is an error.
 
 An unreadable image is skipped with a :class:`BadImageWarning` naming it (``on_bad_image="skip"``, the
