@@ -441,31 +441,47 @@ class QATSummary:
     checkpoint: str | None
     csv_log: str | None
     steps: int
-    val_accuracy: float | None
+    val_accuracy: float | None  # fraction in [0, 1], as QATResult has it
     int8_accuracy: float | None
     exports: list[dict] = field(default_factory=list)
+    main_process: bool = True  # False in the other processes of a torchrun job (they print nothing)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def failed(self) -> bool:
+        return any(not e.get("passed", True) for e in self.exports)
+
     def summary(self) -> str:
         def pct(v):
-            return "n/a" if v is None else f"{v:.2f} %"
+            return "n/a (no validation data)" if v is None else f"{100 * v:.2f} %"
 
         lines = [f"QAT of {self.model}: {self.steps} steps; fake-quant accuracy {pct(self.val_accuracy)}, "
                  f"int8 (simulated) {pct(self.int8_accuracy)}",
                  f"checkpoint {self.checkpoint}", f"log        {self.csv_log}"]
-        lines += [f"exported   {e['path']} ({e['target']})" for e in self.exports]
+        lines += [f"exported   {e['path']} ({e['target']})" + ("" if e.get("passed", True) else
+                                                               f" — VERIFICATION FAILED: {e['failure']}")
+                  for e in self.exports]
         return "\n".join(lines)
 
 
-def qat(model: str | None = None, weights: str | None = None, data: str = "builtin", epochs: int = 1,
-        batch_size: int = 64, lr: float = 0.005, recipe: str | None = None, out_dir: str = "runs/qat",
-        resume: bool = False, seed: int = 0, export: list[str] | tuple[str, ...] = (), start: str = "float",
-        freeze_bn_step: int | None = None, freeze_observer_step: int | None = None,
+def qat(model: str | None = None, weights: str | None = None, data: str = "builtin", epochs: int | None = None,
+        batch_size: int | None = None, lr: float | None = None, recipe: str | None = None,
+        out_dir: str | None = None, resume: bool = False, resume_from: str | None = None, seed: int = 0,
+        export: list[str] | tuple[str, ...] = (), start: str = "float", freeze_bn_step: int | None = None,
+        freeze_observer_step: int | None = None, val_data: str | None = None,
         progress: bool = True) -> QATSummary:
-    """Quantization-aware fine-tuning (see ``docs/qat.md``); optionally export the result."""
+    """Quantization-aware fine-tuning (see ``docs/qat.md``); optionally export the result.
 
+    ``epochs``, ``batch_size``, ``lr`` and ``out_dir`` default to :class:`~mobilequant.qat.QATJobConfig`'s.
+    ``val_data`` defaults to the Fashion-MNIST test split for built-in training data, else none. Every
+    ``export`` target is written and verified; one that fails its checks is reported, the others still run
+    (``failed``). In a torchrun job only the main process exports.
+    """
+    import os
+
+    from .errors import CheckFailed
     from .export import default_recipe, get_target, load_recipe
     from .export import export as export_artifact
     from .qat import QATJobConfig, run_qat
@@ -475,20 +491,36 @@ def qat(model: str | None = None, weights: str | None = None, data: str = "built
     rec = load_recipe(recipe) if recipe is not None else default_recipe("tflite-int8")
     train_data = "fashion-mnist" if data == "builtin" else data
     net = resolve_model(model, weights) if (weights is not None or (model and ":" in model)) else None
-    config = QATJobConfig(model=model or DEFAULT_WEIGHTS, out_dir=out_dir, epochs=epochs, batch_size=batch_size,
-                          lr=lr, seed=seed, train_data=train_data,
-                          val_data="fashion-mnist" if train_data == "fashion-mnist" else None,
-                          quant=rec.quantization.to_quant_config(), resume=resume, progress=progress,
-                          start=start, freeze_bn_step=freeze_bn_step, freeze_observer_step=freeze_observer_step)
+    given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "out_dir": out_dir}
+    folder = Path(out_dir or QATJobConfig.out_dir)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--out-dir {folder} is a file, not a folder")
+    try:  # before the graph is built: a folder that cannot be made fails now
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create --out-dir {folder}: {e.strerror or e}") from None
+    if val_data is None and train_data == "fashion-mnist":
+        val_data = "fashion-mnist"
+    config = QATJobConfig(model=DEFAULT_WEIGHTS if net is None and model is None else (model if net is None
+                                                                                         else _model_name(net)),
+                          train_data=train_data, val_data="fashion-mnist" if val_data == "builtin" else val_data,
+                          seed=seed, quant=rec.quantization.to_quant_config(), resume=resume,
+                          resume_from=resume_from, progress=progress, start=start, freeze_bn_step=freeze_bn_step,
+                          freeze_observer_step=freeze_observer_step,
+                          **{k: v for k, v in given.items() if v is not None})
     result = run_qat(config, model=net)
+    main = int(os.environ.get("RANK", "0")) == 0
     exports = []
-    for spec in targets:
-        path = Path(out_dir) / f"{config.model.replace(':', '_')}-qat-{spec.name}{spec.suffix}"
-        art = export_artifact(result, spec.name, path, model_name=config.model)
-        exports.append({"target": spec.name, "path": str(art.path)})
+    for spec in targets if main else ():  # one process writes the files
+        path = Path(config.out_dir) / f"{config.model.replace(':', '_')}-qat-{spec.name}{spec.suffix}"
+        try:
+            art = export_artifact(result, spec.name, path, model_name=config.model)
+            exports.append({"target": spec.name, "path": str(art.path), "passed": True})
+        except CheckFailed as e:  # the file is kept, flagged; the other targets still run
+            exports.append({"target": spec.name, "path": str(path), "passed": False, "failure": str(e)})
     return QATSummary(config.model, None if result.checkpoint is None else str(result.checkpoint),
                       None if result.csv_log is None else str(result.csv_log), result.steps,
-                      result.val_accuracy, result.int8_accuracy, exports)
+                      result.val_accuracy, result.int8_accuracy, exports, main)
 
 
 # -------------------------------------------------------------------------------------------- bench

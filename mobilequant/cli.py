@@ -31,8 +31,9 @@ _EXAMPLES = {
     "qat": """examples:
   mobilequant qat --epochs 1                               # default model, Fashion-MNIST
   mobilequant qat --model shufflenetv2_x0_5 --epochs 1 --export tflite-int8 onnx-int8
-  mobilequant qat --resume --out-dir runs/qat              # continue after a crash
-  mobilequant qat --start ptq --freeze-observer-step 0     # fine-tune the PTQ model, keep its ranges
+  mobilequant qat --resume --out-dir out/qat               # continue after a crash
+  mobilequant qat --start ptq --freeze-observer-step 0 --lr 5e-4   # the measured 8-bit recipe (docs/qat.md)
+  mobilequant qat --model nets.py:build --weights ckpt.pt --data train_dir/ --val-data val_dir/
   torchrun --nproc_per_node=2 -m mobilequant qat --epochs 1
 """,
     "audit": """examples:
@@ -146,13 +147,21 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = add("qat", "quantization-aware fine-tuning job (single process or under torchrun)")
-    _model_args(p, "training data: 'builtin' (Fashion-MNIST) or a folder with class sub-folders")
-    p.add_argument("--epochs", type=int, default=1, help="epochs (default 1)")
-    p.add_argument("--batch-size", type=int, default=64, help="global batch size (default 64)")
-    p.add_argument("--lr", type=_number, default=0.005, help="peak learning rate (default 0.005)")
+    _model_args(p, "training data: 'builtin' (Fashion-MNIST), a folder with class sub-folders, or an .npz "
+                   "with labels")
+    p.add_argument("--val-data", default=None,
+                   help="evaluated after each epoch (default: the Fashion-MNIST test split for builtin training "
+                        "data, else none)")
+    # defaults of these four: QATJobConfig's (one source; docs/qat.md lists them)
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: QATJobConfig's)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch size (default: QATJobConfig's)")
+    p.add_argument("--lr", type=_number, default=None, help="peak learning rate (default: QATJobConfig's)")
     p.add_argument("--recipe", default=None, help="recipe YAML for the quantization settings")
-    p.add_argument("--out-dir", default="runs/qat", help="checkpoints and logs (default runs/qat)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out-dir")
+    p.add_argument("--out-dir", default=None, help="checkpoints and logs (default: QATJobConfig's, out/qat)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the last checkpoint in --out-dir (a new job starts if there is none)")
+    p.add_argument("--resume-from", default=None, metavar="CHECKPOINT",
+                   help="continue from this checkpoint (e.g. qat-prev.pt when qat-last.pt is damaged)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--start", choices=("float", "ptq"), default="float",
                    help="start from the float model (ranges observed) or from its PTQ result: ranges and "
@@ -270,14 +279,16 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "qat":
         result = api.qat(model=args.model, weights=args.weights, data=args.data, epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, recipe=args.recipe, out_dir=args.out_dir,
-                         resume=args.resume, seed=args.seed, export=args.export, start=args.start,
+                         resume=args.resume, resume_from=args.resume_from, val_data=args.val_data,
+                         seed=args.seed, export=args.export, start=args.start,
                          freeze_bn_step=args.freeze_bn_step, freeze_observer_step=args.freeze_observer_step,
                          progress=not (args.quiet or args.json))
     elif args.command == "bench":
         result = api.bench(args.artifacts, threads=args.threads, runs=args.runs, warmup=args.warmup)
     else:
         raise UsageError("mobilequant: choose a command (export, qat, audit, zoo, bench, calibrate); see --help")
-    _print(result, args.json, args.quiet)
+    if getattr(result, "main_process", True):  # in a torchrun job one process prints: the one that wrote the files
+        _print(result, args.json, args.quiet)
     return EXIT_CHECK_FAILED if getattr(result, "failed", False) else EXIT_OK
 
 
@@ -298,7 +309,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mobilequant: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("mobilequant: interrupted; nothing was written at the output path", file=sys.stderr)
+        print("mobilequant: interrupted; " + ("the last checkpoint is kept (--resume continues from it)"
+                                               if argv and argv[0] == "qat" else
+                                               "nothing was written at the output path"), file=sys.stderr)
         return 130
 
 

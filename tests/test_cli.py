@@ -130,6 +130,7 @@ CASES = [
      "run from 5 to 20 but the model has 10 classes"),
     ("one-colour-image-as-array", lambda d: ["export", "--target", "tflite-int8", *_tiny(d), "--data",
                                              str(d / "one_colour_image.npy")], 2, "1×H×W×C"),
+    ("qat-out-dir-is-a-file", lambda d: ["qat", "--out-dir", str(d / "tiny.py")], 2, "is a file, not a folder"),
     ("unsupported-op", lambda d: ["export", "--target", "tflite-int8", *_tiny(d, "build_unsupported"),
                                   "--data", str(d / "good.npy"), "--eval-data", str(d / "good.npy")], 2,
      "act"),
@@ -213,6 +214,38 @@ def test_data_warnings_are_one_line_and_the_recipe_image_count_is_kept(files, tm
     warned = [line for line in captured.err.splitlines() if "labels not used" in line]
     assert len(warned) == 1 and warned[0].startswith("mobilequant: warning: "), captured.err
     assert "LabelWarning" not in captured.err and ".py:" not in captured.err
+
+
+def test_qat_of_a_user_model_from_the_command_line(files, tmp_path, capsys, monkeypatch):
+    """`qat --model file.py:factory` had always been refused (the job compared the factory's name with the
+    whole spec); the summary printed accuracies as fractions with a % sign (0.90 % for 90 %); one export
+    failing its checks stopped the exports after it and the summary."""
+    import mobilequant.export as export_module
+    from mobilequant.api import QATSummary
+    from mobilequant.errors import CheckFailed
+
+    real_export = export_module.export
+
+    def tflite_fails(result, target, path, **kw):
+        if target == "tflite-int8":
+            raise CheckFailed(f"{path}: int8_top1_agreement: FAILED (made to fail here)")
+        return real_export(result, target, path, **kw)
+
+    monkeypatch.setattr(export_module, "export", tflite_fails)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "train.npz", images=rng.integers(0, 256, (64, 28, 28), dtype=np.uint8),
+             labels=np.arange(64) % 10)
+    rc = main(["qat", *_tiny(files), "--data", str(tmp_path / "train.npz"), "--val-data",
+               str(tmp_path / "train.npz"), "--batch-size", "32", "--out-dir", str(tmp_path / "q"),
+               "--export", "tflite-int8", "onnx-fp32", "--json"])
+    captured = capsys.readouterr()
+    assert rc == 1, captured.err[-2000:]  # the failed check, reported
+    out = json.loads(captured.out)
+    assert out["model"] == "build" and out["steps"] == 2 and 0.0 <= out["val_accuracy"] <= 1.0
+    assert (tmp_path / "q" / "qat-last.pt").is_file()
+    assert [(e["target"], e["passed"]) for e in out["exports"]] == [("tflite-int8", False), ("onnx-fp32", True)]
+    assert Path(out["exports"][1]["path"]).is_file()
+    assert "fake-quant accuracy 89.55 %" in QATSummary("m", None, None, 10, 0.8955, None).summary()
 
 
 def test_export_fp32_then_bench_and_audit_exit_codes(files, tmp_path, capsys):

@@ -99,3 +99,15 @@ def test_two_processes_match_one_process_with_the_same_global_batch(float_state,
     assert update > 1e-3
     assert diff / update < 1e-3
     assert single.steps == 8
+
+    # Resuming under torchrun: every process restores its own RNG state from the gathered tensor (rank 1's
+    # row had been passed to torch.set_rng_state as a view at an offset: 'Invalid mt19937 state').
+    for f in results_dir.iterdir():
+        f.unlink()
+    script.write_text(CHILD.format(tests=str(REPO / "tests"), out=str(ddp_out), options={**OPTIONS, "resume": True},
+                                   state=str(float_state), results=str(results_dir)))
+    cmd[-2] = f"--master_port={_free_port()}"
+    resumed = subprocess.run(cmd, env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert sorted(p.name for p in results_dir.iterdir()) == ["rank0.json", "rank1.json"], resumed.stdout[-3000:]

@@ -106,8 +106,8 @@ def _read(path: Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types (pickle, zip, EOF, runtime) for a bad file
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"{type(e).__name__}: {first[:160]}") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]  # its first sentence
+        raise ValueError(f"{type(e).__name__}: {first if len(first) <= 200 else first[:199] + '…'}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError("not a mobilequant QAT checkpoint")
     if ckpt.get("version") != VERSION:
@@ -132,7 +132,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             try:
                 ok = _read(other)
                 hint = (f"; the other checkpoint {other} (step {ok['step']}) is intact: "
-                        f"resume from it with resume_from={str(other)!r}")
+                        f"resume from it with --resume-from {other} (resume_from={str(other)!r})")
             except ValueError:
                 hint = f"; {other} is unusable too"
         raise InputError(f"checkpoint {path} is corrupt ({why}); refusing to resume from it{hint}") from None

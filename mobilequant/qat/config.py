@@ -23,10 +23,11 @@ START_MODES = ("float", "ptq")
 DEVICES = ("auto", "cpu", "cuda")
 
 # Options that do not change what is trained: output place, checkpoint cadence, logging, threads, device,
-# resume switches, and what is evaluated.
+# resume switches, and what is evaluated. ``train_data`` is how the data are named (``imgs`` and ``imgs/``,
+# a relative and an absolute path): what they are is the checkpoint's data fingerprint, checked on resume.
 NOT_IN_RECIPE = frozenset({
     "out_dir", "ckpt_every", "resume", "resume_from", "progress", "threads", "device",
-    "val_data", "val_split", "val_limit",
+    "val_data", "val_split", "val_limit", "train_data",
 })
 
 

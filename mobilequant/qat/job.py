@@ -68,7 +68,12 @@ from .graph import (
 from .oscillation import OscillationControl
 from .quantizer import qat_quantizer
 
-__all__ = ["QATResult", "run_qat", "ranges_from_table", "CSV_NAME", "CSV_COLUMNS"]
+__all__ = ["QATResult", "QATWarning", "run_qat", "ranges_from_table", "CSV_NAME", "CSV_COLUMNS"]
+
+
+class QATWarning(UserWarning):
+    """A QAT job goes on, but not quite as asked (nothing to resume, dropout re-seeded)."""
+
 
 CSV_NAME = "qat-log.csv"
 CSV_COLUMNS = ("epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s", "seconds",
@@ -390,9 +395,12 @@ def _run(config: QATJobConfig, ctx: DistContext, model, train_data, val_data, pt
         ckpt_path = Path(config.resume_from)
     elif config.resume:
         ckpt_path = find_checkpoint(out_dir)
+        if ckpt_path is None and ctx.is_main:  # a restart loop may resume before any checkpoint exists
+            warnings.warn(f"nothing to resume in {out_dir} (no qat-last.pt / qat-prev.pt): a new job starts",
+                          QATWarning, stacklevel=2)
     elif find_checkpoint(out_dir) is not None:
-        raise UsageError(f"{out_dir} already holds a QAT checkpoint; pass resume=True to continue it "
-                         "or choose another out_dir")
+        raise UsageError(f"{out_dir} already holds a QAT checkpoint; continue it with --resume (resume=True) "
+                         "or choose another output folder")
     init_extra = _ptq_fingerprint(ptq_result) if (ptq_result is not None and config.start == "ptq") else ""
     init_hash = state_fingerprint(model, init_extra)
     data_hash = _data_fingerprint(train_data)
@@ -450,15 +458,18 @@ def _run(config: QATJobConfig, ctx: DistContext, model, train_data, val_data, pt
         rng = ckpt["rng"]
         torch_states = rng["torch_per_process"]
         if ckpt["world_size"] == ctx.world_size:
-            set_rng_state({**rng, "torch": torch_states[ctx.rank]})
+            # a row of the gathered tensor is a view at an offset; torch.set_rng_state needs its own storage
+            set_rng_state({**rng, "torch": torch_states[ctx.rank].clone()})
         else:
             warnings.warn(f"checkpoint written by {ckpt['world_size']} process(es), resumed with "
                           f"{ctx.world_size}: dropout draws are re-seeded, the run is no longer bitwise "
-                          "reproducible", stacklevel=3)
-            set_rng_state({**rng, "torch": torch_states[0]})
+                          "reproducible", QATWarning, stacklevel=3)
+            set_rng_state({**rng, "torch": torch_states[0].clone()})
             torch.manual_seed(config.seed * 7919 + ctx.rank * 104729 + step)
         if ctx.is_main and config.progress:
-            tqdm.write(f"resuming {ckpt_path} at step {step} (epoch {epoch + 1}, batch {position})")
+            tqdm.write(f"resuming {ckpt_path} at step {step} (epoch {epoch + 1}, batch {position})"
+                       if epoch < config.epochs else
+                       f"{ckpt_path} is a finished job (step {step}, {config.epochs} epoch(s)): nothing left to train")
     else:
         torch.manual_seed(config.seed)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import InputError, UsageError
 
 __all__ = ["Latency", "measure_latency"]
 
@@ -28,6 +28,12 @@ class Latency:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# ONNX Runtime's input type names → numpy (what a random input of that type is made of)
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+              "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(int16)": np.int16,
+              "tensor(int32)": np.int32, "tensor(int64)": np.int64, "tensor(bool)": np.bool_}
 
 
 def _input_array(shape, dtype: np.dtype, seed: int) -> np.ndarray:
@@ -60,7 +66,9 @@ def measure_latency(path: str | Path, threads: int = 1, runs: int = 100, warmup:
     else:
         assert isinstance(runner, OrtRunner)
         node = runner.input
-        dtype = np.float16 if "float16" in node.type else np.float32
+        dtype = _ORT_TYPES.get(node.type)
+        if dtype is None:
+            raise InputError(f"{path}: input {node.name!r} is {node.type}, which bench cannot fill")
         feed = {node.name: _input_array(node.shape, np.dtype(dtype), seed)}
         session = runner.session
 
