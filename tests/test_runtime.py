@@ -161,3 +161,20 @@ def test_non_model_file_is_an_input_error(tmp_path):
         OrtRunner(bad_onnx)
     with pytest.raises(InputError, match="missing.tflite"):
         TFLiteRunner(tmp_path / "missing.tflite")
+
+
+@pytest.mark.parametrize("elem, dtype", [("INT64", np.int64), ("UINT8", np.uint8), ("DOUBLE", np.float64)])
+def test_bench_feeds_onnx_inputs_of_their_own_type(tmp_path, elem, dtype):
+    """`bench` had fed float32 to every ONNX input: an int64 input ended in ONNX Runtime's traceback."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from mobilequant.runtime.bench import measure_latency
+
+    t = getattr(TensorProto, elem)
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "id",
+                              [helper.make_tensor_value_info("x", t, [1, 4])],
+                              [helper.make_tensor_value_info("y", t, [1, 4])])
+    path = tmp_path / "id.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    assert measure_latency(path, runs=3, warmup=1).median_ms > 0
