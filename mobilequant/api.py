@@ -198,7 +198,8 @@ def _removed_if_left_empty(directory: Path | None):
         yield
     except BaseException:
         if directory is not None and directory.is_dir() and not any(directory.iterdir()):
-            directory.rmdir()
+            with contextlib.suppress(OSError):  # another process of a torchrun job may have removed it
+                directory.rmdir()
         raise
 
 
@@ -492,23 +493,24 @@ def qat(model: str | None = None, weights: str | None = None, data: str = "built
     train_data = "fashion-mnist" if data == "builtin" else data
     net = resolve_model(model, weights) if (weights is not None or (model and ":" in model)) else None
     given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "out_dir": out_dir}
-    folder = Path(out_dir or QATJobConfig.out_dir)
+    if val_data == "builtin" or (val_data is None and train_data == "fashion-mnist"):
+        val_data = "fashion-mnist"
+    config = QATJobConfig(model=_model_name(net) if net is not None else (model or DEFAULT_WEIGHTS),
+                          train_data=train_data, val_data=val_data, seed=seed,
+                          quant=rec.quantization.to_quant_config(), resume=resume, resume_from=resume_from,
+                          progress=progress, start=start, freeze_bn_step=freeze_bn_step,
+                          freeze_observer_step=freeze_observer_step,
+                          **{k: v for k, v in given.items() if v is not None})
+    folder = Path(config.out_dir)
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--out-dir {folder} is a file, not a folder")
+    created = None if folder.exists() else folder
     try:  # before the graph is built: a folder that cannot be made fails now
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot create --out-dir {folder}: {e.strerror or e}") from None
-    if val_data is None and train_data == "fashion-mnist":
-        val_data = "fashion-mnist"
-    config = QATJobConfig(model=DEFAULT_WEIGHTS if net is None and model is None else (model if net is None
-                                                                                         else _model_name(net)),
-                          train_data=train_data, val_data="fashion-mnist" if val_data == "builtin" else val_data,
-                          seed=seed, quant=rec.quantization.to_quant_config(), resume=resume,
-                          resume_from=resume_from, progress=progress, start=start, freeze_bn_step=freeze_bn_step,
-                          freeze_observer_step=freeze_observer_step,
-                          **{k: v for k, v in given.items() if v is not None})
-    result = run_qat(config, model=net)
+    with _removed_if_left_empty(created):
+        result = run_qat(config, model=net)
     main = int(os.environ.get("RANK", "0")) == 0
     exports = []
     for spec in targets if main else ():  # one process writes the files
