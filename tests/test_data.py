@@ -244,6 +244,13 @@ def test_folder_labels_are_fitted_to_the_model(tmp_path):
     # anything else cannot be trusted: labels dropped, with a warning naming the folders
     with pytest.warns(LabelWarning, match="2 class folder\\(s\\) \\(cat, dog\\)"):
         assert fit_labels(folder("cat", "dog"), _Classifier(10)).labels is None
+    # a dense output (segmentation) takes no image labels
+    class Dense(torch.nn.Module):
+        def forward(self, x):
+            return x.repeat(1, 3, 1, 1)
+
+    with pytest.warns(LabelWarning, match="output is N×3×4×4, not N × classes"):
+        assert fit_labels(folder("cat", "dog"), Dense()).labels is None
     # array labels outside the model's classes fail before any work
     with pytest.raises(InputError, match="run from 0 to 3 but the model has 3 classes"):
         fit_labels(ImageData(torch.zeros(4, 1, 4, 4), torch.arange(4), "arr.npz"), _Classifier(3))

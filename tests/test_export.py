@@ -384,6 +384,38 @@ def test_user_idioms_export_without_layout_transposes(head, target, tmp_path):
     assert "channel_shuffle" in kinds and ("spatial_mean" in kinds) == (head == "mean")
 
 
+class DenseHead(nn.Module):
+    """A segmentation-style model: a strided encoder, a 1×1 class head, upsampled back to the input."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.enc = _cbr(3, 8, s=2)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        kw = {} if self.mode == "nearest" else {"align_corners": False}
+        return nn.functional.interpolate(self.head(self.enc(x)), scale_factor=2, mode=self.mode, **kw)
+
+
+@pytest.mark.parametrize("mode, op", [("nearest", "RESIZE_NEAREST_NEIGHBOR"), ("bilinear", "RESIZE_BILINEAR")])
+@pytest.mark.parametrize("target", ["tflite-int8", "onnx-int8", "tflite-fp32"])
+def test_upsampling_heads_export_and_are_checked_per_pixel(mode, op, target, tmp_path):
+    """Upsampling was refused by every target (segmentation heads, MobileNetV3's LR-ASPP); int8 resizes
+    share their input's parameters (TFLite's int8 spec), and a dense output is compared per pixel."""
+    torch.manual_seed(0)
+    model = calibrated_copy(DenseHead(mode))
+    path = tmp_path / ("d.onnx" if target.startswith("onnx") else "d.tflite")
+    art = export(model, target, path, calibration_data=[smooth_images(N_CALIB, size=16)],
+                 verify_data=smooth_images(N_VERIFY, size=16, seed=3), overrides=VERIFY)
+    assert art.verification.passed, art.verification.failed
+    if target.startswith("tflite"):
+        assert any(k.startswith(op) for k in art.census.ops) and art.census.transposes == 2  # input, output
+    if target.endswith("int8"):
+        agreement = next(c for c in art.verification.checks if c.name == "int8_top1_agreement")
+        assert f"of {N_VERIFY * 16 * 16} pixels ({N_VERIFY} images)" in agreement.measured
+
+
 def test_a_model_with_several_outputs_is_refused_before_writing(tmp_path):
     class TwoHeads(nn.Module):
         def __init__(self):

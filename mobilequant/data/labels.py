@@ -14,7 +14,9 @@ decides what the folder names mean, in this order:
    labels are then not reported; those that compare the file with the float model still are).
 
 Then every label, from folders or from an array file, must be a class of the model: one outside
-``0 … classes − 1`` is an :class:`~mobilequant.errors.InputError` naming the data, before any work.
+``0 … classes − 1`` is an :class:`~mobilequant.errors.InputError` naming the data, before any work. A
+model whose output is not ``N × classes`` (a dense segmentation head) takes no image labels: they are
+dropped with a warning.
 """
 
 from __future__ import annotations
@@ -35,9 +37,8 @@ class LabelWarning(UserWarning):
     """Class-folder labels that cannot be matched to the model's classes were dropped."""
 
 
-def model_classes(model: nn.Module, input_size: Sequence[int]) -> int | None:
-    """The number of classes ``model`` scores (its output's last dimension on zero images), or ``None``
-    when its output is not one ``N × classes`` tensor."""
+def _output_shape(model: nn.Module, input_size: Sequence[int]) -> tuple[int, ...] | None:
+    """The shape of ``model``'s output on two zero images; ``None`` when it cannot run or gives no tensor."""
     was_training = model.training
     model.eval()
     try:
@@ -47,7 +48,14 @@ def model_classes(model: nn.Module, input_size: Sequence[int]) -> int | None:
         return None
     finally:
         model.train(was_training)
-    return int(out.shape[1]) if torch.is_tensor(out) and out.ndim == 2 else None
+    return tuple(out.shape) if torch.is_tensor(out) else None
+
+
+def model_classes(model: nn.Module, input_size: Sequence[int]) -> int | None:
+    """The number of classes ``model`` scores (its output's last dimension on zero images), or ``None``
+    when its output is not one ``N × classes`` tensor."""
+    shape = _output_shape(model, input_size)
+    return shape[1] if shape is not None and len(shape) == 2 else None
 
 
 def _key(name: str) -> str:
@@ -77,9 +85,15 @@ def fit_labels(data: ImageData, model: nn.Module) -> ImageData:
     model's output is not a class score vector or the data have no labels."""
     if data.labels is None or len(data) == 0:
         return data
-    num_classes = model_classes(model, data.input_size)
-    if num_classes is None:
+    shape = _output_shape(model, data.input_size)
+    if shape is None:
         return data
+    if len(shape) != 2:  # a dense output (segmentation): one label per image means nothing for it
+        warnings.warn(f"{data.source}: labels not used — the model's output is "
+                      f"{'×'.join(['N', *map(str, shape[1:])])}, not N × classes; figures that need labels are "
+                      "not reported", LabelWarning, stacklevel=2)
+        return ImageData(data.images, None, data.source, None)
+    num_classes = shape[1]
     class_names = getattr(model, "class_names", None)
     if data.classes is not None and tuple(data.classes) != tuple(class_names or ()):
         mapping = _folder_labels(tuple(data.classes), num_classes, class_names, data.source)

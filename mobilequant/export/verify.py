@@ -7,6 +7,7 @@ check                       passes when
 ``fp16_top1_agreement``     top-1 of the file agrees with the float model on ≥ ``fp16_top1_agreement``; a
                             flip where the float top-2 margin ≤ 2⁻⁸ × the largest |score| is a near tie
 ``int8_top1_agreement``     top-1 of the file agrees with the torch-simulated int8 model on ≥ threshold
+                            (a dense N×C×H×W output: per pixel)
 ``int8_accuracy``           |accuracy(file) − accuracy(simulated)| ≤ ``int8_accuracy_drop_pp``, or the net
                             images lost within 2·√(images the two decide differently): near-tie noise (labels)
 ``int8_params``             every quantized tensor in the file has the scales (rel ≤ ``scale_rtol``) and
@@ -14,7 +15,8 @@ check                       passes when
 ``int8_op_census``          TFLite: no float compute op (only QUANTIZE at the input / DEQUANTIZE at the
                             output of a float-I/O file); ONNX: no Conv / Gemm / MatMul left in float once
                             ONNX Runtime has fused the file's QDQ groups into integer kernels
-``transposes``              TFLite: no TRANSPOSE but one per channel shuffle and one at an NCHW input
+``transposes``              TFLite: no TRANSPOSE but one per channel shuffle, one at an NCHW input and one at
+                            a 4-D (dense) output
 ==========================  ============================================================================
 
 A failed check makes :func:`mobilequant.export.export` raise :class:`~mobilequant.errors.CheckFailed`
@@ -123,8 +125,9 @@ def tflite_census(info, quantized: bool, layout: str, in_channels: int, rewrites
                 out = info.tensors[op.outputs[0]].name if op.outputs else ""
                 float_ops.append(f"{op.name} ({out[:120]})")
     shuffles = sum(1 for r in rewrites if r.kind == "channel_shuffle")
-    allowed = shuffles + (1 if layout == "NCHW" and in_channels > 1 else 0)
     t_in, t_out = info.tensors[info.inputs[0]], info.tensors[info.outputs[0]]
+    # one TRANSPOSE at an NCHW input, and one back to NCHW at a 4-D output (a dense head: segmentation)
+    allowed = shuffles + (1 if layout == "NCHW" and in_channels > 1 else 0) + (1 if len(t_out.shape) == 4 else 0)
     return Census(
         format="tflite", ops=dict(sorted(ops.items())), float_compute_ops=float_ops,
         transposes=sum(1 for op in info.ops if op.name == "TRANSPOSE"), allowed_transposes=allowed,
@@ -184,8 +187,20 @@ def onnx_integer_check(runtime_ops: dict[str, int]) -> Check:
 
 
 # ------------------------------------------------------------------------------------------- numerics
+def _rows(a: np.ndarray) -> np.ndarray:
+    """Score vectors, one per row: N×C class scores as they are; an N×C×H×W dense output (segmentation)
+    one row per pixel, so its checks are per-pixel agreement."""
+    if a.ndim == 4:
+        return a.transpose(0, 2, 3, 1).reshape(-1, a.shape[1])
+    return a.reshape(a.shape[0], -1)
+
+
+def _what(a: np.ndarray) -> str:
+    return f"{len(a)} images" if a.ndim != 4 else f"{len(_rows(a))} pixels ({len(a)} images)"
+
+
 def _top1(a: np.ndarray) -> np.ndarray:
-    return a.reshape(a.shape[0], -1).argmax(1)
+    return _rows(a).argmax(1)
 
 
 _FP16_TIE = 2.0 ** -8  # fp16_top1_agreement: a float top-2 margin this close (relative) is a near tie
@@ -203,27 +218,29 @@ def numeric_checks(precision: str, out: np.ndarray, ref: np.ndarray, labels, set
         checks.append(Check("fp32_max_abs_diff", diff <= limit, f"max |diff| {diff:.3g}",
                             f"≤ {settings.fp32_max_abs_diff:g} × max|ref| = {limit:.3g}", f"{n} images"))
     elif precision == "fp16":
+        rows = _rows(ref)
         flips = np.flatnonzero(_top1(out) != _top1(ref))
-        agree = 1.0 - len(flips) / n if n else 1.0
+        n_rows = len(rows)
+        agree = 1.0 - len(flips) / n_rows if n_rows else 1.0
         # A flip where the float model's two best scores lie within a few float16 steps of each other
         # (2⁻⁸ of the image's largest |score|; float16 resolves 2⁻¹¹) is a near tie rounding may decide
         # either way — a property of the model and image, not of the file, so a broken file cannot excuse
         # its flips. Only the other flips count against the threshold.
-        r = ref.reshape(n, -1)[flips]
+        r = rows[flips]
         top2 = np.sort(r, axis=1)[:, -2:]
         ties = int(np.sum(top2[:, 1] - top2[:, 0] <= _FP16_TIE * np.abs(r).max(axis=1))) if len(flips) else 0
-        counted = 1.0 - (len(flips) - ties) / n if n else 1.0
+        counted = 1.0 - (len(flips) - ties) / n_rows if n_rows else 1.0
         checks.append(Check("fp16_top1_agreement", counted >= settings.fp16_top1_agreement,
-                            f"{100 * agree:.2f} % of {n} images" + (
+                            f"{100 * agree:.2f} % of {_what(out)}" + (
                                 f" ({ties} of {len(flips)} flip(s) near ties, not counted)" if ties else ""),
                             f"≥ {100 * settings.fp16_top1_agreement:.2f} %",
                             "a flip counts unless the float top-2 margin ≤ 2⁻⁸ × the image's largest |score|"))
     else:
         agree = float(np.mean(_top1(out) == _top1(ref))) if n else 1.0
         checks.append(Check("int8_top1_agreement", agree >= settings.int8_top1_agreement,
-                            f"{100 * agree:.2f} % of {n} images", f"≥ {100 * settings.int8_top1_agreement:.2f} %",
+                            f"{100 * agree:.2f} % of {_what(out)}", f"≥ {100 * settings.int8_top1_agreement:.2f} %",
                             "vs the torch-simulated int8 model"))
-        if labels is not None:
+        if labels is not None and out.ndim == 2:  # image labels judge class scores, not dense outputs
             labels = np.asarray(labels)
             file_right, sim_right = _top1(out) == labels, _top1(ref) == labels
             lost = int(np.sum(sim_right & ~file_right))

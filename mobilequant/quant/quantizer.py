@@ -132,6 +132,8 @@ OP_RULES: dict[torch._ops.OpOverload, Rule] = {
             aten.squeeze.dims,
             aten.unsqueeze.default,
             aten.pixel_shuffle.default,
+            aten.upsample_nearest2d.vec,  # TFLite RESIZE_NEAREST_NEIGHBOR / RESIZE_BILINEAR: int8 in = out
+            aten.upsample_bilinear2d.vec,
             aten.clamp.Tensor,  # per-channel clamp (CLE's exact ReLU6): TFLite MINIMUM/MAXIMUM share
         )
     },
