@@ -480,8 +480,6 @@ def qat(model: str | None = None, weights: str | None = None, data: str = "built
     ``export`` target is written and verified; one that fails its checks is reported, the others still run
     (``failed``). In a torchrun job only the main process exports.
     """
-    import os
-
     from .errors import CheckFailed
     from .export import default_recipe, get_target, load_recipe
     from .export import export as export_artifact
@@ -511,7 +509,7 @@ def qat(model: str | None = None, weights: str | None = None, data: str = "built
         raise UsageError(f"cannot create --out-dir {folder}: {e.strerror or e}") from None
     with _removed_if_left_empty(created):
         result = run_qat(config, model=net)
-    main = int(os.environ.get("RANK", "0")) == 0
+    main = result.rank == 0
     exports = []
     for spec in targets if main else ():  # one process writes the files
         path = Path(config.out_dir) / f"{config.model.replace(':', '_')}-qat-{spec.name}{spec.suffix}"

@@ -70,13 +70,13 @@ def capture(model: nn.Module, example_input: torch.Tensor, dynamic_batch: bool =
                          "that forward returns the one you ship, or export each head on its own")
     gm = ep.module()
     name_layers(gm)
-    _relu6_as_hardtanh(gm)
-    _division_by_constant_as_mul(gm)
-    _hard_activations_from_arithmetic(gm)
+    # one spelling per op for the stages after capture (each pass says whether it changed the graph)
+    if any([_relu6_as_hardtanh(gm), _division_by_constant_as_mul(gm), _hard_activations_from_arithmetic(gm)]):
+        gm.recompile()
     return gm
 
 
-def _relu6_as_hardtanh(gm: GraphModule) -> None:
+def _relu6_as_hardtanh(gm: GraphModule) -> bool:
     """``F.relu6`` exports as ``aten.relu6`` and ``nn.ReLU6`` as ``aten.hardtanh(x, 0, 6)``: one spelling
     (hardtanh, what ``relu6`` decomposes to) so fusion, the quantizer and export see the same op."""
     changed = False
@@ -86,11 +86,10 @@ def _relu6_as_hardtanh(gm: GraphModule) -> None:
             node.target = torch.ops.aten.hardtanh_.default if inplace else torch.ops.aten.hardtanh.default
             node.args = (node.args[0], 0.0, 6.0)
             changed = True
-    if changed:
-        gm.recompile()
+    return changed
 
 
-def _division_by_constant_as_mul(gm: GraphModule) -> None:
+def _division_by_constant_as_mul(gm: GraphModule) -> bool:
     """``x / c`` for a number ``c`` as ``x * (1 / c)``: the spelling the quantizer and both runtimes take
     (TFLite's int8 DIV is not in the int8 spec's op set), and the one the h-swish pattern
     ``x * relu6(x + 3) / 6`` — how many MobileNetV3 implementations write it — is matched in."""
@@ -103,11 +102,10 @@ def _division_by_constant_as_mul(gm: GraphModule) -> None:
             node.target = aten.mul_.Tensor if node.target == aten.div_.Tensor else aten.mul.Tensor
             node.args = (node.args[0], 1.0 / node.args[1])
             changed = True
-    if changed:
-        gm.recompile()
+    return changed
 
 
-def _hard_activations_from_arithmetic(gm: GraphModule) -> None:
+def _hard_activations_from_arithmetic(gm: GraphModule) -> bool:
     """h-swish and h-sigmoid written as arithmetic — ``x * relu6(x + 3) / 6``, ``x * (relu6(x + 3) / 6)``,
     ``relu6(x + 3) / 6`` — as ``aten.hardswish`` / ``aten.hardsigmoid``.
 
@@ -142,8 +140,9 @@ def _hard_activations_from_arithmetic(gm: GraphModule) -> None:
         x, u = a.args[0], only_user(r)
         if u is None:
             continue
-        if call(u, muls) and other(u, r) is x and times_sixth(only_user(u) or r):
-            target, last = aten.hardswish.default, only_user(u)  # x * relu6(x + 3) / 6
+        w = only_user(u)
+        if call(u, muls) and other(u, r) is x and w is not None and times_sixth(w):
+            target, last = aten.hardswish.default, w  # x * relu6(x + 3) / 6
         elif times_sixth(u) and u.args[0] is r:
             v = only_user(u)
             if call(v, muls) and other(v, u) is x:
@@ -160,8 +159,7 @@ def _hard_activations_from_arithmetic(gm: GraphModule) -> None:
             if not dead.users:
                 gm.graph.erase_node(dead)
         changed = True
-    if changed:
-        gm.recompile()
+    return changed
 
 
 def _capture_error_line(model: nn.Module, exc: BaseException, dynamic_batch: bool) -> str:

@@ -15,7 +15,7 @@
 from .builtin import BUILTIN_DATASETS, builtin_dataset, calibration_manifest, calibration_set, load_data, stratified_indices
 from .fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from .fashion_mnist import load_fashion_mnist
-from .labels import LabelWarning, fit_labels, model_classes
+from .labels import LabelWarning, fit_labels
 from .photos import CROPS_PER_PHOTO, OFFLINE_PHOTO_SPLITS, PHOTO_COLLECTIONS, PHOTO_SPLITS, Photo, photo_crops, photo_list
 from .preprocess import preprocess_image, preprocess_images, to_layout
 from .readers import BadImageWarning, ImageData, read_images
@@ -37,7 +37,6 @@ __all__ = [
     "fit_labels",
     "load_data",
     "load_fashion_mnist",
-    "model_classes",
     "photo_crops",
     "photo_list",
     "preprocess_image",

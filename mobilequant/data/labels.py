@@ -30,7 +30,7 @@ from torch import nn
 from ..errors import InputError
 from .readers import ImageData
 
-__all__ = ["LabelWarning", "fit_labels", "model_classes"]
+__all__ = ["LabelWarning", "fit_labels"]
 
 
 class LabelWarning(UserWarning):
@@ -49,13 +49,6 @@ def _output_shape(model: nn.Module, input_size: Sequence[int]) -> tuple[int, ...
     finally:
         model.train(was_training)
     return tuple(out.shape) if torch.is_tensor(out) else None
-
-
-def model_classes(model: nn.Module, input_size: Sequence[int]) -> int | None:
-    """The number of classes ``model`` scores (its output's last dimension on zero images), or ``None``
-    when its output is not one ``N × classes`` tensor."""
-    shape = _output_shape(model, input_size)
-    return shape[1] if shape is not None and len(shape) == 2 else None
 
 
 def _key(name: str) -> str:

@@ -131,6 +131,18 @@ def _through_qdq(node: Node) -> tuple[Node, tuple | None]:
     return node, None
 
 
+def _user_past_identities(node: Node) -> tuple[Node, Node | None]:
+    """``(last, user)``: the only consumer of ``node``'s value through ``q → dq`` pairs and identities
+    (dropout, clone, contiguous, alias) that each have one user, and the node it reads (``user`` is
+    ``None`` when the value branches)."""
+    last, _ = _through_qdq(node)
+    user = _single_user(last)
+    while user is not None and user.op == "call_function" and user.target in _IDENTITIES:
+        last, _ = _through_qdq(user)
+        user = _single_user(last)
+    return last, user
+
+
 def _shape(node) -> tuple[int, ...] | None:
     """Static shape from ``meta["val"]`` (-1 for symbolic sizes); quantize / dequantize keep their input's."""
     if not isinstance(node, Node):
@@ -203,11 +215,7 @@ def _rewrite_channel_shuffle(gm: GraphModule, quantized: bool) -> list[Rewrite]:
         t = _single_user(a)
         if t is None or not _is_permute_12(t):
             continue
-        b, _ = _through_qdq(t)
-        r3 = _single_user(b)
-        while r3 is not None and r3.op == "call_function" and r3.target in _IDENTITIES:
-            b, _ = _through_qdq(r3)  # `.contiguous()` before the last view (torchvision's channel_shuffle)
-            r3 = _single_user(b)
+        _, r3 = _user_past_identities(t)  # `.contiguous()` before the last view (torchvision's channel_shuffle)
         if r3 is None or r3.target not in _RESHAPES or _shape(r3) is None or _shape(r3)[1:] != (c, h, w):
             continue
         if quantized and qargs is None:
@@ -274,11 +282,8 @@ def _rewrite_flatten_linear(gm: GraphModule, quantized: bool) -> list[Rewrite]:
         if shape is None or len(shape) != 4 or shape[2] * shape[3] == 1 or min(shape[1:]) < 1:
             continue
         _, c, h, w = shape
-        after, qargs = _through_qdq(f)
-        lin = _single_user(after)
-        while lin is not None and lin.op == "call_function" and lin.target in _IDENTITIES:
-            after, _ = _through_qdq(lin)  # eval-mode dropout / clone between flatten and linear
-            lin = _single_user(after)
+        _, qargs = _through_qdq(f)
+        after, lin = _user_past_identities(f)  # eval-mode dropout / clone between flatten and linear
         if lin is None or lin.target != aten.linear.default or lin.args[0] is not after:
             continue
         if quantized and qargs is None:

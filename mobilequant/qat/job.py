@@ -96,6 +96,7 @@ class QATResult(QuantResult):
     val_accuracy: float | None = None  # fake-quant graph, last epoch
     int8_accuracy: float | None = None  # converted graph (simulated int8) on the validation data
     osc_frozen_weights: int = 0  # depthwise weights frozen by oscillation control and baked
+    rank: int = 0  # this process's rank in a torchrun job (0 writes checkpoints, the CSV, exports)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -621,5 +622,5 @@ def _run(config: QATJobConfig, ctx: DistContext, model, train_data, val_data, pt
         **parts, initial_model=model, prepared=prepared, checkpoint=last_ckpt,
         csv_log=csv_path if ctx.is_main else None, history=history, steps=step,
         val_accuracy=history[-1]["val_acc"] if history else None, int8_accuracy=int8_acc,
-        osc_frozen_weights=baked,
+        osc_frozen_weights=baked, rank=ctx.rank,
     )
