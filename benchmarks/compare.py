@@ -522,8 +522,8 @@ def run_model(name: str, args, work: Path) -> ModelResult:
 
     _log(f"{name}: loading")
     net, calib, evald = _imagenet_model(args.photos) if name == IMAGENET else _fashion_model(name)
-    if args.eval_images is not None and args.eval_images < len(evald):
-        evald = evald.subset(range(args.eval_images))
+    if args.eval_images is not None:
+        evald = evald.spread(args.eval_images)  # spread over the set, as the library's --num-eval takes them
     with torch.no_grad():
         float_logits = torch.cat([net(evald.images[i:i + 250]) for i in range(0, len(evald), 250)]).numpy()
     labels = None if evald.labels is None else evald.labels.numpy()
@@ -847,7 +847,7 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"shipped Fashion-MNIST checkpoints and/or '{IMAGENET}' (default: all of "
                          f"{', '.join(shipped)} and {IMAGENET})")
     ap.add_argument("--quick", action="store_true", help="1,000 evaluation images, core rows, 30 latency runs")
-    ap.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N images only")
+    ap.add_argument("--eval-images", type=int, default=None, help="evaluate on N images spread over the set")
     ap.add_argument("--latency-runs", type=int, default=None, help="timed single-image runs (default 100)")
     ap.add_argument("--threads", type=int, default=1, help="torch, LiteRT and ORT threads")
     ap.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime quantize_static rows")

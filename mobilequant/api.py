@@ -470,12 +470,14 @@ class QATSummary:
 def qat(model: str | None = None, weights: str | None = None, data: str = "builtin", epochs: int | None = None,
         batch_size: int | None = None, lr: float | None = None, recipe: str | None = None,
         out_dir: str | None = None, resume: bool = False, resume_from: str | None = None, seed: int = 0,
-        export: list[str] | tuple[str, ...] = (), start: str = "float", freeze_bn_step: int | None = None,
-        freeze_observer_step: int | None = None, val_data: str | None = None,
-        progress: bool = True) -> QATSummary:
+        export: list[str] | tuple[str, ...] = (), start: str = "float",
+        freeze_bn_step: int | float | str | None = None, freeze_observer_step: int | float | str | None = None,
+        val_data: str | None = None, progress: bool = True) -> QATSummary:
     """Quantization-aware fine-tuning (see ``docs/qat.md``); optionally export the result.
 
-    ``epochs``, ``batch_size``, ``lr`` and ``out_dir`` default to :class:`~mobilequant.qat.QATJobConfig`'s.
+    ``epochs``, ``batch_size``, ``lr``, ``out_dir`` and the two freeze points default to
+    :class:`~mobilequant.qat.QATJobConfig`'s (None); a freeze point is a step, a fraction of the job's steps,
+    or ``"never"``.
     ``val_data`` defaults to the Fashion-MNIST test split for built-in training data, else none. Every
     ``export`` target is written and verified; one that fails its checks is reported, the others still run
     (``failed``). In a torchrun job only the main process exports.
@@ -490,15 +492,15 @@ def qat(model: str | None = None, weights: str | None = None, data: str = "built
     rec = load_recipe(recipe) if recipe is not None else default_recipe("tflite-int8")
     train_data = "fashion-mnist" if data == "builtin" else data
     net = resolve_model(model, weights) if (weights is not None or (model and ":" in model)) else None
-    given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "out_dir": out_dir}
+    given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "out_dir": out_dir,
+             "freeze_bn_step": freeze_bn_step, "freeze_observer_step": freeze_observer_step}
+    given = {k: None if v == "never" else v for k, v in given.items() if v is not None}
     if val_data == "builtin" or (val_data is None and train_data == "fashion-mnist"):
         val_data = "fashion-mnist"
     config = QATJobConfig(model=_model_name(net) if net is not None else (model or DEFAULT_WEIGHTS),
                           train_data=train_data, val_data=val_data, seed=seed,
                           quant=rec.quantization.to_quant_config(), resume=resume, resume_from=resume_from,
-                          progress=progress, start=start, freeze_bn_step=freeze_bn_step,
-                          freeze_observer_step=freeze_observer_step,
-                          **{k: v for k, v in given.items() if v is not None})
+                          progress=progress, start=start, **given)
     folder = Path(config.out_dir)
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--out-dir {folder} is a file, not a folder")

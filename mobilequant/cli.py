@@ -32,7 +32,7 @@ _EXAMPLES = {
   mobilequant qat --epochs 1                               # default model, Fashion-MNIST
   mobilequant qat --model shufflenetv2_x0_5 --epochs 1 --export tflite-int8 onnx-int8
   mobilequant qat --resume --out-dir out/qat               # continue after a crash
-  mobilequant qat --start ptq --freeze-observer-step 0 --lr 5e-4   # the measured 8-bit recipe (docs/qat.md)
+  mobilequant qat --start ptq --freeze-observer-step 0     # from PTQ, its ranges kept (docs/qat.md)
   mobilequant qat --model nets.py:build --weights ckpt.pt --data train_dir/ --val-data val_dir/
   torchrun --nproc_per_node=2 -m mobilequant qat --epochs 1
 """,
@@ -101,6 +101,22 @@ def _number(text: str) -> float:
     return value
 
 
+def _freeze_point(text: str) -> int | float | str:
+    """A QAT freeze point: a step (an integer), a fraction of the job's steps (0.5), or 'never'."""
+    if text.strip().lower() == "never":
+        return "never"
+    try:
+        value = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+    if not (value >= 0 if isinstance(value, int) else 0 <= value <= 1):  # NaN fails here too
+        raise argparse.ArgumentTypeError(f"expected a step ≥ 0, a fraction in [0, 1] or 'never', got {text!r}")
+    return value
+
+
 def _gate(text: str) -> float | None:
     """A gate threshold: a finite number, or 'off'."""
     return None if text.strip().lower() == "off" else _number(text)
@@ -166,11 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", choices=("float", "ptq"), default="float",
                    help="start from the float model (ranges observed) or from its PTQ result: ranges and "
                         "bias-corrected biases (default float)")
-    p.add_argument("--freeze-bn-step", type=int, default=None, metavar="STEP",
-                   help="from this step on BN uses and keeps its running statistics (default: never)")
-    p.add_argument("--freeze-observer-step", type=int, default=None, metavar="STEP",
+    p.add_argument("--freeze-bn-step", type=_freeze_point, default=None, metavar="STEP",
+                   help="from this step on BN uses and keeps its running statistics: a step, a fraction of the "
+                        "job's steps (0.5: halfway) or 'never' (default: QATJobConfig's, 0.5)")
+    p.add_argument("--freeze-observer-step", type=_freeze_point, default=None, metavar="STEP",
                    help="from this step on ranges stop following the data (0 with --start ptq: keep the "
-                        "PTQ ranges; default: never)")
+                        "PTQ ranges); a step, a fraction or 'never' (default: QATJobConfig's, 0.75)")
     p.add_argument("--export", nargs="*", default=[], metavar="TARGET", help="export targets after training")
     _common(p)
 

@@ -223,6 +223,7 @@ def test_qat_of_a_user_model_from_the_command_line(files, tmp_path, capsys, monk
     import mobilequant.export as export_module
     from mobilequant.api import QATSummary
     from mobilequant.errors import CheckFailed
+    from mobilequant.qat import QATJobConfig
 
     real_export = export_module.export
 
@@ -237,12 +238,15 @@ def test_qat_of_a_user_model_from_the_command_line(files, tmp_path, capsys, monk
              labels=np.arange(64) % 10)
     rc = main(["qat", *_tiny(files), "--data", str(tmp_path / "train.npz"), "--val-data",
                str(tmp_path / "train.npz"), "--batch-size", "32", "--out-dir", str(tmp_path / "q"),
-               "--export", "tflite-int8", "onnx-fp32", "--json"])
+               "--export", "tflite-int8", "onnx-fp32", "--json", "--freeze-bn-step", "never",
+               "--freeze-observer-step", "0.5"])
     captured = capsys.readouterr()
     assert rc == 1, captured.err[-2000:]  # the failed check, reported
     out = json.loads(captured.out)
     assert out["model"] == "build" and out["steps"] == 2 and 0.0 <= out["val_accuracy"] <= 1.0
-    assert (tmp_path / "q" / "qat-last.pt").is_file()
+    job = torch.load(tmp_path / "q" / "qat-last.pt", weights_only=True)["config"]
+    # 'never' is None in the job, a fraction stays a fraction, options not given are QATJobConfig's
+    assert (job["freeze_bn_step"], job["freeze_observer_step"], job["lr"]) == (None, 0.5, QATJobConfig().lr)
     assert [(e["target"], e["passed"]) for e in out["exports"]] == [("tflite-int8", False), ("onnx-fp32", True)]
     assert Path(out["exports"][1]["path"]).is_file()
     assert "fake-quant accuracy 89.55 %" in QATSummary("m", None, None, 10, 0.8955, None).summary()

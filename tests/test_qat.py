@@ -80,7 +80,7 @@ def make_data():
 
 
 def make_config(out: Path, **kw) -> QATJobConfig:
-    base = dict(model=MODEL, out_dir=str(out), epochs=2, batch_size=32, ckpt_every=2, threads=1,
+    base = dict(model=MODEL, out_dir=str(out), epochs=2, batch_size=32, ckpt_every=2, threads=1, augment=True,
                 freeze_bn_step=5, freeze_observer_step=6, progress=False, calib_batches=1)
     base.update(kw)
     return QATJobConfig(**base)
@@ -250,7 +250,7 @@ def test_resume_refuses_another_model_or_recipe(reference, float_state, tmp_path
     with pytest.raises(InputError) as e:
         run_qat(make_config(tmp_path, lr=0.01, resume_from=str(ref_out / LAST)), model=make_model(float_state),
                 train_data=train, val_data=val)
-    assert "different recipe" in _one_line(e) and "lr: 0.002 → 0.01" in str(e.value)
+    assert "different recipe" in _one_line(e) and "lr: 0.0005 → 0.01" in str(e.value)
     with pytest.raises(InputError) as e:  # same recipe, other starting weights
         run_qat(make_config(tmp_path, resume_from=str(ref_out / LAST)), model=_perturbed(make_model(float_state)),
                 train_data=train, val_data=val)
@@ -335,6 +335,13 @@ def test_config_validation():
         QATJobConfig(distill=1.5)
     with pytest.raises(UsageError, match="distill_temperature must be positive"):
         QATJobConfig(distill=0.5, distill_temperature=0)
+    for bad in (1.5, -1, float("nan")):
+        with pytest.raises(UsageError, match="freeze_bn_step must be a step ≥ 0"):
+            QATJobConfig(freeze_bn_step=bad)
+    # freeze points: a step as given, a fraction of the job's steps, or never; the defaults are fractions
+    assert QATJobConfig().freeze_steps(937) == (468, 703)
+    assert QATJobConfig(freeze_bn_step=10, freeze_observer_step=None).freeze_steps(937) == (10, None)
+    assert QATJobConfig(freeze_bn_step=1.0, freeze_observer_step=0.0).freeze_steps(8) == (8, 0)
     a, b = QATJobConfig(), QATJobConfig(out_dir="elsewhere", progress=False, ckpt_every=7)
     assert a.recipe_hash() == b.recipe_hash() != QATJobConfig(lr=0.01).recipe_hash()
     assert QATJobConfig.from_dict(a.to_dict()) == a

@@ -25,7 +25,7 @@ from test_qat import REPO, _child_env, _train_float, make_config, make_data, mak
 
 # lr: with BN frozen from the first step this weak test model needs a small step to stay out of the
 # unstable regime where one flipped rounding changes the whole trajectory.
-OPTIONS = dict(dropout=0.0, freeze_bn_step=0, freeze_observer_step=0, lr=5e-4)
+OPTIONS = dict(dropout=0.0, freeze_bn_step=0, freeze_observer_step=0, lr=5e-4, augment=True)
 
 CHILD = textwrap.dedent("""
     import json, os, sys

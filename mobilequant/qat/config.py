@@ -39,10 +39,10 @@ class QATJobConfig:
     out_dir: str = "out/qat"  # checkpoints, CSV log (created)
     epochs: int = 1  # passes over the training data
     batch_size: int = 64  # global batch (all processes together); must divide by the process count
-    lr: float = 0.002  # SGD (Nesterov, momentum 0.9) peak learning rate, cosine-decayed to 0 per step
+    lr: float = 5e-4  # SGD (Nesterov, momentum 0.9) peak learning rate, cosine-decayed to 0 per step
     weight_decay: float = 5e-5  # on conv / linear weights only
     label_smoothing: float = 0.1  # cross-entropy label smoothing
-    augment: bool = True  # random 2-pixel translation + horizontal flip (drawn per step, sharding-independent)
+    augment: bool = False  # random 2-pixel translation + horizontal flip (drawn per step, sharding-independent)
     dropout: float | None = None  # override the model's dropout probability (None: keep the model's)
     seed: int = 0  # data order, augmentation, dropout
     train_data: str = "fashion-mnist"  # data spec for mobilequant.data.load_data
@@ -54,8 +54,10 @@ class QATJobConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)  # the PTQ options: scheme, bits, ReLU6 mode (no BC)
     start: str = "float"  # "float": observe ranges on calib_batches; "ptq": a PTQ result's ranges and corrected biases
     calib_batches: int = 4  # batches observed (eval mode, no training) before the first step
-    freeze_bn_step: int | None = None  # from this global step on BN uses and keeps its running statistics
-    freeze_observer_step: int | None = None  # from this step on scales / zero points stop following the data
+    # The two freeze points: a global step (an int), a fraction of the job's steps (a float in [0, 1]; 0.5 =
+    # halfway), or None (never). The defaults are the measured 8-bit recipe (docs/qat.md).
+    freeze_bn_step: int | float | None = 0.5  # from here on BN uses and keeps its running statistics
+    freeze_observer_step: int | float | None = 0.75  # from here on scales / zero points stop following the data
     learn_scales: bool = False  # LSQ: scales (and activation zero points) are trained by backprop
     osc_dampen: float = 0.0  # depthwise weights: weight of the oscillation-dampening loss (0: off)
     osc_freeze_threshold: float | None = None  # depthwise weights: freeze integers oscillating more often
@@ -87,8 +89,12 @@ class QATJobConfig:
                 raise UsageError(f"QATJobConfig.{name} must be at least 1 (or None), got {v}")
         for name in ("freeze_bn_step", "freeze_observer_step"):
             v = getattr(self, name)
-            if v is not None and v < 0:
-                raise UsageError(f"QATJobConfig.{name} must be a step ≥ 0 (or None), got {v}")
+            if isinstance(v, float) and not 0 <= v <= 1:
+                raise UsageError(f"QATJobConfig.{name} must be a step ≥ 0, a fraction of the job's steps in "
+                                 f"[0, 1], or None, got {v}")
+            if isinstance(v, int) and v < 0:
+                raise UsageError(f"QATJobConfig.{name} must be a step ≥ 0 (or a fraction in [0, 1], or None), "
+                                 f"got {v}")
         if not self.lr > 0:
             raise UsageError(f"QATJobConfig.lr must be positive, got {self.lr}")
         if self.weight_decay < 0 or self.osc_dampen < 0:
@@ -135,6 +141,13 @@ class QATJobConfig:
             if key not in names:
                 raise UsageError(f"unknown QAT option {key!r}{did_you_mean(key, names)}")
         return dataclasses.replace(self, **changes)
+
+    def freeze_steps(self, total_steps: int) -> tuple[int | None, int | None]:
+        """The global steps at which BN and the ranges freeze in a job of ``total_steps`` (None: never)."""
+        def at(v: int | float | None) -> int | None:
+            return v if v is None or isinstance(v, int) else round(v * total_steps)
+
+        return at(self.freeze_bn_step), at(self.freeze_observer_step)
 
     def recipe(self) -> dict[str, Any]:
         """The options that determine the trained result."""

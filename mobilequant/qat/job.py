@@ -389,6 +389,7 @@ def _run(config: QATJobConfig, ctx: DistContext, model, train_data, val_data, pt
         val_data = _data(config.val_data, config.val_split, config.val_limit, config.seed, model, "validation")
     plan = shard_plan(len(train_data), config.batch_size, ctx.world_size)
     total_steps = config.epochs * plan.steps_per_epoch
+    bn_step, obs_step = config.freeze_steps(total_steps)
 
     out_dir = Path(config.out_dir)
     ckpt, ckpt_path = None, None
@@ -481,7 +482,7 @@ def _run(config: QATJobConfig, ctx: DistContext, model, train_data, val_data, pt
     net = ddp if ddp is not None else prepared
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     teacher = _teacher(model, ctx.device) if config.distill > 0 else None
-    bn_frozen = config.freeze_bn_step is not None and step >= config.freeze_bn_step
+    bn_frozen = bn_step is not None and step >= bn_step
     obs_frozen = False  # (re)applied by the first step due: idempotent, and a fresh run needs it at step 0
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / CSV_NAME
@@ -515,10 +516,10 @@ def _run(config: QATJobConfig, ctx: DistContext, model, train_data, val_data, pt
                    unit="batch", leave=False, disable=not (config.progress and ctx.is_main))
         while position < plan.steps_per_epoch:
             t0 = time.perf_counter()
-            if not bn_frozen and config.freeze_bn_step is not None and step >= config.freeze_bn_step:
+            if not bn_frozen and bn_step is not None and step >= bn_step:
                 bn_frozen = True
                 set_mode(prepared, train=True, bn_frozen=True)
-            if not obs_frozen and config.freeze_observer_step is not None and step >= config.freeze_observer_step:
+            if not obs_frozen and obs_step is not None and step >= obs_step:
                 obs_frozen = True
                 freeze_observers(prepared)
             idx = indices[position * plan.local_batch:(position + 1) * plan.local_batch]
