@@ -124,7 +124,8 @@ def _outputs(model: nn.Module) -> torch.Tensor:
         return model.eval()(torch.randn(2, 1, 32, 32))
 
 
-@pytest.mark.parametrize("layout", ["raw", "state_dict", "model", "data_parallel"])
+@pytest.mark.parametrize("layout", ["raw", "state_dict", "model", "data_parallel", "lightning",
+                                    "lightning_data_parallel"])
 def test_checkpoint_round_trip(tmp_path, layout):
     torch.manual_seed(0)
     trained = create_model("shufflenetv2_x0_5", num_classes=10, in_chans=1, preprocess=FASHION_MNIST)
@@ -139,6 +140,9 @@ def test_checkpoint_round_trip(tmp_path, layout):
         "state_dict": {"state_dict": state, "epoch": 7},
         "model": {"model": state, "optimizer": {"lr": 0.1}},
         "data_parallel": {f"module.{k}": v for k, v in state.items()},
+        # a LightningModule holding the network as self.model: its checkpoint's keys start with "model."
+        "lightning": {"state_dict": {f"model.{k}": v for k, v in state.items()}, "epoch": 3},
+        "lightning_data_parallel": {f"module.model.{k}": v for k, v in state.items()},
     }[layout]
     path = tmp_path / "weights.pt"
     torch.save(payload, path)
@@ -189,6 +193,25 @@ def test_missing_and_unexpected_keys(tmp_path):
     assert torch.equal(target.classifier[1].weight, model.classifier[1].weight)
 
 
+def test_weights_beside_other_keys_are_pointed_at(tmp_path):
+    """A checkpoint holding the model under a prefix beside other modules (a loss, a teacher) is refused,
+    and the message says where the model's keys are."""
+    state = create_model("mobilenetv1_025", num_classes=3).state_dict()
+    path = tmp_path / "with_teacher.pt"
+    torch.save({**{f"student.{k}": v for k, v in state.items()}, **{f"teacher.{k}": v for k, v in state.items()}},
+               path)
+    with pytest.raises(InputError, match="all found under 'student.' and under 'teacher.'") as err:
+        load_checkpoint(create_model("mobilenetv1_025", num_classes=3), path)
+    assert "\n" not in str(err.value)
+
+
+def test_a_file_that_is_not_a_checkpoint_says_so(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("hello world\n")
+    with pytest.raises(InputError, match="notes.pt is not a PyTorch checkpoint"):
+        load_checkpoint(create_model("mobilenetv1_025", num_classes=3), path)
+
+
 def _leave_marker(path: str) -> None:
     """A harmless callable a malicious pickle would call; a file appearing proves it ran."""
     Path(path).write_text("pickle code ran")
@@ -236,7 +259,7 @@ def test_unreadable_files(tmp_path):
         read_state_dict(empty)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(InputError, match="could not be read"):
+    with pytest.raises(InputError, match="is not a PyTorch checkpoint"):
         read_state_dict(garbage)
     not_pickle = tmp_path / "not_pickle.pt"
     not_pickle.write_bytes(b"no checkpoint")

@@ -145,7 +145,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except EOFError:
         raise InputError(f"checkpoint {path} is empty or truncated") from None
     except Exception as e:  # a malformed file can break the unpickler in many ways
-        raise InputError(f"checkpoint {path} could not be read: {type(e).__name__}: {_first_line(e)}") from None
+        raise InputError(f"checkpoint {path} is not a PyTorch checkpoint (torch.save file) that can be read: "
+                         f"{type(e).__name__}: {_first_line(e)}") from None
     if isinstance(obj, dict) and obj.get("format") == "mobilequant-qat-checkpoint":  # mobilequant.qat.checkpoint
         raise InputError(f"checkpoint {path} is a QAT job checkpoint (`mobilequant qat`), not model weights: it "
                          "continues training (qat --resume); audit the job's exported files without --weights, "
@@ -169,14 +170,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
     """Load a checkpoint into ``model`` (in place) and return the model.
 
-    A ``module.`` prefix on every key (``DataParallel``) is removed when the model's keys lack it. A
-    mismatch raises :class:`InputError` naming the file, the first missing / unexpected keys and any
-    shape mismatches; with ``strict=False`` missing / unexpected keys only warn (shapes must still fit).
+    A wrapper's prefix on every key (``module.`` of ``DataParallel``, ``model.`` of a Lightning module,
+    or several) is removed when the keys fit the model without it. A mismatch raises :class:`InputError`
+    naming the file, the first missing / unexpected keys and any shape mismatches; with ``strict=False``
+    missing / unexpected keys only warn (shapes must still fit).
     """
     state = read_state_dict(path)
     own = model.state_dict()
-    if state and all(k.startswith("module.") for k in state) and not any(k.startswith("module.") for k in own):
-        state = {k[len("module."):]: v for k, v in state.items()}
+    state = _without_wrapper_prefix(state, own)
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -192,11 +193,38 @@ def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> 
         problems.append(f"{len(mismatched)} shape mismatches ({shown}{more})")
     name = getattr(model, "model_name", type(model).__name__)
     if mismatched or (strict and problems):
-        raise InputError(f"checkpoint {path} does not fit {name}: " + "; ".join(problems))
+        inside = _prefixes_holding(state, own)
+        hint = (f"; the model's keys are all found under {' and under '.join(map(repr, inside))} "
+                "(save that part as the state_dict)" if inside else "")
+        raise InputError(f"checkpoint {path} does not fit {name}: " + "; ".join(problems) + hint)
     if problems:
         warnings.warn(f"checkpoint {path} loaded into {name} non-strictly: " + "; ".join(problems), stacklevel=2)
     model.load_state_dict(state, strict=strict)
     return model
+
+
+def _without_wrapper_prefix(state: dict, own: dict) -> dict:
+    """``state`` without the dotted prefix its every key shares (``module.``, ``model.``, ``model.net.``),
+    when that prefix is not the model's own and its removal makes the keys fit the model better."""
+    def fit(keys) -> int:
+        return len(own.keys() & set(keys))
+
+    best, best_fit = state, fit(state)
+    first = next(iter(state), "").split(".")
+    for depth in range(1, len(first)):
+        prefix = ".".join(first[:depth]) + "."
+        if not all(k.startswith(prefix) for k in state) or any(k.startswith(prefix) for k in own):
+            break
+        stripped = {k[len(prefix):]: v for k, v in state.items()}
+        if fit(stripped) > best_fit:
+            best, best_fit = stripped, fit(stripped)
+    return best
+
+
+def _prefixes_holding(state: dict, own: dict) -> list[str]:
+    """The dotted prefixes under which ``state`` holds every one of the model's keys (others beside them)."""
+    prefixes = {k[:len(k) - len(o)] for k in state for o in own if k.endswith("." + o)}
+    return sorted(p for p in prefixes if all(p + o in state for o in own))
 
 
 def _names(keys: list[str]) -> str:
