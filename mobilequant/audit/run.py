@@ -295,7 +295,10 @@ def run_audit(
         warnings.append("the artifact was quantized after cross-layer equalization: per-layer checks compare it "
                         "with the equalized float graph (same function, rescaled channels)")
     matches, unmapped, unknown = [], [l.name for l in ref_layers], []
-    placeholders = [n.name for n in (ref_gm if ref_gm is not None else gm).graph.nodes if n.op == "placeholder"]
+    # keyed by argument name, as the exporter's name map has them (capture.layer_name): torch.export renames
+    # the node of an argument called ``input`` (nn.Sequential's) to ``input_1``, the argument keeps its name
+    placeholders = [str(n.target) for n in (ref_gm if ref_gm is not None else gm).graph.nodes
+                    if n.op == "placeholder"]
     input_tensors = [t for k, t in (name_map or {}).items() if k in placeholders and graph.has_tensor(t)]
     if layer_checks and name_map:
         out_node = next(n for n in (ref_gm if ref_gm is not None else gm).graph.nodes if n.op == "output").args[0]
