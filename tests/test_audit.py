@@ -499,19 +499,21 @@ def test_labels_missing_fall_back_to_agreement(tflite_artifact, trained, test_da
 def test_sequential_model_audits_in_tflite(test_data, tmp_path):
     """An ``nn.Sequential``'s forward argument is called ``input``, a builtin: torch.export names its node
     ``input_1`` while the exporter's name map keys the argument's name; every TFLite audit of such a model
-    was refused as "artifact and model do not belong together"."""
+    was refused as "artifact and model do not belong together". Its linear reads a flattened 2×2 map,
+    whose kernel the TFLite file stores with its columns in (H, W, C) order: that is not a "kernel mismatch"."""
     from mobilequant.export import export
     from mobilequant.models import FASHION_MNIST
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, stride=2, padding=1), torch.nn.BatchNorm2d(8),
-                                torch.nn.ReLU6(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                                torch.nn.Linear(8, 10)).eval()
+                                torch.nn.ReLU6(), torch.nn.AvgPool2d(8), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 2 * 2, 10)).eval()
     model.preprocess = FASHION_MNIST
     artifact = export(_quantize(model), "tflite-int8", tmp_path / "seq.tflite", overrides=NO_VERIFY)
     assert "input" in artifact.name_map
     r = run_audit(artifact, test_data.subset(slice(0, 32)), model=model, max_drop=None, progress=False)
     assert {l.name for l in r.layers} >= {"0", "5"}  # the conv (with its BN and ReLU6) and the linear
+    assert not [f for f in r.findings if f.check == "kernel_mismatch"], r.findings
 
 
 def test_not_an_artifact(tmp_path, trained, test_data):

@@ -153,7 +153,23 @@ def _check_belongs(model: nn.Module, meta: dict, quant_result, graph, data) -> l
     return warnings
 
 
-def _check_weights(matches, graph, meta: dict) -> tuple[dict, dict[str, float]]:
+def _flattened_from(gm, layer) -> tuple[int, int, int] | None:
+    """(C, H, W) of the 4-D tensor a linear layer reads flattened (through views, flattens, dropout), if any."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    node = nodes.get(layer.input_nodes[0]) if layer.input_nodes else None
+    for _ in range(8):
+        val = None if node is None else node.meta.get("val")
+        shape = tuple(getattr(val, "shape", ()))
+        if len(shape) == 4:
+            return tuple(int(d) for d in shape[1:])
+        args = [a for a in getattr(node, "args", ()) if isinstance(a, torch.fx.Node)]
+        if len(args) != 1:
+            return None
+        node = args[0]
+    return None
+
+
+def _check_weights(matches, graph, meta: dict, gm) -> tuple[dict, dict[str, float]]:
     """Artifact kernels per layer, and the SQNR of each dequantized kernel against the model's folded one."""
     qweights, wsqnr = {}, {}
     for m in matches:
@@ -165,7 +181,15 @@ def _check_weights(matches, graph, meta: dict) -> tuple[dict, dict[str, float]]:
         qweights[m.layer.name] = q
         folded = m.layer.folded_weight()
         if folded is not None and q.codes.shape == folded.shape:
-            wsqnr[m.layer.name] = sqnr_db(ErrorStats().update(folded[None], q.dequantized()[None]))
+            kernels = [folded]
+            chw = _flattened_from(gm, m.layer) if folded.ndim == 2 else None
+            if chw is not None and chw[1] * chw[2] > 1 and math.prod(chw) == folded.shape[1]:
+                # a linear on a flattened C×H×W map: the TFLite exporter stores its columns in (H, W, C)
+                # order (export.rewrites, flatten → linear without a TRANSPOSE)
+                o = folded.shape[0]
+                kernels.append(folded.reshape(o, *chw).transpose(0, 2, 3, 1).reshape(o, -1))
+            wsqnr[m.layer.name] = max(sqnr_db(ErrorStats().update(k[None], q.dequantized()[None]))
+                                      for k in kernels)
     cle = bool((meta.get("quant_config") or {}).get("cle", False))
     if wsqnr and not cle:
         low = [n for n, v in wsqnr.items() if v < _WEIGHT_MISMATCH_DB]
@@ -317,7 +341,7 @@ def run_audit(
     elif layer_checks:
         warnings.append("the artifact has no name map (stable layer name → tensor): per-layer checks skipped; "
                         "re-export it with this mobilequant")
-    qweights, wsqnr = _check_weights(matches, graph, meta)
+    qweights, wsqnr = _check_weights(matches, graph, meta, ref_gm if ref_gm is not None else gm)
 
     reference = FloatReference(ref_gm if ref_gm is not None else gm, ref_layers, [m.layer.name for m in matches] +
                                [l.name for l in ref_layers if l.activation in ("relu", "relu6")], batch=batch)
