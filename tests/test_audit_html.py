@@ -84,6 +84,27 @@ def test_html_escapes_text(report):
     assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt; &amp; more" in html
 
 
+def test_the_noise_note_is_in_every_form_of_the_report(report):
+    """'The gate is within the noise' was printed on the terminal only: the JSON's end_to_end.note and
+    the HTML report left it out."""
+    import dataclasses
+    from html import escape
+
+    from mobilequant.audit import end_to_end
+
+    # 1,000 images, 16 that only the float model gets right, 8 only the artifact: drop 0.8 ± 0.96 pp
+    labels = np.zeros(1000, np.int64)
+    f, q = np.eye(3, dtype=np.float32)[labels], np.eye(3, dtype=np.float32)[labels]
+    f[:8], q[8:24] = np.eye(3, dtype=np.float32)[1], np.eye(3, dtype=np.float32)[2]
+    r = copy.copy(report)
+    r.end_to_end = end_to_end(f, q, labels)
+    r.gate = dataclasses.replace(r.gate, max_drop=1.0)  # passes, inside the noise
+    r.failures = []
+    note = r.end_to_end.noise_note(r.gate.max_drop)
+    assert "within the ±0.96 pp noise" in note
+    assert note in r.summary() and note in r.to_dict()["end_to_end"]["note"] and escape(note) in render_html(r)
+
+
 def _chromium() -> str | None:
     return next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None)
 

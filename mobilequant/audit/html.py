@@ -100,7 +100,7 @@ def render_html(report: AuditReport) -> str:
     rows += [("top-1 agreement with float", _pct(e.top1_agreement)),
              ("top-5 containment (float top-1 in artifact top-5)", _pct(e.top5_containment)),
              ("logits SQNR", _f(e.output_sqnr_db, "{:.1f} dB"))]
-    note = f'<p class="muted">{escape(e.note)}</p>' if e.note else ""
+    note = "".join(f'<p class="muted">{escape(n)}</p>' for n in r.end_to_end_notes())
     parts.append(_section("end-to-end", "End to end", '<table class="kv">' + "".join(
         f"<tr><td>{escape(k)}</td><td>{escape(v)}</td></tr>" for k, v in rows) + "</table>" + note))
 

@@ -180,6 +180,15 @@ class AuditReport:
     def dead_findings(self) -> list[Finding]:
         return [f for f in self.findings if f.check in DEAD_CHECKS]
 
+    def end_to_end_notes(self) -> list[str]:
+        """The end-to-end notes every form of the report shows: the measurement's own, and that the gate
+        lies within the sampling noise (unless a failing gate says so in its failure already)."""
+        e = self.end_to_end
+        noise = e.noise_note(self.gate.max_drop)
+        if any(f.check in ("accuracy_drop", "disagreement") for f in self.failures):
+            noise = ""
+        return [n for n in (e.note, noise) if n]
+
     def to_dict(self) -> dict:
         return {
             "schema": SCHEMA,
@@ -188,7 +197,7 @@ class AuditReport:
             "artifact": self.artifact,
             "data": self.data,
             "gate": self.gate.to_dict(),
-            "end_to_end": self.end_to_end.to_dict(),
+            "end_to_end": {**self.end_to_end.to_dict(), "note": " ".join(self.end_to_end_notes())},
             "layers": [l.to_dict() for l in self.layers],
             "worst_layers": [l.name for l in self.worst_layers(10)],
             "unmapped_layers": list(self.unmapped_layers),
@@ -260,11 +269,7 @@ def format_terminal(report: AuditReport, top: int = 10) -> str:
         lines.append(f"End to end (no labels — agreement metrics only): top-1 agreement {_pct(e.top1_agreement)} "
                      f"(disagreement {e.disagreement_pp:.2f}{ci}); top-5 containment "
                      f"{_pct(e.top5_containment)}; logits SQNR {e.output_sqnr_db:.1f} dB")
-    if e.note:
-        lines.append(f"  note: {e.note}")
-    noise = e.noise_note(r.gate.max_drop)  # a failing gate says it in its failure already
-    if noise and not any(f.check in ("accuracy_drop", "disagreement") for f in r.failures):
-        lines.append(f"  note: {noise}")
+    lines += [f"  note: {n}" for n in r.end_to_end_notes()]
     if r.layers:
         lines.append(f"Worst layers by isolated SQNR (the layer's own error; accumulated = what reaches it):")
         w = max(len(l.name) for l in r.layers)
