@@ -502,18 +502,59 @@ def test_sequential_model_audits_in_tflite(test_data, tmp_path):
     was refused as "artifact and model do not belong together". Its linear reads a flattened 2×2 map,
     whose kernel the TFLite file stores with its columns in (H, W, C) order: that is not a "kernel mismatch"."""
     from mobilequant.export import export
-    from mobilequant.models import FASHION_MNIST
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, stride=2, padding=1), torch.nn.BatchNorm2d(8),
-                                torch.nn.ReLU6(), torch.nn.AvgPool2d(8), torch.nn.Flatten(),
-                                torch.nn.Linear(8 * 2 * 2, 10)).eval()
-    model.preprocess = FASHION_MNIST
+    model = _tiny_net()
+    model[3], model[5] = torch.nn.AvgPool2d(8), torch.nn.Linear(8 * 2 * 2, 10)
     artifact = export(_quantize(model), "tflite-int8", tmp_path / "seq.tflite", overrides=NO_VERIFY)
     assert "input" in artifact.name_map
     r = run_audit(artifact, test_data.subset(slice(0, 32)), model=model, max_drop=None, progress=False)
     assert {l.name for l in r.layers} >= {"0", "5"}  # the conv (with its BN and ReLU6) and the linear
     assert not [f for f in r.findings if f.check == "kernel_mismatch"], r.findings
+
+
+def _tiny_net():
+    from mobilequant.models import FASHION_MNIST
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, stride=2, padding=1), torch.nn.BatchNorm2d(8),
+                                torch.nn.ReLU6(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(8, 10)).eval()
+    model.preprocess = FASHION_MNIST
+    return model
+
+
+@pytest.mark.slow
+def test_a_file_another_tool_changed_after_export(test_data, tmp_path):
+    """ONNX Runtime's quantize_static copies the float file's metadata into its int8 file: the audit had
+    refused it ("35 name-map entries ... do not belong together"). The content decides the target; the
+    stale name map is not used, and the report says why."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from mobilequant.audit.artifact import content_target
+    from mobilequant.export import export
+
+    model = _tiny_net()
+    fp32 = export(model, "onnx-fp32", tmp_path / "f.onnx", example_input=test_data.images[:1],
+                  overrides=NO_VERIFY).path
+    name = onnx.load(str(fp32)).graph.input[0].name
+    batches = iter([{name: test_data.images[i:i + 1].numpy()} for i in range(8)])
+
+    class Reader(CalibrationDataReader):
+        def get_next(self):
+            return next(batches, None)
+
+    quantize_static(str(fp32), str(tmp_path / "ort.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True)
+    assert "mobilequant" in [p.key for p in onnx.load(str(tmp_path / "ort.onnx")).metadata_props]
+    r = run_audit(tmp_path / "ort.onnx", test_data.subset(slice(0, 32)), model=model, max_drop=None,
+                  progress=False)
+    assert r.artifact["target"] == "onnx-int8" and not r.layers
+    assert any("another tool changed it after export" in w for w in r.warnings), r.warnings
+    for target in ("tflite-fp16", "onnx-fp16", "tflite-int8"):  # the content decides, metadata or not
+        art = export(model, target, tmp_path / f"m-{target}{'.onnx' if 'onnx' in target else '.tflite'}",
+                     calibration_data=[test_data.images[:16]], overrides=NO_VERIFY)
+        assert content_target(open_artifact(art.path)) == target
 
 
 def test_not_an_artifact(tmp_path, trained, test_data):

@@ -1,6 +1,6 @@
 """Accuracy audit: may an exported artifact ship, and if not, which layer to fix?
 
-``run_audit(artifact, data, model=..., max_drop=0.5, min_sqnr=..., fail_on_dead_kernels=True) -> AuditReport``
+``run_audit(artifact, data, model=..., max_drop=0.5, min_sqnr=..., fail_on_dead_kernels=False) -> AuditReport``
 compares the real artifact (TFLite via LiteRT with every intermediate tensor kept, ONNX via ONNX Runtime
 with intermediates exposed as outputs) with the float torch model, layer by layer — each layer both as
 it runs in the artifact (accumulated error) and alone on float inputs (isolated error) — and end to end;

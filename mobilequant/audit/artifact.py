@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import InputError
 
-__all__ = ["open_artifact", "artifact_provenance", "METADATA_KEY"]
+__all__ = ["open_artifact", "artifact_provenance", "content_target", "METADATA_KEY"]
 
 METADATA_KEY = "mobilequant"
 
@@ -54,3 +54,25 @@ def artifact_provenance(graph) -> dict:
     except (UnicodeDecodeError, ValueError):
         return {}
     return meta if isinstance(meta, dict) else {}
+
+
+_ONNX_INT8_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
+                            "MatMulInteger", "DynamicQuantizeLinear"})
+
+
+def content_target(graph) -> str:
+    """The target the file's content is, whatever its metadata says: ``<format>-int8`` when it computes on
+    integer tensors (ONNX: quantize / dequantize or integer ops; TFLite: an op writes a quantized tensor),
+    ``-fp16`` when it stores float16 weights, else ``-fp32``."""
+    import numpy as np
+
+    if graph.target == "onnx":
+        if {n.op_type for n in graph.model.graph.node} & _ONNX_INT8_OPS:
+            return "onnx-int8"
+        return "onnx-fp16" if any(a.dtype == np.float16 for a in graph.init.values()) else "onnx-fp32"
+    written = {o for _name, _ins, outs in graph.ops for o in outs}
+    if any(t.quantized for t in graph.tensors if t.index in written):
+        return "tflite-int8"
+    read = {i for _name, ins, _outs in graph.ops for i in ins}
+    fp16 = any(t.dtype == np.float16 for t in graph.tensors if t.index in read - written)
+    return "tflite-fp16" if fp16 else "tflite-fp32"

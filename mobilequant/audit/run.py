@@ -24,7 +24,7 @@ import torch.nn as nn
 from ..capture import capture
 from ..fusion import move_activation_before_concat
 from ..errors import CheckFailed, InputError, UsageError
-from .artifact import artifact_provenance, open_artifact
+from .artifact import artifact_provenance, content_target, open_artifact
 from .compare import build_segments, check_shapes, compare_batches, layer_results, match_layers
 from .endtoend import end_to_end
 from .gate import evaluate_gate
@@ -292,10 +292,21 @@ def run_audit(
     path, given_map, given_meta = _resolve_artifact(artifact)
     graph = open_artifact(path, num_threads=num_threads)
     meta = {**artifact_provenance(graph), **given_meta}
+    actual, stale = content_target(graph), None
+    if meta.get("target") and meta["target"] != actual:
+        # e.g. ONNX Runtime's quantize_static copies the float file's metadata_props into its int8 file: the
+        # model named there still holds, the name map and quantization table do not describe this file
+        stale = (f"the artifact's mobilequant metadata was written for its export as {meta['target']}, but the "
+                 f"file is {actual}: another tool changed it after export; the metadata's name map and "
+                 "quantization table are not used (per-layer checks skipped)")
+        meta = {k: v for k, v in meta.items() if k not in ("name_map", "quant_table_sha256", "quant_config")}
+        meta["target"] = actual
+        given_map = None
     shipped = model is None and quant_result is None
     model = _resolve_model(model, quant_result, meta)
     data = _resolve_data(data, model, images)
-    warnings = _check_belongs(model, meta, quant_result, graph, data) + ([export_note] if export_note else [])
+    warnings = (_check_belongs(model, meta, quant_result, graph, data) + ([export_note] if export_note else [])
+                + ([stale] if stale else []))
     if shipped and meta.get("fine_tuned"):
         warnings.append(f"the artifact was fine-tuned ({meta['fine_tuned']}) from {meta.get('model_name')}; it is "
                         "compared with that model's shipped weights, before fine-tuning: per-layer values include "
@@ -338,7 +349,7 @@ def run_audit(
             raise InputError(f"{len(misfits)} of {n_matched} layers do not fit their tensors in the artifact "
                              f"({misfits[0]}): artifact and model do not belong together")
         warnings += misfits
-    elif layer_checks:
+    elif layer_checks and not stale:
         warnings.append("the artifact has no name map (stable layer name → tensor): per-layer checks skipped; "
                         "re-export it with this mobilequant")
     qweights, wsqnr = _check_weights(matches, graph, meta, ref_gm if ref_gm is not None else gm)
@@ -395,7 +406,7 @@ def run_audit(
     failures = evaluate_gate(gate, e2e, results, findings)
     timings["total"] = time.perf_counter() - t_start
     return AuditReport(
-        artifact={"path": path, "target": meta.get("target", graph.target), "format": graph.target,
+        artifact={"path": path, "target": meta.get("target", actual), "format": graph.target,
                   "sha256": _sha256(path), "model_name": meta.get("model_name"),
                   "quant_table_sha256": meta.get("quant_table_sha256")},
         data={"source": data.source, "images": len(data), "labels": data.labels is not None},
