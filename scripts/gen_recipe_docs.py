@@ -60,8 +60,10 @@ def render() -> str:
         "mobilequant export --target tflite-int8 --set quantization.calibration=mse --set io.layout=NHWC",
         "```", "",
         "Command-line overrides (`--set section.key=value`) are applied after the file and checked the "
-        "same way. Options a target cannot take are refused: NHWC input for ONNX, int8 I/O for a float "
-        "target, a `quantization` section for a float target.", "",
+        "same way. Options a target cannot take are refused: NHWC input for ONNX, int8 I/O for a float or "
+        "ONNX target, a `quantization` section for a float target. Values out of range (a negative "
+        "tolerance, a percentile above 100) and keys given twice in a file are refused too; choices and "
+        "target names are case-insensitive.", "",
         "## Targets", "",
         "| target | format | precision | suffix | what it is |",
         "|---|---|---|---|---|",
@@ -78,7 +80,7 @@ def render() -> str:
             kind = " \\| ".join(f"`{c}`" for c in choices) if choices else f.type
             default = _fmt(f.default)
             if section == "io" and f.name == "dtype":
-                default = "int8 for int8 targets, float otherwise"
+                default = "int8 for tflite-int8, float otherwise"
             meaning = comments.get(f.name, "").replace("|", "\\|")
             parts.append(f"| `{f.name}` | {kind} | {default} | {meaning} |")
         parts.append("")

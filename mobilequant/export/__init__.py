@@ -75,7 +75,7 @@ def resolve_recipe(recipe=None, target: str | None = None, overrides=()) -> Reci
     if overrides:
         result = result.replace(list(overrides))
     if target is not None and get_target(target).name != result.target:
-        named = "" if isinstance(recipe, Recipe) else f" {recipe}"
+        named = "" if recipe is None or isinstance(recipe, Recipe) else f" {recipe}"
         raise UsageError(f"target {get_target(target).name} differs from the target of recipe{named}: "
                          f"{result.target} (leave the target out to take the recipe's)")
     return result

@@ -17,6 +17,7 @@ parsed with ``yaml.safe_load``, then type-checked like file values). Options a t
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,7 @@ TARGETS: dict[str, Target] = {
 
 def get_target(name: str) -> Target:
     try:
-        return TARGETS[name]
+        return TARGETS[str(name).strip().lower()]  # TFLITE-INT8 is tflite-int8
     except KeyError:
         raise UsageError(f"unknown export target {name!r}{did_you_mean(str(name), TARGETS)}; "
                          f"targets: {', '.join(TARGETS)}") from None
@@ -107,7 +108,7 @@ class QuantizationSettings:
 class IOSettings:
     """The file's input / output."""
 
-    dtype: str = "float"  # int8 | float: tensor type at the model's input and output (int8 only for int8 targets)
+    dtype: str = "float"  # int8 | float: tensor type at the model's input and output (int8: tflite-int8 only)
     layout: str = "NCHW"  # NCHW | NHWC input (NHWC only for TFLite)
 
 
@@ -148,11 +149,17 @@ class Recipe:
         target = get_target(self.target)
         for (section, key), choices in _CHOICES.items():
             value = getattr(getattr(self, section), key)
-            if value not in choices:
+            same = next((c for c in choices if str(value).lower() == c.lower()), None)
+            if same is None:
                 raise UsageError(f"recipe {section}.{key}: {value!r} is not one of {', '.join(choices)}"
                                  f"{did_you_mean(str(value), choices)}")
+            if same != value:  # nhwc is NHWC
+                object.__setattr__(self, section, dataclasses.replace(getattr(self, section), **{key: same}))
         if self.io.dtype == "int8" and not target.quantized:
             raise UsageError(f"recipe io.dtype: int8 I/O needs an int8 target, not {target.name}")
+        if self.io.dtype == "int8" and target.format != "tflite":
+            raise UsageError(f"recipe io.dtype: int8 I/O is a TFLite option; {target.name} files take and return "
+                             "float (their first and last ops quantize and dequantize)")
         if self.io.layout == "NHWC" and target.format != "tflite":
             raise UsageError(f"recipe io.layout: NHWC input is only supported for TFLite targets, not {target.name}")
         if not target.quantized and self.quantization != QuantizationSettings():
@@ -163,8 +170,16 @@ class Recipe:
                 raise UsageError(f"recipe verification.{key} must lie in [0, 1], got {getattr(v, key)!r}")
         if v.num_images < 1:
             raise UsageError(f"recipe verification.num_images must be at least 1, got {v.num_images}")
-        if self.quantization.num_calibration < 1:
+        for key in ("fp32_max_abs_diff", "int8_accuracy_drop_pp", "scale_rtol"):
+            if not getattr(v, key) >= 0:
+                raise UsageError(f"recipe verification.{key} must be ≥ 0, got {getattr(v, key)!r}")
+        q = self.quantization
+        if q.num_calibration < 1:
             raise UsageError("recipe quantization.num_calibration must be at least 1")
+        if q.adaround_iterations < 1:
+            raise UsageError(f"recipe quantization.adaround_iterations must be at least 1, got {q.adaround_iterations}")
+        if not 0 < q.percentile <= 100:
+            raise UsageError(f"recipe quantization.percentile must lie in (0, 100], got {q.percentile!r}")
 
     @property
     def spec(self) -> Target:
@@ -216,7 +231,12 @@ def _coerce(value: Any, ftype: str, where: str):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif ftype == "float":
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, str):  # YAML 1.1 reads 1e-6 (no dot) as a string; 1.0e-6 as a number
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
     elif ftype == "str":
         if isinstance(value, str):
@@ -245,7 +265,7 @@ def _from_dict(d: Any, source: str) -> Recipe:
     for name, cls in _SECTIONS.items():
         sections[name] = _section(cls, d.get(name), name)
     if "io" not in d or d["io"] is None or "dtype" not in (d.get("io") or {}):
-        sections["io"] = dataclasses.replace(sections["io"], dtype="int8" if target.quantized else "float")
+        sections["io"] = dataclasses.replace(sections["io"], dtype=_default_io_dtype(target))
     return Recipe(
         target=target.name,
         name=str(d.get("name") or ""),
@@ -254,10 +274,16 @@ def _from_dict(d: Any, source: str) -> Recipe:
     )
 
 
+def _default_io_dtype(target: Target) -> str:
+    """int8 I/O for int8 TFLite files (what an int8 app pipeline feeds), float for every other target."""
+    return "int8" if target.quantized and target.format == "tflite" else "float"
+
+
 def default_recipe(target: str) -> Recipe:
-    """The built-in defaults for a target (int8 targets: int8 I/O; float targets: float I/O)."""
+    """The built-in defaults for a target (tflite-int8: int8 I/O; every other target: float I/O) — the
+    settings of ``export_recipes/<target>.yaml`` (a test keeps the two equal)."""
     t = get_target(target)
-    return Recipe(target=t.name, name=t.name, io=IOSettings(dtype="int8" if t.quantized else "float"))
+    return Recipe(target=t.name, name=t.name, io=IOSettings(dtype=_default_io_dtype(t)))
 
 
 def list_recipes() -> list[str]:
@@ -265,6 +291,22 @@ def list_recipes() -> list[str]:
     if not RECIPES_DIR.is_dir():
         return []
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def _unique_key_loader():
+    """yaml's SafeLoader, refusing a key given twice in one mapping (safe_load keeps the last silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+            dup = next((i for i, k in enumerate(keys) if k in keys[:i]), None)
+            if dup is not None:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {keys[dup]!r} is given twice",
+                                                        node.value[dup][0].start_mark)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
 
 
 def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -287,9 +329,12 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...]
     except OSError as e:
         raise InputError(f"cannot read recipe {path}: {e.strerror or e}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_unique_key_loader())  # a SafeLoader
     except yaml.YAMLError as e:
-        raise InputError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise InputError(f"recipe {path} is not valid YAML{where}: {what}") from None
     recipe = _from_dict(data, str(path))
     if not recipe.name:
         recipe = dataclasses.replace(recipe, name=path.stem)

@@ -1,0 +1,65 @@
+"""Export recipes as a user writes them: YAML files and --set overrides, read strictly and checked early."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from mobilequant.errors import InputError, UsageError
+from mobilequant.export import TARGETS, default_recipe, get_target, load_recipe
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_a_target_runs_the_settings_of_its_shipped_recipe(target):
+    """`--target onnx-int8` ran built-in defaults with int8 I/O (and wrote io_dtype int8 into the file's
+    metadata, whose graph takes float) while `--recipe onnx-int8` ran the YAML's float I/O."""
+    shipped, built_in = load_recipe(target), default_recipe(target)
+    assert dataclasses.replace(shipped, description="") == dataclasses.replace(built_in, description="")
+
+
+def test_int8_io_is_a_tflite_option():
+    assert default_recipe("tflite-int8").io.dtype == "int8" and default_recipe("onnx-int8").io.dtype == "float"
+    with pytest.raises(UsageError, match="int8 I/O is a TFLite option; onnx-int8 files take and return float"):
+        load_recipe("onnx-int8", ["io.dtype=int8"])
+
+
+def test_names_and_choices_are_case_insensitive():
+    assert get_target("TFLITE-INT8").name == "tflite-int8"
+    assert load_recipe("tflite-int8", ["io.layout=nhwc"]).io.layout == "NHWC"
+    assert load_recipe("tflite-int8", ["quantization.calibration=MinMax"]).quantization.calibration == "minmax"
+
+
+def test_numbers_in_exponent_form_are_numbers(tmp_path):
+    """YAML 1.1 reads ``1e-6`` (no dot) as a string: the documented default could not be copied."""
+    path = tmp_path / "sci.yaml"
+    path.write_text("target: tflite-int8\nverification:\n  scale_rtol: 1e-6\n  fp32_max_abs_diff: 2E-4\n")
+    v = load_recipe(path).verification
+    assert (v.scale_rtol, v.fp32_max_abs_diff) == (1e-6, 2e-4)
+    assert load_recipe("tflite-int8", ["verification.scale_rtol=1e-7"]).verification.scale_rtol == 1e-7
+    with pytest.raises(UsageError, match="scale_rtol must be float, got"):
+        load_recipe("tflite-int8", ["verification.scale_rtol=.nan"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("verification.fp32_max_abs_diff=-1", "fp32_max_abs_diff must be ≥ 0"),
+    ("verification.int8_accuracy_drop_pp=-5", "int8_accuracy_drop_pp must be ≥ 0"),
+    ("verification.scale_rtol=-1", "scale_rtol must be ≥ 0"),
+    ("quantization.percentile=150", "percentile must lie in"),
+    ("quantization.adaround_iterations=-3", "adaround_iterations must be at least 1"),
+])
+def test_values_out_of_range_are_refused_by_their_recipe_key(override, message):
+    """They had run to the end with gates that mean nothing, or failed later naming QuantConfig's field."""
+    with pytest.raises(UsageError, match=message) as e:
+        load_recipe("tflite-int8", [override])
+    assert str(e.value).startswith("recipe ")
+
+
+def test_yaml_errors_say_where(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("target: tflite-int8\nquantization: [per_channel\n")
+    with pytest.raises(InputError, match=r"not valid YAML \(line 3, column 1\)"):
+        load_recipe(path)
+    path.write_text("target: tflite-int8\nio:\n  layout: NHWC\ntarget: onnx-int8\n")
+    with pytest.raises(InputError, match=r"\(line 4, column 1\): the key 'target' is given twice"):
+        load_recipe(path)
