@@ -8,6 +8,7 @@ Each function takes plain values (names, paths, numbers), runs one job through t
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,6 +57,9 @@ class ZooInfo:
     targets: list[str] = field(default_factory=list)
     # the configuration the paper's figures are for, when it is not the one measured here ("" if it is)
     paper_config: str = ""
+    # the family's width multiplier the counts are for, and the variant's own (they differ with --width-mult)
+    width_mult: float | None = None
+    variant_width_mult: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,39 +68,77 @@ class ZooInfo:
         def paper(v):
             return "n/a" if v is None else f"{v:g} M" + (f" {self.paper_config}" if self.paper_config else "")
 
-        return "\n".join([
+        lines = [
             f"{self.name}  ({self.family}; {self.paper})",
             f"  parameters  {self.params / 1e6:8.3f} M   (paper {paper(self.paper_params_m)})",
             f"  mult-adds   {self.madds / 1e6:8.1f} M   at {self.resolution}x{self.resolution}, "
             f"{self.num_classes} classes   (paper {paper(self.paper_madds_m)})",
-            f"  targets     {', '.join(self.targets)}",
-        ])
+        ]
+        if self.width_mult is not None and self.width_mult != self.variant_width_mult:
+            # a variant is its family at one width: the option replaced it, it did not scale it again
+            lines.append(f"  width       {self.width_mult:g} × the family's channels "
+                         f"(in place of {self.name}'s own {self.variant_width_mult:g})")
+        lines.append(f"  targets     {', '.join(self.targets)}")
+        return "\n".join(lines)
 
 
 TARGETS = ("tflite-int8", "tflite-fp16", "tflite-fp32", "onnx-int8", "onnx-fp16", "onnx-fp32")
 
 
-def zoo_info(name: str, resolution: int = 224, num_classes: int = 1000, width_mult: float | None = None) -> ZooInfo:
-    """Parameters and mult-adds of one zoo model at ``resolution`` (built on the meta device: no memory)."""
+def zoo_info(name: str, resolution: int | None = None, num_classes: int | None = None,
+             width_mult: float | None = None) -> ZooInfo:
+    """Parameters and mult-adds of one zoo model (built on the meta device: no memory).
+
+    ``resolution`` and ``num_classes`` default to the configuration the paper's figures are for (224 px
+    and 1000 classes for most; 32 px and 10 classes for EffNet, 299 px for Xception), as in docs/zoo.md.
+    The model is built for ``resolution`` (EffNet's classifier is sized by it). ``width_mult`` is the
+    family's width multiplier and replaces the variant's own (``mobilenetv2_050`` is 0.5; 0.35 on it
+    gives MobileNetV2 0.35, not 0.5 × 0.35).
+    """
     import torch
 
     from .models import count_madds, count_params, create_model, model_info
 
+    info = model_info(name)
+    resolution = info.paper_resolution if resolution is None else resolution
+    num_classes = info.paper_num_classes if num_classes is None else num_classes
     if resolution < 16:
         raise UsageError(f"--resolution must be at least 16, got {resolution}")
-    info = model_info(name)
-    kwargs = {"num_classes": num_classes}
+    kwargs = {"num_classes": num_classes, "resolution": resolution}
     if width_mult is not None:
         kwargs["width_mult"] = width_mult
-    with torch.device("meta"):
-        model = create_model(name, **kwargs)
+
+    def counts(res: int) -> tuple[int, int]:
+        with torch.device("meta"):
+            model = create_model(name, **{**kwargs, "resolution": res})
+        return count_params(model), count_madds(model)  # at the model's own input size: the one built for
+
+    try:
+        params, madds = counts(resolution)
+    except RuntimeError as e:  # torch: a feature map shrank to nothing (pooling / a strided conv on 1×1)
+        reason = str(e).strip().splitlines()[0].rsplit(". ", 1)[-1].rstrip(".")
+        raise UsageError(f"model {name!r} cannot take {resolution}×{resolution} inputs ({reason})"
+                         f"{_next_resolution(counts, resolution)}") from None
     differs = [f"{info.paper_resolution} px"] if resolution != info.paper_resolution else []
     differs += [f"{info.paper_num_classes} classes"] if num_classes != info.paper_num_classes else []
-    differs += ["the variant's own width"] if width_mult is not None else []
-    return ZooInfo(name, info.family, info.paper, resolution, num_classes, count_params(model),
-                   count_madds(model, (model.preprocess.input_size[0], resolution, resolution)),
+    own_width = info.width_mult
+    if width_mult is not None and width_mult != own_width:
+        differs += [f"width {own_width:g}"]
+    return ZooInfo(name, info.family, info.paper, resolution, num_classes, params, madds,
                    info.paper_params_m, info.paper_madds_m, list(TARGETS),
-                   f"at {', '.join(differs)}" if differs else "")
+                   f"at {', '.join(differs)}" if differs else "",
+                   own_width if width_mult is None else float(width_mult), own_width)
+
+
+def _next_resolution(counts, resolution: int, limit: int = 256) -> str:
+    """``; the next resolution that works is N`` (a failure costs milliseconds on the meta device)."""
+    for res in range(resolution + 1, max(limit, resolution + 1)):
+        try:
+            counts(res)
+        except RuntimeError:
+            continue
+        return f"; the next --resolution that works is {res}"
+    return ""
 
 
 # ----------------------------------------------------------------------------------- shared helpers
@@ -157,15 +199,32 @@ def _model_name(net) -> str:
     return getattr(net, "model_name", None) or type(net).__name__
 
 
-def _output_path(out: str | None, name: str, suffix: str, target: str):
-    """``out`` is a file (ends with the target's suffix) or a directory (created if its parent exists).
+def _output_path(out: str | None, name: str, suffix: str, target: str, variant: str | None = None):
+    """Where an export writes: ``out`` is a file (its suffix is the target's) or a directory (created if
+    its parent exists), and every refusal comes before any work.
 
-    Returns the file's path and the directory created for it (``None`` if none was).
+    A path with a suffix names a file: another suffix than the target's (``model.tfl``, ``x.TFLITE``) is
+    refused rather than taken for a directory to create (``-o "ü ñ.TFLITE"`` had made a folder of that name),
+    unless it ends with a slash or is an existing directory; an existing directory named like the file
+    (``d.tflite``) is refused. In a directory the file is named
+    ``{name}-{variant or target}{suffix}``: ``variant`` is a recipe that is not the target's default, so its
+    file does not overwrite the default export's. Returns the file's path and the directory created for it
+    (``None`` if none was).
     """
-
-    out = Path(out or DEFAULT_OUT)
+    text = str(out or DEFAULT_OUT)
+    out = Path(text)
+    as_dir = text.endswith(("/", os.sep)) or (out.is_dir() and out.suffix.lower() != suffix)
     created = None
-    if out.suffix in (".tflite", ".onnx", ".json"):
+    if out.suffix and not as_dir:
+        if out.is_dir():  # `-o d.tflite` where d.tflite is a folder: atomic_write refused it after the work
+            raise UsageError(f"-o {text} is a directory (a name ending in {suffix} is the file to write; "
+                             f"to write into the directory, give {text}/)")
+        if out.suffix.lower() != suffix:
+            raise UsageError(f"-o {text}: {target} writes {suffix} files, not {out.suffix} (give a file name "
+                             f"ending in {suffix}, or a directory; a new directory's name ends with /)")
+        if out.suffix != suffix:  # same letters, other case: the export and the tools reading it match exactly
+            raise UsageError(f"-o {text}: {target} writes {suffix} files; give the suffix in lower case "
+                             f"({out.with_suffix(suffix).name})")
         path = out
     else:
         if not out.exists():
@@ -178,17 +237,28 @@ def _output_path(out: str | None, name: str, suffix: str, target: str):
                 raise UsageError(f"cannot create output directory {out}: {e.strerror or e}") from None
         elif not out.is_dir():
             raise UsageError(f"output path {out} exists and is not a directory")
-        path = out / f"{name.replace(':', '_').replace('/', '_')}-{target}{suffix}"
+        path = out / f"{name.replace(':', '_').replace('/', '_')}-{variant or target}{suffix}"
+    if path.is_dir():  # atomic_write would refuse it only after the whole conversion
+        raise UsageError(f"cannot write {path}: it is a directory (give a file name)")
     if not path.parent.is_dir():
         raise UsageError(f"output directory {path.parent} does not exist")
+    try:
+        _probe_writable(path.parent)
+    except UsageError:
+        if created is not None:
+            created.rmdir()
+        raise
+    return path, created
+
+
+def _probe_writable(directory: Path) -> None:
     import tempfile
 
     try:  # a real probe: permission bits say nothing for root or on a read-only file system
-        with tempfile.TemporaryFile(dir=path.parent):
+        with tempfile.TemporaryFile(dir=directory):
             pass
     except OSError as e:
-        raise UsageError(f"output directory {path.parent} is not writable ({e.strerror or e})") from None
-    return path, created
+        raise UsageError(f"output directory {directory} is not writable ({e.strerror or e})") from None
 
 
 @contextlib.contextmanager
@@ -210,10 +280,24 @@ def _logits(net, images, batch_size: int = 500):
         return torch.cat([net(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
+def _percent(hits) -> float:
+    """Percent of true entries, from the integer count: a float32 mean carries noise into the JSON
+    (94 % read 93.99999976158142)."""
+    return 100.0 * int(hits.sum()) / max(int(hits.numel()), 1)
+
+
 def _accuracy(logits, labels) -> float | None:
-    if labels is None:
+    return None if labels is None else _percent(logits.argmax(1) == labels)
+
+
+def _recipe_label(recipe: str | None, target: str) -> str | None:
+    """What a default file name says about a recipe that is not the target's own: its name, or a YAML
+    file's stem (``per-tensor-dsp-cle``); ``None`` for the target's own recipe."""
+    if recipe is None:
         return None
-    return float((logits.argmax(1) == labels).float().mean()) * 100.0
+    path = Path(recipe)
+    label = path.stem if path.suffix.lower() in (".yaml", ".yml") or path.is_file() else recipe
+    return None if label.lower() == target else label
 
 
 def _load(data: str, cfg, split: str, limit: int | None = None):
@@ -235,6 +319,8 @@ class ExportSummary:
     artifact_accuracy: float | None
     agreement: float
     seconds: float
+    # True / False: the read-back checks ran and passed / failed; None: they did not run (--no-verify)
+    verified: bool | None = None
     checks: list[dict] = field(default_factory=list)
     census: str = ""
     failed: bool = False
@@ -261,6 +347,8 @@ class ExportSummary:
             lines.append("checks     " + "\n           ".join(
                 f"{'ok    ' if c['passed'] else 'FAILED'} {c['name']}: {c['measured']} (needs {c['threshold']})"
                 for c in self.checks))
+        elif self.verified is None:
+            lines.append("checks     not run (verification off)")
         if self.census:
             lines.append("census     " + self.census.replace("\n", "\n           "))
         audit_failed = self.audit is not None and self.audit.get("verdict") != "pass"
@@ -269,7 +357,8 @@ class ExportSummary:
             lines.append(f"audit      {'FAIL' if audit_failed else 'PASS'}" + (f": {first}" if audit_failed and first else ""))
         checks_failed = any(not c["passed"] for c in self.checks)
         lines.append(f"time       {self.seconds:.1f} s" + (
-            "   — VERIFICATION FAILED (file kept, flagged)" if checks_failed else
+            "   — VERIFICATION FAILED (written as the .failed file above; the output path is left as it was)"
+            if checks_failed else
             "   — AUDIT FAILED (file kept)" if audit_failed else ""))
         return "\n".join(lines)
 
@@ -302,7 +391,7 @@ def export_model(target: str | None = None, model: str | None = None, weights: s
     spec = rec.spec
     net = resolve_model(model, weights)
     name = _model_name(net)
-    path, created = _output_path(out, name, spec.suffix, spec.name)
+    path, created = _output_path(out, name, spec.suffix, spec.name, _recipe_label(recipe, spec.name))
     with _removed_if_left_empty(created):
         cfg = net.preprocess
         if num_eval is None and rec.verification.num_images != VerificationSettings.num_images:
@@ -317,9 +406,10 @@ def export_model(target: str | None = None, model: str | None = None, weights: s
         evald = fit_labels(evald, net)  # before any work: labels the model cannot have fail here
         if len(evald) != rec.verification.num_images:  # verification runs on the same images as the summary
             rec = rec.replace([f"verification.num_images={len(evald)}"])
-        if progress:
-            print(f"mobilequant: {name} → {spec.name}: calibrating on {0 if calib is None else len(calib)} images, "
-                  f"verifying on {len(evald)}", flush=True)
+        if progress:  # a float target is converted, not calibrated
+            work = "converting" if calib is None else f"calibrating on {len(calib)} images"
+            checked = f"verifying on {len(evald)}" if rec.verification.enabled else f"evaluating on {len(evald)}"
+            print(f"mobilequant: {name} → {spec.name}: {work}, {checked}", flush=True)
         failed = False
         try:
             artifact = export(net, spec.name, path, recipe=rec,
@@ -331,6 +421,7 @@ def export_model(target: str | None = None, model: str | None = None, weights: s
                 raise
             failed = True
         float_logits = _logits(net, evald.images)
+        path = Path(artifact.path)  # a file that failed its checks is <name>.failed<suffix>, beside the output path
         file_logits = open_runner(path).run(evald.images.numpy())
         import torch
 
@@ -349,8 +440,8 @@ def export_model(target: str | None = None, model: str | None = None, weights: s
         model=name, target=spec.name, path=str(path), size_bytes=path.stat().st_size, num_eval=len(evald),
         float_accuracy=_accuracy(float_logits, evald.labels),
         artifact_accuracy=_accuracy(file_logits, evald.labels),
-        agreement=float((file_logits.argmax(1) == float_logits.argmax(1)).float().mean()) * 100.0,
-        seconds=time.perf_counter() - t0,
+        agreement=_percent(file_logits.argmax(1) == float_logits.argmax(1)),
+        seconds=round(time.perf_counter() - t0, 3), verified=artifact.verified,
         checks=[] if ver is None else [asdict(c) for c in ver.checks],
         census=str(artifact.census) if artifact.census is not None else "", failed=failed, audit=report)
 
@@ -377,18 +468,34 @@ class CalibrateSummary:
 def calibrate(model: str | None = None, weights: str | None = None, data: str = "builtin",
               recipe: str | None = None, overrides=(), out: str = "quant_table.json",
               progress: bool = True) -> CalibrateSummary:
-    """Calibrate with the recipe's settings (default: tflite-int8) and write the quantization table."""
+    """Calibrate with the recipe's quantization settings (default: tflite-int8's) and write the table.
+
+    Refused before any work: a float recipe (it has no quantization table), an override of anything but a
+    ``quantization.*`` setting (calibration reads nothing else: an ``io.layout`` given here would be
+    silently dropped), and an output path that cannot take the file.
+    """
 
     from .export import default_recipe, load_recipe
     from .export.artifact import atomic_write
     from .quant import quantize
 
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if not key.startswith("quantization."):
+            raise UsageError(f"--set {item}: calibrate uses only the quantization.* settings ({key} is an "
+                             "export setting: give it to `mobilequant export`)")
     rec = load_recipe(recipe) if recipe is not None else default_recipe("tflite-int8")
+    if not rec.spec.quantized:
+        raise UsageError(f"--recipe {recipe}: its target {rec.target} is a float target, which has no "
+                         "quantization table (give an int8 recipe, e.g. tflite-int8)")
     if overrides:
         rec = rec.replace(list(overrides))
     out_path = Path(out)
     if not out_path.parent.is_dir():
         raise UsageError(f"output directory {out_path.parent} does not exist")
+    if out_path.is_dir():  # atomic_write would refuse it only after the calibration
+        raise UsageError(f"-o {out} is a directory (give the file to write, e.g. {out_path / 'quant_table.json'})")
+    _probe_writable(out_path.parent)
     net = resolve_model(model, weights)
     calib = _load(data, net.preprocess, "calibration", rec.quantization.num_calibration)
     result = quantize(net, calib.batches(64), rec.quantization.to_quant_config())
@@ -518,8 +625,10 @@ def qat(model: str | None = None, weights: str | None = None, data: str = "built
         try:
             art = export_artifact(result, spec.name, path, model_name=config.model)
             exports.append({"target": spec.name, "path": str(art.path), "passed": True})
-        except CheckFailed as e:  # the file is kept, flagged; the other targets still run
-            exports.append({"target": spec.name, "path": str(path), "passed": False, "failure": str(e)})
+        except CheckFailed as e:  # written beside as <name>.failed<suffix>; the other targets still run
+            failed = getattr(e, "artifact", None)
+            exports.append({"target": spec.name, "path": str(failed.path if failed is not None else path),
+                            "passed": False, "failure": str(e)})
     return QATSummary(config.model, None if result.checkpoint is None else str(result.checkpoint),
                       None if result.csv_log is None else str(result.csv_log), result.steps,
                       result.val_accuracy, result.int8_accuracy, exports, main)

@@ -3,22 +3,31 @@
 Every sub-command parses its options, calls one API function and prints its result (a short human
 summary, or JSON with ``--json``). User errors (:class:`mobilequant.errors.MobileQuantError`) print one
 line on stderr and exit 2 (usage / bad input) or 1 (a failed check or gate); nothing else is caught, so a
-bug keeps its traceback. ``main(argv)`` takes an argv list so tests need no subprocess.
+bug keeps its traceback. Ctrl-C exits 130 and SIGTERM 143, each after the cleanup a failed job runs.
+``main(argv)`` takes an argv list so tests need no subprocess.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from .errors import MobileQuantError, UsageError, did_you_mean
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT / SIGTERM, what a shell reports for a killed job
+
+# the top-level help's description: plain text (the module docstring is reStructuredText for Sphinx)
+DESCRIPTION = ("mobilequant: quantize MobileNet-style networks and write int8 / float16 TFLite and ONNX files,\n"
+               "each one checked in its real runtime.")
 
 _EXAMPLES = {
     "export": """examples:
@@ -74,14 +83,28 @@ def _long_options(parser: argparse.ArgumentParser) -> set[str]:
     return opts
 
 
-def _unrecognized(parser: argparse.ArgumentParser, command: str | None, extra: list[str]) -> str:
-    """Unknown arguments of ``command``, with close matches among its own options only (the top-level
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub-)command given, e.g. ``zoo info``'s (the top-level one if none was)."""
+    for dest in ("command", "zoo_command"):
+        name = getattr(args, dest, None)
+        sub = next((a.choices[name] for a in parser._actions
+                    if isinstance(a, argparse._SubParsersAction) and name in a.choices), None)
+        if sub is None:
+            break
+        parser = sub
+    return parser
+
+
+def _unrecognized(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> str:
+    """Unknown arguments of the command given, with close matches among its own options only (the top-level
     parser would offer every sub-command's), and the sub-commands that do have an option given."""
-    sub = next((a.choices[command] for a in parser._actions
-                if isinstance(a, argparse._SubParsersAction) and command in a.choices), parser)
+    command = args.command
+    sub = _command_parser(parser, args)
     opt = extra[0].split("=")[0]
     msg = f"unrecognized arguments: {' '.join(extra)}"
-    if opt.startswith("--"):
+    if opt in ("-q", "--quiet") and sub is not parser:
+        msg += f"; `{sub.prog}` prints only its result, which -q would hide"
+    elif opt.startswith("--"):
         msg += did_you_mean(opt, _long_options(sub))
         owners = [name for a in parser._actions if isinstance(a, argparse._SubParsersAction)
                   for name, child in a.choices.items() if name != command and opt in child._option_string_actions]
@@ -122,9 +145,20 @@ def _gate(text: str) -> float | None:
     return None if text.strip().lower() == "off" else _number(text)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _max_drop(text: str) -> float | None:
+    """The accuracy-drop gate: a number ≥ 0, or 'off' (a negative limit would fail every file)."""
+    value = _gate(text)
+    if value is not None and value < 0:
+        raise argparse.ArgumentTypeError(f"expected a drop ≥ 0 pp or 'off', got {text!r}")
+    return value
+
+
+def _common(p: argparse.ArgumentParser, quiet: bool = True) -> None:
+    """``--json`` and, for commands whose output is a summary of work done, ``-q``. Commands whose output
+    is the result itself (zoo list / info, bench) take no ``-q``: it would leave them printing nothing."""
     p.add_argument("--json", action="store_true", help="print the result as JSON (for machines)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries (CI)")
+    if quiet:
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries (CI)")
 
 
 def _model_args(p: argparse.ArgumentParser, data_help: str,
@@ -138,7 +172,8 @@ def _model_args(p: argparse.ArgumentParser, data_help: str,
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = _Parser(prog="mobilequant", description=__doc__.splitlines()[0],
+    parser = _Parser(prog="mobilequant", description=DESCRIPTION, epilog="`mobilequant help COMMAND` (or "
+                     "`mobilequant COMMAND --help`) describes a command; docs/cli.md has them all.",
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"mobilequant {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -154,7 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-data", default="builtin", help="evaluation data for verification ('builtin': "
                                                           "Fashion-MNIST test set)")
     p.add_argument("--recipe", default=None, help="a recipe YAML file, or the name of one in export_recipes/ (default: the target's own)")
-    p.add_argument("-o", "--out", default="out", help="output file or directory (default: out/)")
+    p.add_argument("-o", "--out", default="out",
+                   help="output file (with the target's suffix) or directory (default: out/); in a directory the "
+                        "file is MODEL-TARGET.tflite/.onnx, or MODEL-RECIPE.tflite/.onnx for a recipe other than "
+                        "the target's own, so it does not overwrite the default export")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set quantization.per_channel=false (repeatable; see docs/recipes.md)")
     p.add_argument("--num-eval", type=int, default=None, help="evaluation images for the summary and the checks, spread evenly over the set (default: all, or verification.num_images where a recipe or --set changes it)")
@@ -178,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the last checkpoint in --out-dir (a new job starts if there is none)")
     p.add_argument("--resume-from", default=None, metavar="CHECKPOINT",
                    help="continue from this checkpoint (e.g. qat-prev.pt when qat-last.pt is damaged)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the job (default 0)")
     p.add_argument("--start", choices=("float", "ptq"), default="float",
                    help="start from the float model (ranges observed) or from its PTQ result: ranges and "
                         "bias-corrected biases (default float)")
@@ -196,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p, "evaluation data: 'builtin' (Fashion-MNIST test set), an image folder, .npy or .npz",
                 model_default="the zoo model named in the artifact, with its shipped weights")
     p.add_argument("--num-images", type=int, default=1000, help="evaluation images (default 1000)")
-    p.add_argument("--max-drop", type=_gate, default=0.5,
+    p.add_argument("--max-drop", type=_max_drop, default=0.5,
                    help="gate: largest accepted top-1 drop in pp, or of disagreement with the float model on "
                         "unlabelled data (default 0.5, as `export --audit`; 'off': no drop gate)")
     p.add_argument("--min-sqnr", type=_number, default=None, help="gate: smallest accepted per-layer SQNR (dB)")
@@ -207,33 +245,47 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("zoo", "list the model zoo or describe one model")
     zs = p.add_subparsers(dest="zoo_command", metavar="list|info", parser_class=_Parser)
-    zl = zs.add_parser("list", help="registered models matching a pattern")
-    zl.add_argument("pattern", nargs="?", default="*")
-    _common(zl)
-    zi = zs.add_parser("info", help="parameters, mult-adds and paper figures of one model")
-    zi.add_argument("name")
-    zi.add_argument("--resolution", type=int, default=224)
-    zi.add_argument("--num-classes", type=int, default=1000)
-    zi.add_argument("--width-mult", type=_number, default=None)
-    _common(zi)
+    zl = zs.add_parser("list", help="registered models matching a pattern",
+                       description="registered models matching a pattern")
+    zl.add_argument("pattern", nargs="?", default="*", help="shell-style name pattern, e.g. 'mobilenet*' "
+                                                            "(default: every model)")
+    _common(zl, quiet=False)
+    zi = zs.add_parser("info", help="parameters, mult-adds and paper figures of one model",
+                       description="parameters, mult-adds and paper figures of one model")
+    zi.add_argument("name", help="zoo name (see `mobilequant zoo list`)")
+    zi.add_argument("--resolution", type=int, default=None,
+                    help="input size in pixels; the model is built for it (default: the one the paper's figures "
+                         "are for, as in docs/zoo.md: 224, 299 for xception_100, 32 for effnet)")
+    zi.add_argument("--num-classes", type=int, default=None,
+                    help="classifier size (default: the paper's: 1000, 10 for effnet)")
+    zi.add_argument("--width-mult", type=_number, default=None,
+                    help="the family's width multiplier, in place of the variant's own: mobilenetv2_050 is "
+                         "MobileNetV2 at 0.5, and --width-mult 0.35 on it counts MobileNetV2 0.35 "
+                         "(default: the variant's)")
+    _common(zi, quiet=False)
 
     p = add("bench", "latency and size of artifacts in their real runtimes (the direct metric, not FLOPs)")
-    p.add_argument("artifacts", nargs="+")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--runs", type=int, default=100)
-    p.add_argument("--warmup", type=int, default=10)
-    _common(p)
+    p.add_argument("artifacts", nargs="+", help=".tflite or .onnx files (the runtime is chosen by content)")
+    p.add_argument("--threads", type=int, default=1, help="runtime threads (default 1)")
+    p.add_argument("--runs", type=int, default=100, help="timed single-image runs per file (default 100)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed runs before them (default 10)")
+    _common(p, quiet=False)
 
     p = add("calibrate", "calibrate a model and write its quantization table (JSON) only")
     _model_args(p, "calibration data: 'builtin', an image folder, .npy or .npz")
-    p.add_argument("--recipe", default=None)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("-o", "--out", default="quant_table.json")
+    p.add_argument("--recipe", default=None,
+                   help="an int8 recipe (YAML file or name in export_recipes/) whose quantization settings are "
+                        "used (default: tflite-int8's)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a quantization setting, e.g. --set quantization.calibration=minmax "
+                        "(repeatable; see docs/recipes.md)")
+    p.add_argument("-o", "--out", default="quant_table.json",
+                   help="the JSON file to write (default: quant_table.json)")
     _common(p)
     return parser
 
 
-def _print(result, as_json: bool, quiet: bool) -> None:
+def _print(result, as_json: bool, quiet: bool = False) -> None:
     if as_json:
         print(json.dumps(result.to_dict() if hasattr(result, "to_dict") else result, indent=2, default=str))
     elif not quiet:
@@ -271,12 +323,12 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "zoo":
         if args.zoo_command == "list":
-            _print(api.zoo_list(args.pattern), args.json, args.quiet)
+            _print(api.zoo_list(args.pattern), args.json)
         elif args.zoo_command == "info":
             _print(api.zoo_info(args.name, resolution=args.resolution, num_classes=args.num_classes,
-                                width_mult=args.width_mult), args.json, args.quiet)
+                                width_mult=args.width_mult), args.json)
         else:
-            raise UsageError("mobilequant zoo: choose 'list' or 'info'")
+            raise UsageError("zoo: choose 'list' or 'info' (see `mobilequant zoo --help`)")
         return EXIT_OK
     if args.command == "export":
         if args.target is None and args.recipe is None:
@@ -303,33 +355,73 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "bench":
         result = api.bench(args.artifacts, threads=args.threads, runs=args.runs, warmup=args.warmup)
     else:
-        raise UsageError("mobilequant: choose a command (export, qat, audit, zoo, bench, calibrate); see --help")
+        raise UsageError("choose a command (export, qat, audit, zoo, bench, calibrate); see `mobilequant --help`")
     if getattr(result, "main_process", True):  # in a torchrun job one process prints: the one that wrote the files
-        _print(result, args.json, args.quiet)
+        _print(result, args.json, getattr(args, "quiet", False))
     return EXIT_CHECK_FAILED if getattr(result, "failed", False) else EXIT_OK
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised by the SIGTERM handler. Not an ``Exception``, so nothing on the way swallows it and the cleanup
+    a failed job runs (temporary files, an output folder the job created) runs for a killed job too; a
+    KeyboardInterrupt, so libraries treat it as the stop Ctrl-C is (torch's DataLoader workers exit quietly)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM (``kill``, a scheduler's timeout, torchrun stopping its workers) raises :class:`Terminated`
+    while the command runs; the previous handler is restored after (``main`` runs in-process in tests)."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    try:
-        if argv and not argv[0].startswith("-") and argv[0] not in _EXAMPLES and argv[0] != "help":
-            raise UsageError(f"unknown command {argv[0]!r}{did_you_mean(argv[0], _EXAMPLES)}")
-        args, extra = parser.parse_known_args(argv)
-        if extra:
-            raise UsageError(_unrecognized(parser, args.command, extra))
-        if args.command is None:
-            parser.print_help()
-            return EXIT_USAGE
-        return _run(args)
-    except MobileQuantError as e:
-        print(f"mobilequant: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("mobilequant: interrupted; " + ("the last checkpoint is kept (--resume continues from it)"
-                                               if argv and argv[0] == "qat" else
-                                               "nothing was written at the output path"), file=sys.stderr)
-        return 130
+    with _sigterm_raises():
+        try:
+            if argv and argv[0] == "help":  # `help [COMMAND [SUBCOMMAND]]` is `[COMMAND [SUBCOMMAND]] --help`
+                if len(argv) > 1 and argv[1] not in _EXAMPLES:
+                    raise UsageError(f"help: unknown command {argv[1]!r}{did_you_mean(argv[1], _EXAMPLES)}")
+                try:
+                    parser.parse_args([*argv[1:], "--help"])
+                except SystemExit as e:  # argparse has printed the help
+                    return e.code if isinstance(e.code, int) else EXIT_OK
+            if argv and not argv[0].startswith("-") and argv[0] not in _EXAMPLES:
+                raise UsageError(f"unknown command {argv[0]!r}{did_you_mean(argv[0], [*_EXAMPLES, 'help'])}")
+            args, extra = parser.parse_known_args(argv)
+            if extra:
+                raise UsageError(_unrecognized(parser, args, extra))
+            if args.command is None:
+                parser.print_help()
+                return EXIT_USAGE
+            return _run(args)
+        except MobileQuantError as e:
+            print(f"mobilequant: error: {e}", file=sys.stderr)
+            return e.exit_code
+        except Terminated:
+            # what reached the output path depends on where the job was stopped: say nothing about it
+            # (temporary files and an output folder the job created and left empty are removed)
+            print("mobilequant: terminated (SIGTERM)" + _qat_note(argv), file=sys.stderr)
+            return EXIT_TERMINATED
+        except KeyboardInterrupt:
+            print("mobilequant: interrupted" + _qat_note(argv), file=sys.stderr)
+            return EXIT_INTERRUPTED
+
+
+def _qat_note(argv: list[str]) -> str:
+    return ("; `mobilequant qat --resume` continues from the last checkpoint, if one was written"
+            if argv and argv[0] == "qat" else "")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import signal
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +73,8 @@ def files(tmp_path_factory):
     (d / "bad_recipe.yaml").write_text("target: tflite-int8\nquantisation:\n  per_channel: true\n")
     (d / "truncated.tflite").write_bytes(b"\x1c\x00\x00\x00TFL3" + b"\x00" * 20)
     (d / "not_a_model.onnx").write_text("hello")
+    (d / "notes.txt").write_text("model   accuracy\n")  # neither format, and the name does not say which
+    (d / "folder.onnx").mkdir()  # a directory named like the file an export writes
     ro = d / "readonly"
     ro.mkdir()
     os.chmod(ro, 0o555)
@@ -146,6 +150,36 @@ CASES = [
     ("nan-gate", lambda d: ["audit", str(d / "truncated.tflite"), "--max-drop", "nan"], 2, "finite number"),
     ("report-path-is-a-directory", lambda d: ["audit", str(d / "truncated.tflite"), "--html", str(d / "empty_dir")],
      2, "is a directory"),
+    # zoo info at a resolution the model cannot take: one line naming model and size (was a traceback)
+    ("too-small-resolution", lambda d: ["zoo", "info", "squeezenet1_0", "--resolution", "17"], 2,
+     "'squeezenet1_0' cannot take 17×17 inputs"),
+    ("too-small-resolution-next", lambda d: ["zoo", "info", "squeezenet1_1", "--resolution", "16"], 2,
+     "the next --resolution that works is 17"),
+    ("zoo-without-subcommand", lambda d: ["zoo"], 2, "error: zoo: choose 'list' or 'info'"),
+    ("quiet-zoo-list", lambda d: ["zoo", "list", "-q"], 2, "prints only its result"),
+    ("help-unknown-command", lambda d: ["help", "exprot"], 2, "did you mean 'export'"),
+    ("negative-max-drop", lambda d: ["audit", str(d / "truncated.tflite"), "--max-drop", "-1"], 2,
+     "expected a drop ≥ 0 pp"),
+    ("bench-neither-format", lambda d: ["bench", str(d / "notes.txt")], 2, "is not a TFLite or ONNX model (by its"),
+    # -o: a suffix that is not the target's names a file, refused (it had become a new folder of that name);
+    # the labels that cannot fit come later: each refusal must come first, before any work
+    ("output-suffix-in-other-case", lambda d: ["export", "--target", "onnx-fp32", *_tiny(d), "--eval-data",
+                                               str(d / "labels_past_the_classes.npz"), "-o", str(d / "ü ñ.ONNX")],
+     2, "give the suffix in lower case (ü ñ.onnx)"),
+    ("output-suffix-not-the-targets", lambda d: ["export", "--target", "tflite-fp32", *_tiny(d), "--eval-data",
+                                                 str(d / "labels_past_the_classes.npz"), "-o", str(d / "m.tfl")],
+     2, "writes .tflite files, not .tfl"),
+    ("output-file-is-a-directory", lambda d: ["export", "--target", "onnx-fp32", *_tiny(d), "--eval-data",
+                                              str(d / "labels_past_the_classes.npz"), "-o", str(d / "folder.onnx")],
+     2, "folder.onnx is a directory"),
+    # calibrate: a float recipe has no table; export settings are not silently dropped; -o checked first
+    ("calibrate-float-recipe", lambda d: ["calibrate", "--recipe", "tflite-fp32", *_tiny(d), "--data",
+                                          str(d / "nan.npy"), "-o", str(d / "t.json")], 2, "float target"),
+    ("calibrate-export-setting", lambda d: ["calibrate", "--set", "io.layout=NHWC", *_tiny(d), "--data",
+                                            str(d / "nan.npy"), "-o", str(d / "t.json")], 2,
+     "calibrate uses only the quantization.* settings"),
+    ("calibrate-out-is-a-directory", lambda d: ["calibrate", *_tiny(d), "--data", str(d / "nan.npy"), "-o",
+                                                str(d / "empty_dir")], 2, "empty_dir is a directory"),
 ]
 
 
@@ -181,7 +215,70 @@ def test_zoo_info_json(capsys):
     # another configuration than the paper's: the paper's figure says which one it is for
     assert main(["zoo", "info", "mobilenetv2_050", "--num-classes", "10", "--width-mult", "0.35"]) == 0
     text = capsys.readouterr().out
-    assert "(paper 97 M at 1000 classes, the variant's own width)" in text
+    assert "(paper 97 M at 1000 classes, width 0.5)" in text
+    assert "width       0.35 × the family's channels (in place of mobilenetv2_050's own 0.5)" in text
+
+
+def test_zoo_info_is_measured_at_the_configuration_it_names(capsys):
+    """EffNet's classifier reads the flattened map: `zoo info effnet` had built it for 32 px and counted at
+    224 (a traceback). With no options a model is counted at its paper's configuration, as in docs/zoo.md;
+    at another resolution the model is built for it."""
+    from mobilequant.models import count_madds, count_params, create_model
+
+    assert main(["zoo", "info", "effnet", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    with torch.device("meta"):
+        ref = create_model("effnet", num_classes=10, resolution=32)
+    assert (info["resolution"], info["num_classes"], info["paper_config"]) == (32, 10, "")
+    assert (info["params"], info["madds"]) == (count_params(ref), count_madds(ref))
+    assert main(["zoo", "info", "effnet", "--resolution", "64", "--json"]) == 0
+    bigger = json.loads(capsys.readouterr().out)
+    assert bigger["resolution"] == 64 and bigger["params"] > info["params"] and bigger["madds"] > info["madds"]
+    assert main(["zoo", "info", "xception_100", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["resolution"] == 299
+
+
+def test_width_mult_is_the_familys_not_a_factor_on_the_variants(capsys):
+    """`--width-mult 0.5` on xception_sep_025 (a quarter width) counts Xception at half width: more
+    parameters than the variant; the output says it replaced the variant's own width, and the help says so."""
+    def info(*extra):
+        assert main(["zoo", "info", "xception_sep_025", *extra, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    own, half, same = info(), info("--width-mult", "0.5"), info("--width-mult", "0.25")
+    assert (own["width_mult"], own["variant_width_mult"]) == (0.25, 0.25)
+    assert (half["width_mult"], half["variant_width_mult"]) == (0.5, 0.25) and half["params"] > own["params"]
+    assert same["params"] == own["params"] and same["paper_config"] == ""
+    with pytest.raises(SystemExit):
+        main(["zoo", "info", "--help"])
+    assert "in place of the variant's own" in " ".join(capsys.readouterr().out.split())
+
+
+def test_help_texts(capsys):
+    """Plain text at the top (the module docstring's ``markup`` had been printed), every option explained,
+    `mobilequant help [COMMAND]` prints the help (it had passed the unknown-command check and then failed)."""
+    import argparse
+
+    from mobilequant.cli import build_parser
+
+    def parsers(p):
+        yield p
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for child in a.choices.values():
+                    yield from parsers(child)
+
+    for p in parsers(build_parser()):
+        for a in p._actions:
+            if not isinstance(a, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)):
+                assert a.help, f"{p.prog} {a.option_strings or a.dest} has no help"
+    assert main(["help"]) == 0
+    top = capsys.readouterr().out
+    assert top.startswith("usage: mobilequant") and "``" not in top and ":mod:" not in top
+    assert main(["help", "zoo", "info"]) == 0
+    assert capsys.readouterr().out.startswith("usage: mobilequant zoo info")
+    assert main(["help", "calibrate"]) == 0
+    assert "(default: quant_table.json)" in capsys.readouterr().out
 
 
 def test_export_takes_the_target_of_the_recipe(files, tmp_path, capsys):
@@ -193,6 +290,84 @@ def test_export_takes_the_target_of_the_recipe(files, tmp_path, capsys):
     assert rc == 0, report
     assert report["target"] == "onnx-fp32" and report["path"].endswith(".onnx")
     assert Path(report["path"]).parent == out and Path(report["path"]).is_file()
+    # the JSON says whether the read-back checks ran
+    assert report["verified"] is True and Path(report["path"]).name == "build-onnx-fp32.onnx"
+    # a recipe other than the target's own names the default file (it had overwritten the default export);
+    # a float target is converted, not "calibrated on 0 images"; without verification: verified null
+    (tmp_path / "my-fp32.yaml").write_text("target: onnx-fp32\n")
+    rc = main(["export", "--recipe", str(tmp_path / "my-fp32.yaml"), *_tiny(files), "--eval-data",
+               str(files / "good.npy"), "-o", str(out), "--no-verify"])
+    text = capsys.readouterr().out
+    assert rc == 0 and sorted(p.name for p in out.iterdir()) == [
+        "build-my-fp32.onnx", "build-onnx-fp32.onnx", "build-onnx-fp32.onnx.verify.json"], text
+    assert "build → onnx-fp32: converting, evaluating on 16" in text and "calibrating" not in text
+    assert "checks     not run (verification off)" in text
+    rc = main(["export", "--recipe", str(tmp_path / "my-fp32.yaml"), *_tiny(files), "--eval-data",
+               str(files / "good.npy"), "-o", str(out), "--no-verify", "--json", "-q"])
+    assert rc == 0 and json.loads(capsys.readouterr().out)["verified"] is None
+
+
+def test_accuracies_are_exact_percentages():
+    """A float32 mean put 93.99999976158142 in the JSON for 47 of 50."""
+    from mobilequant.api import _accuracy
+
+    logits = torch.zeros(50, 10)
+    logits[:47, 1] = 1.0
+    assert _accuracy(logits, torch.ones(50, dtype=torch.long)) == 94.0
+
+
+def test_sigterm_runs_the_cleanup_and_exits_143(files, tmp_path, capsys, monkeypatch):
+    """`kill` during an export: the -o folder the run created (during calibration) and the temporary file
+    (during the write) are removed, exit 143, one line. Without a handler in the CLI, SIGTERM reaches the
+    test's own handler below (the default one would end the test session)."""
+    import mobilequant.api as api
+
+    def not_handled(signum, frame):
+        raise AssertionError("SIGTERM reached the handler installed before main: the CLI installs none")
+
+    previous = signal.signal(signal.SIGTERM, not_handled)
+    try:
+        real_load = api._load
+
+        def killed_while_loading(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(2)  # the handler raises here
+            return real_load(*args, **kwargs)
+
+        monkeypatch.setattr(api, "_load", killed_while_loading)
+        common = ["export", "--target", "onnx-fp32", *_tiny(files), "--eval-data", str(files / "good.npy")]
+        assert main([*common, "-o", str(tmp_path / "new")]) == 143
+        assert capsys.readouterr().err.strip().splitlines()[-1] == "mobilequant: terminated (SIGTERM)"
+        assert not (tmp_path / "new").exists()
+        monkeypatch.setattr(api, "_load", real_load)
+
+        real_fsync = os.fsync
+
+        def killed_while_writing(fd):
+            monkeypatch.setattr(os, "fsync", real_fsync)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(2)
+
+        monkeypatch.setattr(os, "fsync", killed_while_writing)
+        (tmp_path / "kept").mkdir()
+        assert main([*common, "-o", str(tmp_path / "kept")]) == 143
+        assert list((tmp_path / "kept").iterdir()) == []  # no .NAME.onnx.XXXX.tmp
+        assert signal.getsignal(signal.SIGTERM) is not_handled  # main restores the handler it replaced
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    capsys.readouterr()
+
+
+def test_interrupt_message_claims_nothing_about_the_output(monkeypatch, capsys):
+    """Ctrl-C after the file was replaced had printed 'nothing was written at the output path'."""
+    import mobilequant.api as api
+
+    def interrupted(**kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "export_model", interrupted)
+    assert main(["export", "--target", "tflite-int8"]) == 130
+    assert capsys.readouterr().err.strip() == "mobilequant: interrupted"
 
 
 def test_data_warnings_are_one_line_and_the_recipe_image_count_is_kept(files, tmp_path, capsys):

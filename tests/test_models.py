@@ -90,6 +90,19 @@ def test_width_mult_scales_the_network(name):
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)
+def test_width_mult_replaces_the_variants_own(name):
+    """A variant is its family at one width (`model_info(name).width_mult`); `width_mult=` builds the family at
+    that width instead of scaling the variant's again (`zoo info --width-mult` reports both)."""
+    own = model_info(name).width_mult
+    assert own == inspect.signature(model_info(name).fn).parameters["width_mult"].default
+    assert count_params(_on_meta(name, width_mult=own)) == count_params(_on_meta(name))
+
+
+def test_width_mult_of_a_variant_is_the_family_width():
+    assert count_params(_on_meta("mobilenetv2_050", width_mult=1.0)) == count_params(_on_meta("mobilenetv2_100"))
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
 def test_conv_bn_act_are_separate_modules(name):
     model = _on_meta(name)
     for m in model.modules():

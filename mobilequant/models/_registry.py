@@ -62,6 +62,17 @@ class ModelInfo:
     paper_resolution: int = 224  # input size the paper's figures are for (299 for Xception, 32 for EffNet)
     paper_num_classes: int = 1000  # classifier size the paper's figures are for (10 for EffNet's CIFAR-10)
 
+    @property
+    def width_mult(self) -> float | None:
+        """The variant's own width multiplier (the default of its ``width_mult``; ``None`` if it takes none).
+
+        A variant is its family at one width: ``create_model(name, width_mult=w)`` builds the family at
+        ``w`` in place of this, it does not scale the variant's width again."""
+        import inspect
+
+        param = inspect.signature(self.fn).parameters.get("width_mult")
+        return None if param is None or param.default is inspect.Parameter.empty else float(param.default)
+
 
 _model_entrypoints: dict[str, ModelInfo] = {}
 
@@ -99,6 +110,9 @@ def model_info(name: str) -> ModelInfo:
 
 def create_model(name: str, num_classes: int = 1000, in_chans: int = 3, **kwargs) -> nn.Module:
     """Build a zoo model by name. ``width_mult`` and family-specific options go in ``kwargs``.
+
+    ``width_mult`` is the family's width multiplier and replaces the variant's own
+    (:attr:`ModelInfo.width_mult`): ``create_model("mobilenetv2_050", width_mult=1.0)`` is MobileNetV2 1.0.
 
     The returned module has a ``pretrained_cfg``-like attribute ``preprocess`` (:class:`PreprocessConfig`)
     and ``model_name``.

@@ -54,7 +54,14 @@ def measure_latency(path: str | Path, threads: int = 1, runs: int = 100, warmup:
         raise UsageError(f"threads and runs must be at least 1 and warmup at least 0 "
                          f"(got {threads}, {runs}, {warmup})")
     path = Path(path)
-    runner = open_runner(path, num_threads=threads)
+    try:
+        runner = open_runner(path, num_threads=threads)
+    except InputError:
+        # open_runner tries ONNX for anything that is not TFLite, so a stray file (`bench notes.txt`)
+        # read "is not an ONNX model"; bench takes either, so say so unless the name says which was meant
+        if path.suffix.lower() in (".tflite", ".onnx") or not path.is_file():
+            raise
+        raise InputError(f"{path} is not a TFLite or ONNX model (by its content)") from None
     if isinstance(runner, TFLiteRunner):
         interp, inp = runner.interpreter, runner.input
         interp.set_tensor(inp.index, _input_array(inp.shape, np.dtype(inp.dtype), seed))
