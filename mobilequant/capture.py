@@ -15,8 +15,11 @@ fusion, quantization and export and are how later stages (quant table, export na
 intermediates, audit) refer to layers.
 
 Each op then has one spelling for the stages after capture: ReLU6 as ``hardtanh(x, 0, 6)``, ``x / c`` (a
-number) as ``x * (1 / c)``, and h-swish / h-sigmoid written as arithmetic (``x * relu6(x + 3) / 6``) as
-``aten.hardswish`` / ``aten.hardsigmoid``. A model must return one tensor.
+number) as ``x * (1 / c)``, h-swish / h-sigmoid written as arithmetic (``x * relu6(x + 3) / 6``) as
+``aten.hardswish`` / ``aten.hardsigmoid``, every eval-mode dropout (``nn.Dropout2d``'s
+``feature_dropout``, alpha dropouts) as ``aten.dropout(x, p, False)`` (an identity), and an adaptive
+average pooling whose output size divides its input (other than the global 1×1) as the ``avg_pool2d``
+it computes. A model must return one tensor.
 
 :func:`find_unsupported_ops` lists every op a backend cannot handle before any work is done.
 """
@@ -71,7 +74,8 @@ def capture(model: nn.Module, example_input: torch.Tensor, dynamic_batch: bool =
     gm = ep.module()
     name_layers(gm)
     # one spelling per op for the stages after capture (each pass says whether it changed the graph)
-    if any([_relu6_as_hardtanh(gm), _division_by_constant_as_mul(gm), _hard_activations_from_arithmetic(gm)]):
+    if any([_relu6_as_hardtanh(gm), _division_by_constant_as_mul(gm), _hard_activations_from_arithmetic(gm),
+            _eval_dropout_as_dropout(gm), _uniform_adaptive_pool_as_avg_pool(gm)]):
         gm.recompile()
     return gm
 
@@ -158,6 +162,52 @@ def _hard_activations_from_arithmetic(gm: GraphModule) -> bool:
         for dead in dict.fromkeys((last, u, r, a)):  # the arithmetic it replaces, last first
             if not dead.users:
                 gm.graph.erase_node(dead)
+        changed = True
+    return changed
+
+
+_EVAL_DROPOUTS = (torch.ops.aten.feature_dropout.default, torch.ops.aten.feature_dropout_.default,
+                  torch.ops.aten.alpha_dropout.default, torch.ops.aten.alpha_dropout_.default,
+                  torch.ops.aten.feature_alpha_dropout.default, torch.ops.aten.feature_alpha_dropout_.default)
+
+
+def _eval_dropout_as_dropout(gm: GraphModule) -> bool:
+    """``nn.Dropout2d`` / ``nn.AlphaDropout`` in eval mode (``feature_dropout(x, p, False)``, ...) as
+    ``aten.dropout(x, p, False)``: all are the identity then, and ``dropout`` is the spelling the quantizer
+    (shared parameters) and the TFLite rewrites (an identity to look through) know."""
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _EVAL_DROPOUTS:
+            train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+            if train is False:
+                node.target = torch.ops.aten.dropout.default
+                node.args, node.kwargs = (node.args[0], node.args[1], False), {}
+                changed = True
+    return changed
+
+
+def _uniform_adaptive_pool_as_avg_pool(gm: GraphModule) -> bool:
+    """``adaptive_avg_pool2d`` to an output size that divides the input size, other than the global 1×1,
+    as ``avg_pool2d`` with kernel = stride = input / output: the same windows (each output cell averages
+    one block of the input), the op TFLite computes (``AVERAGE_POOL_2D``, whose int8 form keeps its input's
+    parameters). The global pool stays itself: it lowers to ``MEAN``, which may take a range of its own."""
+    aten = torch.ops.aten
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target != aten.adaptive_avg_pool2d.default:
+            continue
+        x, size = node.args[0], node.args[1]
+        val = x.meta.get("val") if isinstance(x, Node) else None
+        if val is None or val.dim() != 4 or any(isinstance(d, torch.SymInt) for d in val.shape[2:]):
+            continue
+        h, w = int(val.shape[2]), int(val.shape[3])
+        oh, ow = (size, size) if isinstance(size, int) else (size[0], size[-1])
+        oh, ow = h if oh is None else int(oh), w if ow is None else int(ow)
+        if (oh, ow) == (1, 1) or h % oh or w % ow:
+            continue
+        kernel = [h // oh, w // ow]
+        node.target = aten.avg_pool2d.default
+        node.args, node.kwargs = (x, kernel, kernel), {}
         changed = True
     return changed
 

@@ -43,6 +43,7 @@ __all__ = [
     "FoldedConvBN",
     "FusionReport",
     "activation_kind",
+    "clamp_bounds",
     "fold_conv_bn",
     "move_activation_before_concat",
 ]
@@ -57,24 +58,42 @@ DEAD_VARIANCE = 1e-8  # a BN channel whose running variance is at most this is c
 BN_OPS = frozenset({aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default})
 
 
-def activation_kind(node: Node) -> str | None:
-    """What a clamp-like activation node computes: ``"relu"``, ``"relu6"`` or ``None`` (anything else).
+_CLAMP_OPS = frozenset({aten.hardtanh.default, aten.hardtanh_.default, aten.clamp.default, aten.clamp_.default})
 
-    ReLU6 appears as ``hardtanh(x, 0, 6)`` (``nn.ReLU6``, ``F.relu6``) or ``clamp(x, 0, 6)``.
-    """
+
+def clamp_bounds(node: Node) -> tuple[float | None, float | None] | None:
+    """``(lo, hi)`` of a clamp-like activation with number bounds (``None``: unbounded on that side):
+    ReLU ``(0, None)``, ``hardtanh(x, lo, hi)`` (``nn.Hardtanh``, ReLU6), ``clamp(x, min, max)``;
+    ``None`` for any other node (per-channel ``clamp.Tensor`` bounds included)."""
     if node.op != "call_function":
         return None
     t = node.target
     if t in (aten.relu.default, aten.relu_.default):
+        return 0.0, None
+    if t not in _CLAMP_OPS:
+        return None
+    hardtanh = t in (aten.hardtanh.default, aten.hardtanh_.default)
+    names, default = (("min_val", "max_val"), (-1.0, 1.0)) if hardtanh else (("min", "max"), (None, None))
+    bounds = []
+    for i, (name, d) in enumerate(zip(names, default), start=1):
+        b = node.args[i] if len(node.args) > i else node.kwargs.get(name, d)
+        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float))):
+            return None
+        bounds.append(None if b is None else float(b))
+    return bounds[0], bounds[1]
+
+
+def activation_kind(node: Node) -> str | None:
+    """What a clamp-like activation node computes: ``"relu"``, ``"relu6"`` or ``None`` (anything else,
+    other clamp bounds included: see :func:`clamp_bounds`).
+
+    ReLU6 appears as ``hardtanh(x, 0, 6)`` (``nn.ReLU6``, ``F.relu6``) or ``clamp(x, 0, 6)``.
+    """
+    bounds = clamp_bounds(node)
+    if bounds == (0.0, 6.0):
+        return "relu6"
+    if bounds == (0.0, None):
         return "relu"
-    if t in (aten.hardtanh.default, aten.hardtanh_.default, aten.clamp.default, aten.clamp_.default):
-        default = (-1.0, 1.0) if "hardtanh" in str(t) else (None, None)
-        lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", node.kwargs.get("min", default[0]))
-        hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", node.kwargs.get("max", default[1]))
-        if lo == 0 and hi == 6:
-            return "relu6"
-        if lo == 0 and hi is None:
-            return "relu"
     return None
 
 
@@ -84,7 +103,7 @@ def _follower_kind(node: Node) -> str:
     if len(users) != 1:
         return "none"
     (user,) = users
-    kind = activation_kind(user)
+    kind = activation_kind(user) or ("clamp" if clamp_bounds(user) is not None else None)
     if kind:
         return kind
     if user.op == "call_function" and isinstance(user.target, torch._ops.OpOverload):

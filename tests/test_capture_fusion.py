@@ -227,3 +227,34 @@ def test_batchnorm1d_after_a_linear_is_folded():
     report = fold_conv_bn(gm)
     assert [f.bn for f in report.folded] == ["bn"] and not any(n.target in BN_OPS for n in gm.graph.nodes)
     torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+class _Pools(nn.Module):
+    """Adaptive average pools to 2×2 (divides 8×8), 3×3 (does not) and 1×1, and an eval-mode Dropout2d."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.drop = nn.Conv2d(3, 4, 3, padding=1), nn.Dropout2d(0.3)
+        self.even, self.uneven, self.glob = nn.AdaptiveAvgPool2d((2, 2)), nn.AdaptiveAvgPool2d(3), nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        x = self.drop(self.conv(x))
+        return torch.cat([self.even(x).flatten(1), self.uneven(x).flatten(1), self.glob(x).flatten(1)], 1)
+
+
+def test_even_adaptive_pools_and_eval_dropouts_have_one_spelling():
+    """AdaptiveAvgPool2d((2, 2)) of 8×8 is avg_pool2d(4, 4) — what TFLite computes, whose int8 form shares
+    its input's parameters (the adaptive spelling had an own range: an extra QUANTIZE in the file); the
+    global and the uneven pool stay adaptive. Dropout2d in eval (feature_dropout) is the identity, spelled
+    as dropout (it had been refused by every target)."""
+    model = _Pools().eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm = capture(model, x)
+    by_name = {n.meta["mq_name"]: n for n in gm.graph.nodes if n.op == "call_function"}
+    aten = torch.ops.aten
+    assert by_name["even"].target == aten.avg_pool2d.default and by_name["even"].args[1:] == ([4, 4], [4, 4])
+    assert by_name["uneven"].target == by_name["glob"].target == aten.adaptive_avg_pool2d.default
+    assert by_name["drop"].target == aten.dropout.default
+    assert not find_unsupported_ops(gm, {aten.conv2d.default, aten.dropout.default, aten.avg_pool2d.default,
+                                         aten.adaptive_avg_pool2d.default, aten.flatten.using_ints, aten.cat.default})
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-6, atol=1e-6)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 from collections import defaultdict
@@ -315,16 +316,28 @@ def test_searched_ranges_reach_the_file(small, tmp_path):
         assert in_file.scales[0] < before.scale[0]
 
 
-def test_failed_check_keeps_the_file_flagged(small, tmp_path):
-    path = tmp_path / "strict.tflite"
-    with pytest.raises(CheckFailed, match="fp32_max_abs_diff") as exc:
+def test_a_failed_file_never_replaces_the_output(small, tmp_path):
+    """The file is checked before it is written: a failing one goes beside the output path as
+    <name>.failed<suffix> (with its report), and a good file already there stays (it had been replaced,
+    and a release pipeline lost its last good file). A later good export removes the failed file; one
+    without verification removes the report of an earlier file."""
+    path, failed = tmp_path / "strict.tflite", tmp_path / "strict.failed.tflite"
+    good = export(small["model"], "tflite-fp32", path, verify_data=small["x"], overrides=VERIFY)
+    before = path.read_bytes()
+    with pytest.raises(CheckFailed, match="fp32_max_abs_diff.*not written there; the failed file is "
+                                          "strict.failed.tflite") as exc:
         export(small["model"], "tflite-fp32", path, verify_data=small["x"],
                overrides=VERIFY + ["verification.fp32_max_abs_diff=0"])
-    assert path.is_file(), "the artifact stays"
-    assert exc.value.artifact.verified is False
-    report = json.loads(path.with_name(path.name + ".verify.json").read_text())
-    assert report["passed"] is False
+    assert path.read_bytes() == before and good.verified
+    assert exc.value.artifact.verified is False and exc.value.artifact.path == failed and failed.is_file()
+    report = json.loads(failed.with_name(failed.name + ".verify.json").read_text())
+    assert report["passed"] is False and report["artifact_sha256"] == hashlib.sha256(failed.read_bytes()).hexdigest()
     assert any(c["name"] == "fp32_max_abs_diff" and not c["passed"] for c in report["checks"])
+    assert json.loads(path.with_name(path.name + ".verify.json").read_text())["passed"] is True
+    export(small["model"], "tflite-fp32", path, verify_data=small["x"], overrides=VERIFY)
+    assert not failed.exists() and not failed.with_name(failed.name + ".verify.json").exists()
+    export(small["model"], "tflite-fp32", path, example_input=small["x"][:1], overrides=["verification.enabled=false"])
+    assert path.is_file() and not path.with_name(path.name + ".verify.json").exists()
 
 
 def test_unknown_target_suggests_close_names(small, tmp_path):
@@ -414,6 +427,186 @@ def test_upsampling_heads_export_and_are_checked_per_pixel(mode, op, target, tmp
     if target.endswith("int8"):
         agreement = next(c for c in art.verification.checks if c.name == "int8_top1_agreement")
         assert f"of {N_VERIFY * 16 * 16} pixels ({N_VERIFY} images)" in agreement.measured
+
+
+class ClampNet(nn.Module):
+    """Clamps users write besides ReLU6: ``torch.clamp(x, -1, 1)``, ``.clamp(0, 3)``, ``clamp(min=...)``,
+    ``clamp(max=...)``, each after a conv-BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = _cbr(3, 8, s=2, act=False), _cbr(8, 8, act=False)
+        self.c, self.d = _cbr(8, 8, act=False), _cbr(8, 16, s=2, act=False)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.clamp(self.a(x), -1.0, 1.0)
+        x = self.b(x).clamp(0.0, 3.0)
+        x = self.c(x).clamp(min=-0.5)
+        return self.fc(self.d(x).clamp(max=2.0).mean((2, 3)))
+
+
+def test_clamps_with_any_bounds_give_the_simulated_int8_file(tmp_path):
+    """Clamps other than ReLU / ReLU6 had an own output range while the converter fused them into the conv
+    (RELU_N1_TO_1, RELU + MINIMUM) or lowered them to MINIMUM / MAXIMUM (same parameters in and out): the
+    file computed something else than the simulation and its tensors missed the quant table."""
+    torch.manual_seed(0)
+    art = export(calibrated_copy(ClampNet()), "tflite-int8", tmp_path / "c.tflite",
+                 calibration_data=[smooth_images(N_CALIB, size=16)],
+                 verify_data=smooth_images(N_VERIFY, size=16, seed=3), overrides=VERIFY)
+    assert art.verification.passed, art.verification.failed
+    assert {"MINIMUM:int8", "MAXIMUM:int8"} <= set(art.census.ops)
+
+
+class PoolHead(nn.Module):
+    """``AdaptiveAvgPool2d((2, 2))`` of a 4×4 map → flatten → linear (a VGG-style head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.pool, self.fc = _cbr(3, 8, s=4), nn.AdaptiveAvgPool2d((2, 2)), nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.body(x)), 1))
+
+
+def test_even_adaptive_pool_is_an_int8_average_pool_with_its_input_range(tmp_path):
+    """The non-global adaptive pool lowers to AVERAGE_POOL_2D (int8: input and output parameters equal);
+    with an own range the file requantized after it (an extra QUANTIZE, 98.9 % agreement on a user model)."""
+    torch.manual_seed(0)
+    art = export(calibrated_copy(PoolHead()), "tflite-int8", tmp_path / "p.tflite",
+                 calibration_data=[smooth_images(N_CALIB, size=16)],
+                 verify_data=smooth_images(N_VERIFY, size=16, seed=3), overrides=VERIFY)
+    assert art.verification.passed, art.verification.failed
+    assert "AVERAGE_POOL_2D:int8" in art.census.ops and not any(k.startswith("QUANTIZE") for k in art.census.ops)
+
+
+class PadNet(nn.Module):
+    def __init__(self, mode: str, pad: tuple[int, ...]):
+        super().__init__()
+        self.mode, self.pad = mode, pad
+        self.a = _cbr(1, 8, s=2)
+        self.b = nn.Sequential(nn.Conv2d(8, 8, 5, 2, 0, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(self.b(nn.functional.pad(self.a(x), self.pad, mode=self.mode)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode, pad", [("constant", (1, 1, 1, 1)), ("constant", (0, 1, 0, 1)),
+                                       ("replicate", (2, 2, 2, 2))])
+@pytest.mark.parametrize("target", ["tflite-fp32", "tflite-int8"])
+def test_pads_lower_without_layout_transposes(mode, pad, target, tmp_path):
+    """A zero pad stayed in NCHW between two TRANSPOSEs, as did a replicate pad wider than 1 (GATHER_NDs):
+    correct files failing the transposes check with no hint. (One-channel input: no input TRANSPOSE.)"""
+    torch.manual_seed(0)
+    art = export(calibrated_copy(PadNet(mode, pad)), target, tmp_path / "p.tflite",
+                 calibration_data=[smooth_images(N_CALIB, c=1, size=16)],
+                 verify_data=smooth_images(N_VERIFY, c=1, size=16, seed=3), overrides=VERIFY)
+    assert art.verification.passed, art.verification.failed
+    assert art.census.transposes == 0 and any(r.startswith("pad at pad_0") for r in art.census.rewrites)
+
+
+class OddPools(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = _cbr(3, 8)
+        self.avg = nn.AvgPool2d(3, 2, padding=1, count_include_pad=False)
+        self.adaptive = nn.AdaptiveAvgPool2d(3)
+        self.fc = nn.Linear(72, 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.adaptive(self.avg(self.conv(x))), 1))
+
+
+@pytest.mark.parametrize("target", ["tflite-fp32", "tflite-int8"])
+def test_pool_forms_without_a_tflite_builtin_are_refused_before_any_work(target, tmp_path, monkeypatch):
+    """AvgPool2d(count_include_pad=False) with padding became STABLEHLO_REDUCE_WINDOW ops, and an adaptive
+    pool with uneven windows SLICE / ADD ops between TRANSPOSEs (float in an int8 file): the float file
+    passed verification, the int8 one failed after the whole job."""
+    import mobilequant.quant
+
+    def no_quantization(*args, **kwargs):
+        raise AssertionError("quantized before the refusal")
+
+    monkeypatch.setattr(mobilequant.quant, "quantize", no_quantization)
+    path = tmp_path / "o.tflite"
+    with pytest.raises(InputError, match=r"2 op\(s\) cannot be exported.*avg \(avg_pool2d with count_include_pad"
+                                         r".*adaptive \(adaptive_avg_pool2d from 8×8 to 3×3"):
+        export(calibrated_copy(OddPools()), target, path, calibration_data=[smooth_images(8, size=16)],
+               example_input=torch.zeros(1, 3, 16, 16))
+    assert not path.exists()
+
+
+def test_onnx_takes_pools_tflite_refuses(tmp_path):
+    torch.manual_seed(0)
+    art = export(calibrated_copy(OddPools()), "onnx-fp32", tmp_path / "o.onnx",
+                 verify_data=smooth_images(N_VERIFY, size=16, seed=3), overrides=VERIFY)
+    assert art.verification.passed and art.census.ops.get("AveragePool") == 1
+
+
+def test_tflite_files_with_stablehlo_ops_fail_verification(tmp_path):
+    """LiteRT runs STABLEHLO_* ops in its reference kernels only (no XNNPACK, GPU or NNAPI delegate), so a
+    file holding them fails ``builtin_ops`` — the check behind the up-front refusal above."""
+    from mobilequant.capture import capture
+    from mobilequant.export.recipes import get_target
+    from mobilequant.export.support import unsupported_forms
+    from mobilequant.export.tflite import lower_to_tflite
+    from mobilequant.export.verify import structure_checks, tflite_census
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.AvgPool2d(3, 2, padding=1, count_include_pad=False)).eval()
+    x = torch.zeros(1, 1, 8, 8)
+    gm = capture(model, x)
+    assert [name for name, _ in unsupported_forms(gm, get_target("tflite-fp32"))] == ["1"]
+    info = read_tflite(lower_to_tflite(gm, x, quantized=False).to_bytes())
+    census = tflite_census(info, False, "NCHW", 1, [])
+    check = {c.name: c for c in structure_checks(census, False)}["builtin_ops"]
+    assert not check.passed and "STABLEHLO_REDUCE_WINDOW" in check.detail
+
+
+class FloatLayers(nn.Module):
+    """Layers with no int8 rule that float targets take: PReLU, ConvTranspose2d, GroupNorm, LayerNorm; and
+    Dropout2d (eval) and log_softmax, which int8 targets take too."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.prelu = nn.Conv2d(1, 8, 3, 2, 1), nn.PReLU(8)
+        self.up, self.gn, self.drop = nn.ConvTranspose2d(8, 8, 2, 2), nn.GroupNorm(2, 8), nn.Dropout2d(0.2)
+        self.down, self.ln, self.fc = nn.Conv2d(8, 16, 3, 2, 1), nn.LayerNorm(16), nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.drop(self.gn(self.up(self.prelu(self.stem(x)))))
+        return nn.functional.log_softmax(self.fc(self.ln(self.down(x).mean((2, 3)))), dim=1)
+
+
+@pytest.mark.parametrize("target", ["tflite-fp32", "tflite-fp16", "onnx-fp32"])
+def test_common_float_layers_export_to_float_targets(target, tmp_path):
+    """Each layer had been refused by every target, fp32 included; GroupNorm lowers without TRANSPOSEs."""
+    torch.manual_seed(0)
+    path = tmp_path / f"f{TARGETS[target].suffix}"
+    art = export(FloatLayers().eval(), target, path, verify_data=smooth_images(N_VERIFY, c=1, size=16, seed=3),
+                 overrides=VERIFY)
+    assert art.verification.passed, art.verification.failed
+    if target.startswith("tflite"):
+        assert art.census.transposes == 0 and "TRANSPOSE_CONV" in art.census.ops and "LOG_SOFTMAX" in art.census.ops
+
+
+def test_int8_refuses_float_layers_unless_the_recipe_allows_float_fallback(tmp_path):
+    """The refusal names each layer, the float targets and the recipe key as ``--set`` takes it (the old
+    hint, ``float_fallback=True``, named no key a recipe had); with the key the layers stay in float inside
+    the int8 file, as the simulation runs them, and the census says so."""
+    torch.manual_seed(0)
+    calib, x = [smooth_images(N_CALIB, c=1, size=16)], smooth_images(N_VERIFY, c=1, size=16, seed=3)
+    with pytest.raises(InputError) as exc:
+        export(FloatLayers().eval(), "tflite-int8", tmp_path / "i.tflite", calibration_data=calib, overrides=VERIFY)
+    msg = str(exc.value)
+    assert "4 op(s)" in msg and all(f"{layer} (aten." in msg for layer in ("prelu", "up", "gn", "ln"))
+    assert "tflite-fp32" in msg and "--set quantization.float_fallback=true" in msg
+    art = export(FloatLayers().eval(), "tflite-int8", tmp_path / "i.tflite", calibration_data=calib, verify_data=x,
+                 overrides=VERIFY + ["quantization.float_fallback=true"])
+    assert art.verification.passed, art.verification.failed
+    census = {c.name: c for c in art.verification.checks}["int8_op_census"]
+    assert "kept in float by quantization.float_fallback" in census.detail
+    assert "LOG_SOFTMAX:int8" in art.census.ops and art.census.transposes == 0
 
 
 def test_a_model_with_several_outputs_is_refused_before_writing(tmp_path):

@@ -4,7 +4,7 @@
 
     resolve recipe → list unsupported ops (all at once, before any work) → [quantize] → rewrite for the
     runtime → lower (litert-torch / torch.onnx dynamo) → name map + metadata → atomic write
-    → verify in the real runtime (raises CheckFailed; the file stays, its report says failed)
+    → verify in the real runtime → write (a file that fails is written as <name>.failed<suffix>; CheckFailed)
 
 Targets (:data:`TARGETS`): ``tflite-int8``, ``tflite-fp16``, ``tflite-fp32``, ``onnx-int8``, ``onnx-fp16``,
 ``onnx-fp32``. Recipes: :func:`load_recipe` (``export_recipes/*.yaml``).
@@ -13,6 +13,7 @@ Targets (:data:`TARGETS`): ``tflite-int8``, ``tflite-fp16``, ``tflite-fp32``, ``
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,11 +23,12 @@ import torch
 import torch.nn as nn
 
 from .. import __version__
-from ..capture import capture, find_unsupported_ops
+from ..capture import capture
 from ..errors import CheckFailed, InputError, UsageError
 from ..fusion import fold_conv_bn
 from .artifact import METADATA_KEY, Artifact, atomic_write, load_artifact, metadata_json
 from .recipes import TARGETS, Recipe, Target, default_recipe, get_target, list_recipes, load_recipe
+from .support import check_exportable, supported_ops
 from .verify import Census, Check, VerificationReport
 
 __all__ = [
@@ -45,19 +47,6 @@ __all__ = [
     "Check",
     "VerificationReport",
 ]
-
-
-def supported_ops(target: str | Target) -> frozenset:
-    """ATen ops the exporter lowers for ``target`` (the zoo's ops; checked on every family by the tests)."""
-    from ..quant.quantizer import OP_RULES
-
-    aten = torch.ops.aten
-    ops = set(OP_RULES)
-    spec = get_target(target) if isinstance(target, str) else target
-    if not spec.quantized:  # float graphs may keep batch norms that could not be folded
-        ops |= {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default,
-                aten.silu.default, aten.silu_.default, aten.gelu.default}
-    return frozenset(ops)
 
 
 def resolve_recipe(recipe=None, target: str | None = None, overrides=()) -> Recipe:
@@ -122,16 +111,11 @@ def _float_graph(model: nn.Module, example: torch.Tensor):
     return gm
 
 
-def _checked_float_graph(model: nn.Module, example: torch.Tensor, spec: Target):
-    """The captured, BN-folded float graph, after listing every op the target cannot take (all at once)."""
+def _checked_float_graph(model: nn.Module, example: torch.Tensor, spec: Target, float_fallback: bool = False):
+    """The captured, BN-folded float graph, after listing every op (and op form) the target cannot take,
+    all at once (:func:`.support.check_exportable`)."""
     gm = _float_graph(model, example)
-    bad = find_unsupported_ops(gm, supported_ops(spec))
-    if bad:
-        listed = ", ".join(f"{name} ({op})" for name, op in bad)
-        floats = sorted({op for _, op in bad} & {str(o) for o in supported_ops(spec.format + "-fp32")})
-        hint = (f"; {', '.join(floats)} export to float targets ({spec.format}-fp16, {spec.format}-fp32)"
-                if spec.quantized and floats else "")
-        raise InputError(f"{len(bad)} op(s) cannot be exported to {spec.name}: {listed}{hint}")
+    check_exportable(gm, spec, float_fallback=float_fallback)
     return gm
 
 
@@ -154,7 +138,9 @@ def export(
       recipe's settings); float targets take either (a ``QuantResult``'s float model is exported).
     * ``verify_data``: images (tensor, ``(images, labels)``, ``ImageData`` or batches) for the checks;
       without it the calibration data, else deterministic synthetic images, are used (no accuracy check).
-    * Returns the :class:`Artifact`; raises :class:`CheckFailed` after writing when a check fails.
+    * Returns the :class:`Artifact`. The file is verified before it is written: when a check fails
+      ``out_path`` is left as it was, the file is written as ``<name>.failed<suffix>`` beside it, and
+      :class:`CheckFailed` is raised (its ``artifact`` is the failed file).
     """
     from ..quant import QuantResult, quantize
 
@@ -189,8 +175,13 @@ def export(
     name = model_name or getattr(model, "model_name", None) or type(model).__name__
     torch.manual_seed(seed)
 
-    # Every unsupported op, before anything is written. A QuantResult was checked by its quantizer.
-    float_graph = None if (spec.quantized and qr is not None) else _checked_float_graph(model, example, spec)
+    # Every unsupported op, before anything is written. A QuantResult's ops were checked by its quantizer,
+    # not the forms only its TFLite lowering lacks.
+    if spec.quantized and qr is not None:
+        float_graph = None
+        check_exportable(qr.export_graph, spec, ops=False)
+    else:
+        float_graph = _checked_float_graph(model, example, spec, recipe.quantization.float_fallback)
 
     if spec.quantized and qr is None:
         if calibration_data is None:
@@ -216,24 +207,43 @@ def export(
         data, graph, info_extra = _to_tflite(spec, recipe, qr, float_graph, example, metadata)
     else:
         data, graph, info_extra = _to_onnx(spec, qr, float_graph, example, metadata)
-    atomic_write(out_path, data)
     artifact = Artifact(path=out_path, target=spec.name, metadata=json.loads(metadata_json(metadata)),
                         name_map=dict(metadata["name_map"]), census=info_extra["census"],
                         rewrites=list(metadata.get("rewrites", [])))
+    # Verified from the bytes before anything is written: the output path only ever receives a file that
+    # passed (a release pipeline keeps its last good file when a new export fails, and an interrupted
+    # verification leaves nothing behind). A failed file goes beside it as <name>.failed<suffix>.
+    failed_path = out_path.with_name(f"{out_path.stem}.failed{out_path.suffix}")
     if recipe.verification.enabled:
         artifact.verification = _verify(artifact, data, spec, recipe, qr, model, graph, example,
                                         verify_data if verify_data is not None else calibration_data,
                                         info_extra, seed)
-        report = {"artifact": str(out_path), **artifact.verification.to_dict(),
-                  "census": artifact.census.to_dict()}
-        atomic_write(out_path.with_name(out_path.name + ".verify.json"),
-                     (json.dumps(report, indent=1, sort_keys=True) + "\n").encode())
-        if not artifact.verification.passed:
-            first = artifact.verification.failed[0]
-            err = CheckFailed(f"{out_path}: {first} — the file is kept; see {out_path.name}.verify.json")
-            err.artifact = artifact
-            raise err
+    passed = artifact.verification is None or artifact.verification.passed
+    if not passed:
+        artifact.path = failed_path
+    atomic_write(artifact.path, data)
+    sidecar = _sidecar(artifact.path)
+    if artifact.verification is not None:
+        report = {"artifact": str(artifact.path), "artifact_sha256": hashlib.sha256(data).hexdigest(),
+                  **artifact.verification.to_dict(), "census": artifact.census.to_dict()}
+        atomic_write(sidecar, (json.dumps(report, indent=1, sort_keys=True) + "\n").encode())
+    else:  # a report left by an earlier export would describe another file
+        sidecar.unlink(missing_ok=True)
+    if passed:  # an earlier export's failed file is not this one's
+        failed_path.unlink(missing_ok=True)
+        _sidecar(failed_path).unlink(missing_ok=True)
+    else:
+        first = artifact.verification.failed[0]
+        err = CheckFailed(f"{out_path}: {first} — not written there; the failed file is {failed_path.name} "
+                          f"(report {sidecar.name})")
+        err.artifact = artifact
+        raise err
     return artifact
+
+
+def _sidecar(path: Path) -> Path:
+    """The verification report written beside an artifact."""
+    return path.with_name(path.name + ".verify.json")
 
 
 def _to_tflite(spec, recipe, qr, float_graph, example, metadata):
@@ -365,7 +375,8 @@ def _verify(artifact, data, spec, recipe, qr, model, graph, example, verify_data
     xs = x.numpy()
     out = run_tflite_bytes(data, xs, recipe.io.layout) if spec.format == "tflite" else run_onnx_model(data, xs)
     report.checks += numeric_checks(spec.precision, out, ref, None if labels is None else labels.numpy(), settings)
-    report.checks += structure_checks(artifact.census, spec.quantized)
+    report.checks += structure_checks(artifact.census, spec.quantized,
+                                      float_fallback=spec.quantized and qr.config.float_fallback)
     if spec.quantized:
         if spec.format == "tflite":
             report.checks.append(tflite_param_check(extra["info"], extra["tensor_layer"], qr.table,

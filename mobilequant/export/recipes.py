@@ -92,6 +92,7 @@ class QuantizationSettings:
     adaround_iterations: int = 1000  # AdaRound optimisation steps per layer
     num_calibration: int = 512  # calibration images used at most
     percentile: float = 99.99  # for calibration: percentile
+    float_fallback: bool = False  # ops with no int8 rule run in float inside the int8 file (else refused)
 
     def to_quant_config(self):
         from ..quant import QuantConfig
@@ -100,7 +101,7 @@ class QuantizationSettings:
             per_channel=self.per_channel, calibration=self.calibration, relu6=self.relu6, cle=self.cle,
             bias_correction=self.bias_correction, adaround=self.adaround, range_search=self.range_search,
             adaround_iterations=self.adaround_iterations, num_calibration=self.num_calibration,
-            percentile=self.percentile,
+            percentile=self.percentile, float_fallback=self.float_fallback,
         )
 
 
@@ -116,7 +117,7 @@ class IOSettings:
 class VerificationSettings:
     """Checks run after every export (see :mod:`mobilequant.export.verify`)."""
 
-    enabled: bool = True  # run the checks (the artifact is written either way)
+    enabled: bool = True  # run the checks before writing (a file that fails is written as <name>.failed<suffix>)
     num_images: int = 512  # images compared in the runtime against the torch reference
     fp32_max_abs_diff: float = 1e-4  # fp32: max |file − torch| ≤ this × max |torch|
     fp16_top1_agreement: float = 0.999  # fp16: top-1 agreement with the float model

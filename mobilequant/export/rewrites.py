@@ -26,6 +26,18 @@ float graph), changes no value the torch simulation computes, and is reported as
   permutes cancel against the layout transposes. In a quantized graph the permuted input keeps the
   input's parameters and the permuted output the clamp's (MINIMUM / MAXIMUM and TRANSPOSE keep their
   input's parameters in TFLite).
+* ``pad``: a constant (zero) pad of an N×C×H×W tensor (``F.pad(x, (l, r, t, b))``, ``nn.ZeroPad2d``) has
+  no NHWC form in litert-torch's layout pass and stays in NCHW between two TRANSPOSEs; written as
+  ``permute(0,2,3,1) → pad (0, 0, l, r, t, b) → permute(0,3,1,2)`` the permutes cancel against the layout
+  transposes. A replicate pad wider than 1 (litert-torch lowers only widths ≤ 1 to TFLite's MIRROR_PAD,
+  wider ones to GATHER_NDs in NCHW between TRANSPOSEs) becomes replicate pads of width 1 in a row: each
+  repeats the current edge once, so ``k`` of them repeat the original edge ``k`` times, as one pad of
+  width ``k`` does. In a quantized graph every new tensor keeps the pad's (shared) parameters.
+* ``group_norm`` (float; in an int8 file only under ``float_fallback``): litert-torch computes
+  ``nn.GroupNorm`` in NCHW between two TRANSPOSEs. Written on the channels-last tensor —
+  ``permute(0,2,3,1) → reshape(N, H·W, G, C/G)``, mean and (biased) variance over dims 1 and 3, normalise,
+  ``reshape(N, H, W, C)``, per-channel scale and shift on the last dim, ``permute(0,3,1,2)`` — it is the
+  same arithmetic in NHWC order.
 """
 
 from __future__ import annotations
@@ -48,12 +60,14 @@ _Q = (_qd.quantize_per_tensor.default,)
 _DQ = (_qd.dequantize_per_tensor.default,)
 _RESHAPES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
 _IDENTITIES = (aten.dropout.default, aten.clone.default, aten.alias.default, aten.contiguous.default)
+_PADS = (aten.pad.default, aten.constant_pad_nd.default)
 _META_KEYS = ("nn_module_stack", "stack_trace", "mq_name", "source_fn_stack", "from_node")
 
 
 @dataclass(frozen=True)
 class Rewrite:
-    kind: str  # "hardsigmoid" | "channel_shuffle" | "flatten_linear" | "channel_clamp" | "spatial_mean"
+    kind: str  # "hardsigmoid" | "channel_shuffle" | "flatten_linear" | "channel_clamp" | "spatial_mean" | "pad"
+    #           | "group_norm"
     layer: str
     detail: str
 
@@ -70,6 +84,8 @@ def rewrite_for_tflite(gm: GraphModule, quantized: bool) -> list[Rewrite]:
     done += _rewrite_flatten_linear(gm, quantized)
     done += _rewrite_channel_clamp(gm, quantized)
     done += _rewrite_spatial_mean(gm, quantized)
+    done += _rewrite_pad(gm, quantized)
+    done += _rewrite_group_norm(gm)
     if done:
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
@@ -404,4 +420,114 @@ def _rewrite_spatial_mean(gm: GraphModule, quantized: bool) -> list[Rewrite]:
             u.replace_input_with(out, result)
         done.append(Rewrite("spatial_mean", name, f"mean over H, W of {'the channels-last tensor' if y is not None else 'x'}"
                                                   " kept 4-D, then reshaped (no TRANSPOSE)"))
+    return done
+
+
+# ------------------------------------------------------------------------------------------------ pad
+def _pad_form(node: Node) -> tuple[str, list[int], float] | None:
+    """``(mode, [l, r(, t, b)], value)`` of a pad over the last one or two dims of a 4-D tensor, else None."""
+    if node.target == aten.constant_pad_nd.default:
+        mode, value = "constant", node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0.0)
+    else:
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
+    pads = node.args[1]
+    shape = _shape(node.args[0])
+    if shape is None or len(shape) != 4 or len(pads) not in (2, 4) or not all(isinstance(v, int) for v in pads):
+        return None
+    return str(mode), [int(v) for v in pads], float(value or 0.0)
+
+
+def _rewrite_pad(gm: GraphModule, quantized: bool) -> list[Rewrite]:
+    done = []
+    for pad in list(gm.graph.nodes):
+        if pad.op != "call_function" or pad.target not in _PADS:
+            continue
+        form = _pad_form(pad)
+        if form is None:
+            continue
+        mode, pads, value = form
+        x = pad.args[0]
+        x_q = tuple(x.args[1:]) if quantized and x.target in _DQ else None
+        out, out_q = _through_qdq(pad)
+        if quantized and (x_q is None or out_q is None):
+            continue
+        name = layer_name(pad) if "mq_name" in pad.meta else pad.name
+
+        def op(target, *args) -> Node:
+            node = gm.graph.call_function(target, args)
+            _copy_meta(node, pad)
+            return node
+
+        def wrap(node: Node, qargs) -> Node:
+            return _qdq(gm, node, *qargs, like=pad) if quantized else node
+
+        if mode == "constant":
+            l, r, t, b = (*pads, 0, 0) if len(pads) == 2 else pads
+            with gm.graph.inserting_before(pad):
+                p1 = op(aten.permute.default, x, [0, 2, 3, 1])
+                padded = op(aten.constant_pad_nd.default, wrap(p1, x_q), [0, 0, l, r, t, b], value)
+                p2 = op(aten.permute.default, wrap(padded, out_q), [0, 3, 1, 2])
+                result = wrap(p2, out_q)
+            for n in (p1, p2):  # layout-only tensors: the layer's output is the pad's
+                n.meta[INTERNAL_KEY] = True
+            detail = "constant pad computed in NHWC (no TRANSPOSE)"
+        elif mode == "replicate" and max(pads) > 1 and min(pads) >= 0:
+            left, steps = list(pads), []
+            with gm.graph.inserting_before(pad):
+                result = x
+                while any(left):
+                    step = [min(v, 1) for v in left]
+                    left = [v - s for v, s in zip(left, step)]
+                    steps.append(op(aten.pad.default, result, step, "replicate"))
+                    result = wrap(steps[-1], out_q)
+            for n in steps[:-1]:  # the last one is the layer's output
+                n.meta[INTERNAL_KEY] = True
+            detail = f"replicate pad of width {max(pads)} as {len(steps)} pads of width 1 (MIRROR_PAD, no TRANSPOSE)"
+        else:
+            continue
+        out.replace_all_uses_with(result)
+        done.append(Rewrite("pad", name, detail))
+    return done
+
+
+# ----------------------------------------------------------------------------------------- group norm
+def _rewrite_group_norm(gm: GraphModule) -> list[Rewrite]:
+    done = []
+    for gn in list(gm.graph.nodes):
+        if gn.op != "call_function" or gn.target != aten.group_norm.default:
+            continue
+        x, groups = gn.args[0], int(gn.args[1])
+        weight = gn.args[2] if len(gn.args) > 2 else gn.kwargs.get("weight")
+        bias = gn.args[3] if len(gn.args) > 3 else gn.kwargs.get("bias")
+        eps = float(gn.args[4] if len(gn.args) > 4 else gn.kwargs.get("eps", 1e-5))
+        shape = _shape(x)
+        if shape is None or len(shape) != 4 or min(shape[1:]) < 1:
+            continue
+        _, c, h, w = shape
+        made = []
+
+        def op(target, *args) -> Node:
+            made.append(gm.graph.call_function(target, args))
+            _copy_meta(made[-1], gn)
+            return made[-1]
+
+        with gm.graph.inserting_before(gn):
+            t = op(aten.reshape.default, op(aten.permute.default, x, [0, 2, 3, 1]), [-1, h * w, groups, c // groups])
+            centred = op(aten.sub.Tensor, t, op(aten.mean.dim, t, [1, 3], True))
+            var = op(aten.mean.dim, op(aten.mul.Tensor, centred, centred), [1, 3], True)
+            y = op(aten.mul.Tensor, centred, op(aten.rsqrt.default, op(aten.add.Tensor, var, eps)))
+            y = op(aten.reshape.default, y, [-1, h, w, c])
+            if isinstance(weight, Node):  # [C]: broadcasts over the channels-last dim
+                y = op(aten.mul.Tensor, y, weight)
+            if isinstance(bias, Node):
+                y = op(aten.add.Tensor, y, bias)
+            result = op(aten.permute.default, y, [0, 3, 1, 2])
+        for n in made:  # the layer's output is the last value before the layout permute
+            if n is not y:
+                n.meta[INTERNAL_KEY] = True
+        gn.replace_all_uses_with(result)
+        gm.graph.erase_node(gn)
+        done.append(Rewrite("group_norm", layer_name(gn) if "mq_name" in gn.meta else gn.name,
+                            f"{groups} groups computed on the channels-last tensor (no TRANSPOSE)"))
     return done

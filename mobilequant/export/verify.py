@@ -13,10 +13,13 @@ check                       passes when
 ``int8_params``             every quantized tensor in the file has the scales (rel ≤ ``scale_rtol``) and
                             zero points of its ``QuantTable`` entry
 ``int8_op_census``          TFLite: no float compute op (only QUANTIZE at the input / DEQUANTIZE at the
-                            output of a float-I/O file); ONNX: no Conv / Gemm / MatMul left in float once
-                            ONNX Runtime has fused the file's QDQ groups into integer kernels
+                            output of a float-I/O file; a recipe with ``quantization.float_fallback``
+                            allows them, and the check lists them); ONNX: no Conv / Gemm / MatMul left in
+                            float once ONNX Runtime has fused the file's QDQ groups into integer kernels
 ``transposes``              TFLite: no TRANSPOSE but one per channel shuffle, one at an NCHW input and one at
-                            a 4-D (dense) output
+                            a 4-D (dense) output; a failure names the ops each extra TRANSPOSE sits between
+``builtin_ops``             TFLite: no ``STABLEHLO_*`` or custom op — LiteRT runs those in reference kernels
+                            only; XNNPACK, GPU and NNAPI delegates (most phones) cannot
 ==========================  ============================================================================
 
 A failed check makes :func:`mobilequant.export.export` raise :class:`~mobilequant.errors.CheckFailed`
@@ -71,6 +74,8 @@ class Census:
     float_compute_ops: list[str] = field(default_factory=list)
     transposes: int = 0
     allowed_transposes: int = 0
+    transpose_sites: list[str] = field(default_factory=list)  # "PRODUCER → TRANSPOSE → CONSUMER (tensor)"
+    nonbuiltin_ops: list[str] = field(default_factory=list)  # STABLEHLO_* / CUSTOM:* op names, with counts
     rewrites: list[str] = field(default_factory=list)
     input: dict = field(default_factory=dict)
     output: dict = field(default_factory=dict)
@@ -124,6 +129,18 @@ def tflite_census(info, quantized: bool, layout: str, in_channels: int, rewrites
             if not io_boundary:
                 out = info.tensors[op.outputs[0]].name if op.outputs else ""
                 float_ops.append(f"{op.name} ({out[:120]})")
+    producer = {t: op for op in info.ops for t in op.outputs}
+    readers = collections.defaultdict(list)
+    for op in info.ops:
+        for t in op.inputs:
+            readers[t].append(op)
+    sites = []
+    for op in info.ops:
+        if op.name == "TRANSPOSE" and op.inputs and op.outputs:
+            before = producer[op.inputs[0]].name if op.inputs[0] in producer else "input"
+            after = "/".join(sorted({r.name for r in readers[op.outputs[0]]})) or "output"
+            sites.append(f"{before} → TRANSPOSE → {after} ({info.tensors[op.outputs[0]].name[:60]})")
+    odd = collections.Counter(op.name for op in info.ops if op.name.startswith(("STABLEHLO_", "CUSTOM", "OP_")))
     shuffles = sum(1 for r in rewrites if r.kind == "channel_shuffle")
     t_in, t_out = info.tensors[info.inputs[0]], info.tensors[info.outputs[0]]
     # one TRANSPOSE at an NCHW input, and one back to NCHW at a 4-D output (a dense head: segmentation)
@@ -131,6 +148,7 @@ def tflite_census(info, quantized: bool, layout: str, in_channels: int, rewrites
     return Census(
         format="tflite", ops=dict(sorted(ops.items())), float_compute_ops=float_ops,
         transposes=sum(1 for op in info.ops if op.name == "TRANSPOSE"), allowed_transposes=allowed,
+        transpose_sites=sites, nonbuiltin_ops=[f"{k}×{v}" for k, v in sorted(odd.items())],
         rewrites=[str(r) for r in rewrites],
         input={"name": t_in.name, "dtype": t_in.dtype, "shape": list(t_in.shape),
                "scale": list(t_in.scales), "zero_point": list(t_in.zero_points)},
@@ -157,17 +175,28 @@ def onnx_census(model) -> Census:
                   output={**describe(out), "initializers": dict(sorted(init_types.items()))})
 
 
-def structure_checks(census: Census, quantized: bool) -> list[Check]:
+def structure_checks(census: Census, quantized: bool, float_fallback: bool = False) -> list[Check]:
+    """TFLite file structure: int8 body (``float_fallback``: float ops allowed, listed), layout TRANSPOSEs,
+    builtin ops only."""
     checks = []
     if census.format != "tflite":
         return checks
     if quantized:
         n = len(census.float_compute_ops)
-        checks.append(Check("int8_op_census", n == 0, f"{n} float compute op(s)", "0",
-                            "; ".join(census.float_compute_ops[:5])))
-    checks.append(Check("transposes", census.transposes <= census.allowed_transposes,
-                        f"{census.transposes} TRANSPOSE op(s)", f"≤ {census.allowed_transposes}",
-                        "one per channel shuffle and one at an NCHW input"))
+        listed = "; ".join(census.float_compute_ops[:5])
+        checks.append(Check("int8_op_census", n == 0 or float_fallback, f"{n} float compute op(s)",
+                            "any (quantization.float_fallback)" if float_fallback else "0",
+                            f"kept in float by quantization.float_fallback: {listed}" if n and float_fallback
+                            else listed))
+    ok = census.transposes <= census.allowed_transposes
+    checks.append(Check("transposes", ok, f"{census.transposes} TRANSPOSE op(s)", f"≤ {census.allowed_transposes}",
+                        "one per channel shuffle and one at an NCHW input" if ok else
+                        "layout TRANSPOSEs where the converter kept an op in NCHW: "
+                        + "; ".join(census.transpose_sites[:4])))
+    checks.append(Check("builtin_ops", not census.nonbuiltin_ops,
+                        f"{len(census.nonbuiltin_ops)} non-builtin op type(s)", "0",
+                        f"{', '.join(census.nonbuiltin_ops)}: LiteRT's reference kernels only, no XNNPACK / GPU / "
+                        "NNAPI delegate runs them" if census.nonbuiltin_ops else "TFLite builtin ops only"))
     return checks
 
 

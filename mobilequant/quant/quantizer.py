@@ -10,21 +10,26 @@ weights             int8 symmetric, zero point 0, range −127..127, per output 
 activations         int8 asymmetric per tensor, −128..127
 bias                int32, zero point 0, scale = input scale × weight scale (``DerivedQuantizationSpec``)
 conv / linear       input, weight and bias annotated; the output is quantized after the fused
-                    ReLU / ReLU6 when one follows (one fused int8 op), else on the conv output itself
+                    ReLU / ReLU6 / clamp when one follows (one fused int8 op), else on the conv output itself
                     (linear bottleneck: calibrated asymmetric range); before a per-channel
                     ``clamp.Tensor`` (CLE's exact ReLU6) the conv output and the clamp share one range,
                     observed after the clamp (MINIMUM/MAXIMUM keep their input's parameters)
 ReLU6 outputs       zero point exactly −128 (0.0 exact); max = min(6, calibrated) or exactly 6
-add / mul / sub     both inputs and the output quantized; ADD + ReLU/ReLU6 fused like conv
+add / mul / sub     both inputs and the output quantized; ADD + ReLU/ReLU6/clamp fused like conv
+clamps              ReLU, ReLU6, ``hardtanh`` / ``clamp`` with number bounds: after a conv / linear / add /
+                    mul / sub, fused into it (the converter makes the clamp the op's fused activation, or
+                    MINIMUM / MAXIMUM on its output, which keep the parameters); alone, ReLU and ReLU6
+                    take their own range, other bounds their input's (MINIMUM / MAXIMUM: in = out)
 shared parameters   concat, max/avg pool, reshape/view/transpose/permute (channel shuffle), pad,
                     flatten, dropout/clone, slice/chunk/split, squeeze/unsqueeze: output = input
 fixed parameters    sigmoid / hardsigmoid / softmax: scale 1/256, zero point −128; tanh: 1/128, 0
-own parameters      hardswish, mean, adaptive_avg_pool2d, standalone relu / relu6 / hardtanh
+own parameters      hardswish, mean, global adaptive_avg_pool2d (MEAN; capture spells the other
+                    adaptive pools it can as avg_pool2d), leaky_relu
 ==================  ===============================================================================
 
 Each rule is one annotator parameterised by the op (:data:`OP_RULES` is the dispatch table); ops not in
 the table are reported by :meth:`MobileQuantizer.validate` (or left in float with
-``QuantConfig(float_fallback=True)``).
+``QuantConfig(float_fallback=True)``: a recipe's ``quantization.float_fallback``).
 
 Observers come from :mod:`mobilequant.quant.observers` (``make_activation_observer`` /
 ``make_weight_observer``): the calibration method is ``QuantConfig.calibration``.
@@ -65,7 +70,7 @@ from torchao.quantization.pt2e.quantizer import (
 
 from ..capture import find_unsupported_ops, is_structural, layer_name
 from ..errors import InputError, UsageError
-from ..fusion import BN_OPS, CONV_OPS, activation_kind
+from ..fusion import BN_OPS, CONV_OPS, activation_kind, clamp_bounds
 from . import observers
 from .config import QuantConfig
 
@@ -99,6 +104,7 @@ class Rule(enum.Enum):
     SPLIT = "split"  # multi-output data movement: each getitem output shares the input's parameters
     FIXED = "fixed"  # output has fixed parameters (FIXED_QPARAMS)
     OWN = "own"  # input + own calibrated output
+    CLAMP = "clamp"  # relu / relu6 / hardtanh / clamp: fused into its producer, else own (relu, relu6) or shared
 
 
 OP_RULES: dict[torch._ops.OpOverload, Rule] = {
@@ -151,6 +157,8 @@ OP_RULES: dict[torch._ops.OpOverload, Rule] = {
             aten.softmax.int,
             aten._softmax.default,
             aten.tanh.default,
+            aten.log_softmax.int,
+            aten._log_softmax.default,
         )
     },
     **{
@@ -160,14 +168,14 @@ OP_RULES: dict[torch._ops.OpOverload, Rule] = {
             aten.hardswish_.default,
             aten.mean.dim,
             aten.adaptive_avg_pool2d.default,
-            aten.relu.default,
-            aten.relu_.default,
-            aten.hardtanh.default,
-            aten.hardtanh_.default,
-            aten.clamp.default,
             aten.leaky_relu.default,
             aten.leaky_relu_.default,
         )
+    },
+    **{
+        op: Rule.CLAMP
+        for op in (aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default,
+                   aten.clamp.default, aten.clamp_.default)
     },
 }
 
@@ -177,6 +185,7 @@ FIXED_QPARAMS: dict[str, tuple[float, int]] = {
     "sigmoid": (1.0 / 256.0, -128),
     "softmax": (1.0 / 256.0, -128),
     "tanh": (1.0 / 128.0, 0),
+    "log_softmax": (16.0 / 256.0, 127),  # TFLite LOG_SOFTMAX: outputs in [-16, 0)
 }
 
 
@@ -315,6 +324,7 @@ class MobileQuantizer(Quantizer):
             Rule.SPLIT: self._annotate_split,
             Rule.FIXED: self._annotate_fixed,
             Rule.OWN: self._annotate_own,
+            Rule.CLAMP: self._annotate_clamp,
         }
 
     # litert_torch's QuantConfig(pt2e_quantizer=...) reads ``global_config.is_dynamic`` (set in __init__).
@@ -352,8 +362,10 @@ class MobileQuantizer(Quantizer):
             listed = ", ".join(f"{name} ({op})" for name, op in bad[:5])
             more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
             raise InputError(
-                f"{len(bad)} op(s) have no TFLite int8 kernel rule: {listed}{more}; "
-                "use float_fallback=True to keep them in float"
+                f"{len(bad)} op(s) have no TFLite int8 kernel rule: {listed}{more}; export to a float target "
+                "(tflite-fp32, tflite-fp16, onnx-fp32, onnx-fp16), or keep them in float inside the int8 model: "
+                "--set quantization.float_fallback=true (recipe key quantization.float_fallback, "
+                "QuantConfig(float_fallback=True))"
             )
 
     # ------------------------------------------------------------------------------------- helpers
@@ -378,13 +390,17 @@ class MobileQuantizer(Quantizer):
         )
 
     def _output_or_fused_activation(self, node: Node) -> QuantizationSpecBase | None:
-        """Annotate a fusible ReLU / ReLU6 after ``node`` and return None, or return ``node``'s spec."""
+        """Annotate a fusible ReLU / ReLU6 / clamp after ``node`` and return None, or return ``node``'s spec.
+
+        Any clamp with number bounds fuses: with no quantize between the two ops the converter makes it the
+        op's fused activation (RELU, RELU_N1_TO_1, RELU6) or MINIMUM / MAXIMUM on the op's output, which
+        keep its parameters — either way one output tensor, quantized after the clamp, as simulated. (With
+        a range of their own on both, the converter fused them anyway: the file missed the conv's range.)"""
         users = list(node.users)
         if len(users) == 1 and not _is_annotated(users[0]) and users[0].args[0] is node:
             act = users[0]
-            kind = activation_kind(act)
-            if kind is not None:
-                _annotate(act, {}, self.relu6_spec if kind == "relu6" else self.act_spec)
+            if clamp_bounds(act) is not None:
+                _annotate(act, {}, self.relu6_spec if activation_kind(act) == "relu6" else self.act_spec)
                 act.meta[FUSED_INTO] = layer_name(node)
                 return None
             bounds = self._clamp_bounds(act)
@@ -476,8 +492,19 @@ class MobileQuantizer(Quantizer):
 
     def _annotate_own(self, node: Node) -> None:
         x = node.args[0]
-        spec = self.relu6_spec if activation_kind(node) == "relu6" else self.act_spec
-        _annotate(node, {x: self._input_spec(x)}, spec)
+        _annotate(node, {x: self._input_spec(x)}, self.act_spec)
+
+    def _annotate_clamp(self, node: Node) -> None:
+        """A clamp no conv / linear / add took as its fused activation: ReLU and ReLU6 get their own range
+        (RELU / RELU6 requantize), any other bounds their input's — they lower to MINIMUM / MAXIMUM, whose
+        int8 form needs the same parameters in and out (an own range there was a file computing something
+        else than the simulation)."""
+        kind = activation_kind(node)
+        if kind is None:
+            self._annotate_shared(node)
+            return
+        x = node.args[0]
+        _annotate(node, {x: self._input_spec(x)}, self.relu6_spec if kind == "relu6" else self.act_spec)
 
     def _unmix_relu6(self, tensors: list[Node]) -> None:
         """A concat shares one range across its inputs: a ReLU6 range there only holds if all are ReLU6.
