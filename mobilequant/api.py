@@ -524,6 +524,18 @@ class AuditSummary:
         return "\n".join([self.report.summary(), *extra])
 
 
+def _artifact_model_name(artifact: str) -> str:
+    """The zoo model an artifact's metadata names (for ``--weights`` given without ``--model``)."""
+    from .audit.artifact import artifact_provenance, open_artifact
+    from .models import list_models
+
+    name = artifact_provenance(open_artifact(artifact)).get("model_name")
+    if name not in list_models():
+        made = f"was exported from {name!r}, not a zoo model" if name else "names no model"
+        raise UsageError(f"--weights without --model: the artifact {made}; give --model (e.g. file.py:factory)")
+    return name
+
+
 def audit(artifact: str, model: str | None = None, weights: str | None = None, data: str = "builtin",
           num_images: int | None = 1000, max_drop: float | None = 0.5, min_sqnr: float | None = None,
           fail_on_dead_kernels: bool = False, report: str | None = None, html: str | None = None,
@@ -534,6 +546,8 @@ def audit(artifact: str, model: str | None = None, weights: str | None = None, d
     for out in (report, html):  # before the audit runs: a path that cannot take the report fails now
         if out and Path(out).is_dir():
             raise InputError(f"cannot write {out}: it is a directory (give a file name)")
+    if model is None and weights is not None:  # --weights for the zoo model the artifact names
+        model = _artifact_model_name(artifact)
     net = resolve_model(model, weights) if (model is not None or weights is not None) else None
     rep = run_audit(artifact, data, model=net, max_drop=max_drop, min_sqnr=min_sqnr,
                     fail_on_dead_kernels=fail_on_dead_kernels, images=num_images, progress=progress)

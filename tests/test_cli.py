@@ -427,6 +427,23 @@ def test_qat_of_a_user_model_from_the_command_line(files, tmp_path, capsys, monk
     assert "fake-quant accuracy 89.55 %" in QATSummary("m", None, None, 10, 0.8955, None).summary()
 
 
+def test_audit_weights_go_into_the_zoo_model_the_artifact_names(files, tmp_path, capsys):
+    """`audit FILE --weights W` loaded W into the default model, whatever the file was exported from:
+    the zoo model the artifact names takes them; a user model's file needs --model."""
+    from mobilequant.api import _artifact_model_name
+
+    out = tmp_path / "s.onnx"
+    assert main(["export", "--target", "onnx-fp32", "--model", "shufflenetv2_x0_5", "-o", str(out),
+                 "--num-eval", "16", "-q"]) == 0
+    assert _artifact_model_name(str(out)) == "shufflenetv2_x0_5"
+    user = tmp_path / "u.onnx"
+    assert main(["export", "--target", "onnx-fp32", *_tiny(files), "--eval-data", str(files / "good.npy"),
+                 "-o", str(user), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["audit", str(user), "--weights", str(files / "partial.pt")]) == 2
+    assert "exported from 'build', not a zoo model; give --model" in capsys.readouterr().err
+
+
 def test_export_fp32_then_bench_and_audit_exit_codes(files, tmp_path, capsys):
     """A real export through the CLI, its file benchmarked, and the audit gate's exit code both ways."""
     out = tmp_path / "tiny.tflite"

@@ -164,7 +164,8 @@ class Recipe:
         if self.io.layout == "NHWC" and target.format != "tflite":
             raise UsageError(f"recipe io.layout: NHWC input is only supported for TFLite targets, not {target.name}")
         if not target.quantized and self.quantization != QuantizationSettings():
-            raise UsageError(f"recipe quantization: {target.name} is not quantized; remove the quantization section")
+            raise UsageError(f"recipe quantization: {target.name} is not quantized and takes no quantization "
+                             "options (a recipe's quantization section, --set quantization.*)")
         v = self.verification
         for key in ("fp16_top1_agreement", "int8_top1_agreement"):
             if not 0.0 <= getattr(v, key) <= 1.0:
