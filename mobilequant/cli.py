@@ -165,7 +165,9 @@ def _model_args(p: argparse.ArgumentParser, data_help: str,
                 model_default: str = "the built-in MobileNetV2 0.5 trained on Fashion-MNIST") -> None:
     p.add_argument("--model", default=None,
                    help=f"zoo name, 'pkg.module:factory' or 'path/file.py:factory' (default: {model_default})")
-    p.add_argument("--weights", default=None, help="checkpoint (state_dict) to load, read with weights_only=True")
+    p.add_argument("--weights", default=None,
+                   help="checkpoint (state_dict) to load, read with weights_only=True; a zoo --model takes the "
+                        "class count and input channels the checkpoint was trained with")
     p.add_argument("--data", default="builtin", help=data_help + " (rules: docs/data.md)")
 
 

@@ -193,6 +193,21 @@ def test_missing_and_unexpected_keys(tmp_path):
     assert torch.equal(target.classifier[1].weight, model.classifier[1].weight)
 
 
+@pytest.mark.parametrize("name", ["mobilenetv1_025", "squeezenet1_1"])  # a linear / a 1×1 conv classifier
+def test_a_zoo_name_takes_the_classes_and_channels_of_its_checkpoint(tmp_path, name):
+    """`--model mobilenetv1_025 --weights mine.pt` of a model fine-tuned on 7 grey classes had failed on
+    the shapes of the ImageNet configuration (1000 classes, 3 channels)."""
+    torch.manual_seed(0)
+    trained = create_model(name, num_classes=7, in_chans=1)
+    torch.save(trained.state_dict(), tmp_path / "mine.pt")
+    loaded = load_model(name, checkpoint=tmp_path / "mine.pt")
+    assert loaded.preprocess.input_size[0] == 1
+    x = torch.randn(2, 1, 64, 64)
+    torch.testing.assert_close(loaded.eval()(x), trained.eval()(x))
+    with pytest.raises(InputError, match="shape mismatches"):  # classes given: the checkpoint must fit them
+        load_model(name, checkpoint=tmp_path / "mine.pt", num_classes=1000)
+
+
 def test_weights_beside_other_keys_are_pointed_at(tmp_path):
     """A checkpoint holding the model under a prefix beside other modules (a loss, a teacher) is refused,
     and the message says where the model's keys are."""
