@@ -641,6 +641,42 @@ def test_fp16_flips_on_near_ties_are_not_counted():
     assert not numeric_checks("fp16", out, ref, None, VerificationSettings())[0].passed
 
 
+def test_int8_agreement_is_judged_against_the_simulations_own_rounding_noise(small):
+    """On torchvision's ImageNet MobileNetV2 the simulation agrees with itself on ~75 % of photos once
+    float-level noise is added, and faithful files (every layer within one step of the simulation) on
+    73-84 %: the fixed 99.5 % failed every export of it. The threshold drops to the simulation's own
+    agreement less its noise — never below what the simulation itself shows, so a file that disagrees
+    where the simulation does not still fails (EffNet's TFLite file: 84 % against a noise-free 100 %)."""
+    from mobilequant.export.recipes import VerificationSettings
+    from mobilequant.export.verify import SIM_NOISE, numeric_checks, perturbed_simulation
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((400, 10)).astype(np.float32)
+    noisy_ref, out = ref.copy(), ref.copy()
+    swap = lambda a, rows: a[rows][:, ::-1]  # noqa: E731 - reverses the scores: another top-1
+    noisy_ref[:100] = swap(noisy_ref, slice(0, 100))  # the simulation itself moves on 25 % of the images
+    out[50:140] = swap(out, slice(50, 140))  # the file on 22.5 %
+    (check,) = numeric_checks("int8", out, ref, None, VerificationSettings(), self_ref=noisy_ref)
+    assert check.passed and "agrees with itself under float-rounding noise on 75.00 %" in check.detail
+    (strict,) = numeric_checks("int8", out, ref, None, VerificationSettings(), self_ref=ref)
+    assert not strict.passed and strict.threshold == "≥ 99.50 %"  # no noise in the simulation: 99.5 %
+    out[140:260] = swap(out, slice(140, 260))  # 52.5 %: far beyond the simulation's own noise
+    assert not numeric_checks("int8", out, ref, None, VerificationSettings(), self_ref=noisy_ref)[0].passed
+    # the perturbed copy computes the same function within float rounding, and leaves the original alone
+    qr, x = small["qr"], small["x"][:16]
+    gm = perturbed_simulation(qr.graph)
+    targets = [n.target for n in gm.graph.nodes]
+    layers = sum(t in (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default) for t in targets)
+    assert layers and targets.count(torch.ops.aten.randn_like.default) == layers  # noise on each output
+    with torch.no_grad():
+        before = qr.graph(x)
+        noisy = gm(x)
+        assert torch.equal(qr.graph(x), before)
+    # a small net's codes barely move under 2⁻²² relative noise: outputs within one output step
+    step = float(np.diff(np.unique(before.numpy())).min())
+    assert SIM_NOISE < 1e-6 and float((noisy - before).abs().max()) <= step * 1.01
+
+
 def test_unsupported_ops_listed_before_writing(tmp_path):
     class Odd(nn.Module):
         def __init__(self):

@@ -358,8 +358,8 @@ def _to_onnx(spec, qr, float_graph, example, metadata):
 
 def _verify(artifact, data, spec, recipe, qr, model, graph, example, verify_data, extra, seed):
     from ._run import onnx_runtime_ops, run_onnx_model, run_tflite_bytes
-    from .verify import (numeric_checks, onnx_integer_check, onnx_param_check, structure_checks,
-                         tflite_param_check)
+    from .verify import (numeric_checks, onnx_integer_check, onnx_param_check, perturbed_simulation,
+                         structure_checks, tflite_param_check)
 
     settings = recipe.verification
     x, labels = _images_and_labels(verify_data, settings.num_images)
@@ -367,14 +367,19 @@ def _verify(artifact, data, spec, recipe, qr, model, graph, example, verify_data
         x = _synthetic_images(tuple(example.shape[1:]), settings.num_images, seed)
     x = x.float()
     report = VerificationReport(target=spec.name, num_images=len(x))
+    self_ref = None
     with torch.no_grad():
         if spec.quantized:
             ref = torch.cat([qr.graph(x[i:i + 256]) for i in range(0, len(x), 256)]).numpy()
+            noisy = perturbed_simulation(qr.graph)
+            torch.manual_seed(seed)
+            self_ref = torch.cat([noisy(x[i:i + 256]) for i in range(0, len(x), 256)]).numpy()
         else:
             ref = torch.cat([model(x[i:i + 256]) for i in range(0, len(x), 256)]).numpy()
     xs = x.numpy()
     out = run_tflite_bytes(data, xs, recipe.io.layout) if spec.format == "tflite" else run_onnx_model(data, xs)
-    report.checks += numeric_checks(spec.precision, out, ref, None if labels is None else labels.numpy(), settings)
+    report.checks += numeric_checks(spec.precision, out, ref, None if labels is None else labels.numpy(), settings,
+                                    self_ref=self_ref)
     report.checks += structure_checks(artifact.census, spec.quantized,
                                       float_fallback=spec.quantized and qr.config.float_fallback)
     if spec.quantized:

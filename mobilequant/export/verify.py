@@ -235,9 +235,54 @@ def _top1(a: np.ndarray) -> np.ndarray:
 _FP16_TIE = 2.0 ** -8  # fp16_top1_agreement: a float top-2 margin this close (relative) is a near tie
 
 
+# Relative noise put on every conv / linear output of the simulation to measure how far float rounding
+# alone moves its answers (2 float32 ulps: what another summation order changes).
+SIM_NOISE = 2.0 ** -22
+
+
+def perturbed_simulation(gm):
+    """A copy of a simulated int8 graph whose conv / linear outputs carry ``SIM_NOISE`` relative noise.
+
+    The simulation computes in float32 and rounds ties half to even; the runtimes accumulate exact int32
+    and requantize in fixed point, so about 10⁻⁴ of a layer's codes differ by one step. A deep network
+    amplifies those: on torchvision's ImageNet MobileNetV2 every layer of both files matches the simulation
+    within one step when fed the simulation's input, yet the logits differ by a median 2 output steps and
+    the simulation agrees with *itself* on ~75 % of photos' top-1 once float-level noise is added (docs/
+    quantization.md, "How far a file may be from its simulation"). This copy measures that, per model and
+    image set.
+    """
+    import copy
+
+    import torch
+
+    aten = torch.ops.aten
+    noisy = copy.deepcopy(gm)
+    graph = noisy.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (aten.conv2d.default, aten.linear.default):
+            continue
+        users = list(node.users)
+        with graph.inserting_after(node):
+            r = graph.call_function(aten.randn_like.default, (node,))
+        with graph.inserting_after(r):
+            m = graph.call_function(aten.mul.Tensor, (r, SIM_NOISE))
+        with graph.inserting_after(m):
+            a = graph.call_function(aten.add.Tensor, (m, 1.0))
+        with graph.inserting_after(a):
+            y = graph.call_function(aten.mul.Tensor, (node, a))
+        for u in users:
+            u.replace_input_with(node, y)
+    noisy.recompile()
+    return noisy
+
+
 def numeric_checks(precision: str, out: np.ndarray, ref: np.ndarray, labels, settings,
-                   float_ref: np.ndarray | None = None) -> list[Check]:
-    """Output checks for one precision; ``ref`` is the float model (fp32/fp16) or the simulation (int8)."""
+                   float_ref: np.ndarray | None = None, self_ref: np.ndarray | None = None) -> list[Check]:
+    """Output checks for one precision; ``ref`` is the float model (fp32/fp16) or the simulation (int8).
+
+    ``self_ref`` (int8): the simulation under float-rounding noise (:func:`perturbed_simulation`); where it
+    disagrees with the simulation itself, the file may too, and the agreement threshold is lowered to the
+    simulation's own agreement less its sampling noise (never raised)."""
     checks = []
     n = len(out)
     if precision == "fp32":
@@ -266,9 +311,18 @@ def numeric_checks(precision: str, out: np.ndarray, ref: np.ndarray, labels, set
                             "a flip counts unless the float top-2 margin ≤ 2⁻⁸ × the image's largest |score|"))
     else:
         agree = float(np.mean(_top1(out) == _top1(ref))) if n else 1.0
-        checks.append(Check("int8_top1_agreement", agree >= settings.int8_top1_agreement,
-                            f"{100 * agree:.2f} % of {_what(out)}", f"≥ {100 * settings.int8_top1_agreement:.2f} %",
-                            "vs the torch-simulated int8 model"))
+        need, why = settings.int8_top1_agreement, "vs the torch-simulated int8 model"
+        if self_ref is not None and n:
+            own = float(np.mean(_top1(self_ref) == _top1(ref)))
+            # two draws of rounding noise against the simulation: their agreements differ by sampling alone
+            # within 2σ of a difference of two binomials
+            floor = own - 2.0 * float(np.sqrt(2.0 * own * (1.0 - own) / _top1(ref).size))
+            if floor < need:
+                need = floor
+                why += (f"; the simulation agrees with itself under float-rounding noise on {100 * own:.2f} %, "
+                        f"so the threshold is that less 2σ")
+        checks.append(Check("int8_top1_agreement", agree >= need, f"{100 * agree:.2f} % of {_what(out)}",
+                            f"≥ {100 * need:.2f} %", why))
         if labels is not None and out.ndim == 2:  # image labels judge class scores, not dense outputs
             labels = np.asarray(labels)
             file_right, sim_right = _top1(out) == labels, _top1(ref) == labels
