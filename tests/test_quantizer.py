@@ -163,6 +163,21 @@ def test_clamps_with_any_bounds_fuse_or_share():
     assert _ann(alone).output_qspec == SharedQuantizationSpec((nodes["pool"], alone))
 
 
+def test_leaky_relu_scale_is_one_xnnpack_represents():
+    """XNNPACK's int8 LEAKY_RELU keeps 256·s_in/s_out as an integer (8 fractional bits): with any other
+    ratio EffNet's TFLite file was a step off its simulation on up to 2.7 % of a layer's elements. The
+    output scale is snapped to an odd such ratio (odd: no rounding ties), above the observed range."""
+    from mobilequant.quant import quantize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.LeakyReLU(0.1), nn.Conv2d(8, 4, 1), nn.LeakyReLU(0.01)).eval()
+    qr = quantize(model, [torch.randn(8, 3, 8, 8)], QuantConfig(bias_correction=False))
+    for out_name, in_name in (("1", "0"), ("3", "2")):
+        s_out, s_in = qr.table.get(out_name).scale[0], qr.table.get(in_name).scale[0]
+        k = 256 * s_in / s_out
+        assert abs(k - round(k)) < 1e-4 and round(k) % 2 == 1 and round(k) >= 256, (out_name, k)
+
+
 def test_relu6_fixed_mode_uses_exact_range():
     q = MobileQuantizer(QuantConfig(relu6="fixed"))
     obs = q.relu6_spec.observer_or_fake_quant_ctr(dtype=torch.int8, quant_min=-128, quant_max=127)

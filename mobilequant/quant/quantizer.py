@@ -24,7 +24,9 @@ shared parameters   concat, max/avg pool, reshape/view/transpose/permute (channe
                     flatten, dropout/clone, slice/chunk/split, squeeze/unsqueeze: output = input
 fixed parameters    sigmoid / hardsigmoid / softmax: scale 1/256, zero point −128; tanh: 1/128, 0
 own parameters      hardswish, mean, global adaptive_avg_pool2d (MEAN; capture spells the other
-                    adaptive pools it can as avg_pool2d), leaky_relu
+                    adaptive pools it can as avg_pool2d)
+leaky_relu          the input's range through the op, scale snapped so that 256·s_in/s_out is an integer
+                    (XNNPACK's LEAKY_RELU keeps 8 fractional bits of its multiplier)
 ==================  ===============================================================================
 
 Each rule is one annotator parameterised by the op (:data:`OP_RULES` is the dispatch table); ops not in
@@ -46,6 +48,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
+import math
 import operator
 from dataclasses import dataclass
 
@@ -105,6 +109,7 @@ class Rule(enum.Enum):
     FIXED = "fixed"  # output has fixed parameters (FIXED_QPARAMS)
     OWN = "own"  # input + own calibrated output
     CLAMP = "clamp"  # relu / relu6 / hardtanh / clamp: fused into its producer, else own (relu, relu6) or shared
+    LEAKY = "leaky"  # leaky_relu: output range from the input's, scale snapped to XNNPACK's 8-bit multiplier
 
 
 OP_RULES: dict[torch._ops.OpOverload, Rule] = {
@@ -168,10 +173,10 @@ OP_RULES: dict[torch._ops.OpOverload, Rule] = {
             aten.hardswish_.default,
             aten.mean.dim,
             aten.adaptive_avg_pool2d.default,
-            aten.leaky_relu.default,
-            aten.leaky_relu_.default,
         )
     },
+    aten.leaky_relu.default: Rule.LEAKY,
+    aten.leaky_relu_.default: Rule.LEAKY,
     **{
         op: Rule.CLAMP
         for op in (aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default,
@@ -274,6 +279,31 @@ def _derive_bias_qparams(obs_or_fqs) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, torch.zeros_like(scale, dtype=torch.int32)
 
 
+def _derive_leaky_qparams(obs_or_fqs, slope: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A LeakyReLU's output parameters, from its input's: the range is the input's mapped through the op
+    (monotonic), and the scale is snapped so that 256 · s_in / s_out is an integer.
+
+    XNNPACK's int8 LEAKY_RELU keeps its multipliers with 8 fractional bits
+    (``floor((x · round(256 · s_in / s_out) + 128) / 256)``): with any other ratio its output is a step
+    off the exact one on up to 2.7 % of elements (EffNet), which the simulation and ONNX Runtime compute.
+    The snapped scale is the next larger that the kernel represents exactly with an odd multiplier (< 0.8 %
+    coarser; no clipping).
+    """
+    (in_obs,) = obs_or_fqs
+    s_in, zp_in = (float(t.reshape(-1)[0]) for t in in_obs.calculate_qparams())
+    lo_in, hi_in = (INT8_MIN - zp_in) * s_in, (INT8_MAX - zp_in) * s_in
+    ends = (lo_in * slope if lo_in < 0 else lo_in, hi_in * slope if hi_in < 0 else hi_in)
+    lo, hi = min(min(ends), 0.0), max(max(ends), 0.0)
+    observed = max((hi - lo) / (INT8_MAX - INT8_MIN), 1e-12)
+    # k = 256·s_in/s_out for the scale at or above the observed one, odd: the kernel rounds x·k/256 half up,
+    # the simulation half to even, and with k odd x·k/256 is never a tie unless |x| = 128
+    k = max(math.floor(256.0 * s_in / observed), 1)
+    k = k if k % 2 else max(k - 1, 1)
+    scale = 256.0 * s_in / k
+    zero_point = min(max(round(INT8_MIN - lo / scale), INT8_MIN), INT8_MAX)
+    return torch.tensor([scale], dtype=torch.float32), torch.tensor([zero_point], dtype=torch.int32)
+
+
 @dataclass(frozen=True)
 class _StaticGlobalConfig:
     """What ``litert_torch.quantize.quant_config.QuantConfig`` reads from a quantizer: static, not dynamic."""
@@ -325,6 +355,7 @@ class MobileQuantizer(Quantizer):
             Rule.FIXED: self._annotate_fixed,
             Rule.OWN: self._annotate_own,
             Rule.CLAMP: self._annotate_clamp,
+            Rule.LEAKY: self._annotate_leaky,
         }
 
     # litert_torch's QuantConfig(pt2e_quantizer=...) reads ``global_config.is_dynamic`` (set in __init__).
@@ -493,6 +524,19 @@ class MobileQuantizer(Quantizer):
     def _annotate_own(self, node: Node) -> None:
         x = node.args[0]
         _annotate(node, {x: self._input_spec(x)}, self.act_spec)
+
+    def _annotate_leaky(self, node: Node) -> None:
+        x = node.args[0]
+        slope = float(node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01))
+        spec = DerivedQuantizationSpec(
+            derived_from=[(x, node)],
+            derive_qparams_fn=functools.partial(_derive_leaky_qparams, slope=slope),
+            dtype=torch.int8,
+            quant_min=INT8_MIN,
+            quant_max=INT8_MAX,
+            qscheme=torch.per_tensor_affine,
+        )
+        _annotate(node, {x: self._input_spec(x)}, spec)
 
     def _annotate_clamp(self, node: Node) -> None:
         """A clamp no conv / linear / add took as its fused activation: ReLU and ReLU6 get their own range
