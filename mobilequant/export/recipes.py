@@ -295,20 +295,25 @@ def list_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
-def _unique_key_loader():
-    """yaml's SafeLoader, refusing a key given twice in one mapping (safe_load keeps the last silently)."""
+def _duplicate_key(text: str):
+    """The first mapping key given twice in ``text`` (``safe_load`` keeps the last silently), as
+    ``(key, mark)``, or None. Reads the node tree only (``yaml.compose``): no object is constructed."""
     import yaml
 
-    class UniqueKeyLoader(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
-            keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
-            dup = next((i for i, k in enumerate(keys) if k in keys[:i]), None)
-            if dup is not None:
-                raise yaml.constructor.ConstructorError(None, None, f"the key {keys[dup]!r} is given twice",
-                                                        node.value[dup][0].start_mark)
-            return super().construct_mapping(node, deep)
-
-    return UniqueKeyLoader
+    stack = [yaml.compose(text, Loader=yaml.SafeLoader)]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key, value in node.value:
+                ident = (key.tag, key.value) if isinstance(key, yaml.ScalarNode) else None
+                if ident is not None and ident in seen:
+                    return key.value, key.start_mark
+                seen.add(ident)
+                stack.append(value)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+    return None
 
 
 def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -331,12 +336,17 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...]
     except OSError as e:
         raise InputError(f"cannot read recipe {path}: {e.strerror or e}") from None
     try:
-        data = yaml.load(text, Loader=_unique_key_loader())  # a SafeLoader
+        data = yaml.safe_load(text)
+        twice = _duplicate_key(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         what = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise InputError(f"recipe {path} is not valid YAML{where}: {what}") from None
+    if twice is not None:
+        key, mark = twice
+        raise InputError(f"recipe {path} is not valid YAML (line {mark.line + 1}, column {mark.column + 1}): "
+                         f"the key {key!r} is given twice")
     recipe = _from_dict(data, str(path))
     if not recipe.name:
         recipe = dataclasses.replace(recipe, name=path.stem)
