@@ -37,7 +37,8 @@ from torch.fx import GraphModule, Node
 
 from .errors import InputError
 
-__all__ = ["MQ_NAME", "capture", "name_layers", "find_unsupported_ops", "layer_name", "op_name", "is_structural"]
+__all__ = ["MQ_NAME", "capture", "name_layers", "find_unsupported_ops", "layer_name", "op_name", "is_structural",
+           "node_arg"]
 
 MQ_NAME = "mq_name"
 
@@ -330,6 +331,11 @@ def _unique(name: str, used: set[str]) -> str:
         out, k = f"{name}#{k}", k + 1
     used.add(out)
     return out
+
+
+def node_arg(node: Node, index: int, name: str, default=None):
+    """Argument ``index`` of an op node, given by position or by ``name`` (``default`` when absent)."""
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
 def layer_name(node: Node) -> str:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.fx import GraphModule, Node
 
-from ..capture import is_structural, layer_name
+from ..capture import is_structural, layer_name, node_arg
 from ..fusion import BN_OPS, CONV_OPS, DEAD_VARIANCE, activation_kind
 
 __all__ = ["FusedLayer", "fused_layers", "WEIGHTED_KINDS"]
@@ -88,12 +88,6 @@ def _const(gm: GraphModule, node) -> np.ndarray | None:
     for part in str(node.target).split("."):
         obj = getattr(obj, part)
     return obj.detach().to(torch.float64).cpu().numpy()
-
-
-def _arg(node: Node, index: int, name: str, default=None):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
 
 
 def _tuple(v, n: int = 2) -> tuple[int, ...]:
@@ -176,18 +170,19 @@ def _make_layer(gm: GraphModule, g: dict) -> FusedLayer:
     weight = None
     groups = 1
     if g["kind_op"] == "conv":
-        weight = _const(gm, _arg(start, 1, "weight"))
-        groups = int(_arg(start, 6, "groups", 1))
-        kw.update(bias=_const(gm, _arg(start, 2, "bias")), stride=_tuple(_arg(start, 3, "stride", 1)),
-                  padding=_tuple(_arg(start, 4, "padding", 0)), dilation=_tuple(_arg(start, 5, "dilation", 1)))
+        weight = _const(gm, node_arg(start, 1, "weight"))
+        groups = int(node_arg(start, 6, "groups", 1))
+        kw.update(bias=_const(gm, node_arg(start, 2, "bias")), stride=_tuple(node_arg(start, 3, "stride", 1)),
+                  padding=_tuple(node_arg(start, 4, "padding", 0)), dilation=_tuple(node_arg(start, 5, "dilation", 1)))
     elif g["kind_op"] == "linear":
-        weight = _const(gm, _arg(start, 1, "weight"))
-        kw.update(bias=_const(gm, _arg(start, 2, "bias")))
+        weight = _const(gm, node_arg(start, 1, "weight"))
+        kw.update(bias=_const(gm, node_arg(start, 2, "bias")))
     bn: Node | None = g["bn"]
     if bn is not None:
-        kw.update(bn=layer_name(bn), bn_gamma=_const(gm, _arg(bn, 1, "weight")), bn_beta=_const(gm, _arg(bn, 2, "bias")),
-                  bn_mean=_const(gm, _arg(bn, 3, "running_mean")), bn_var=_const(gm, _arg(bn, 4, "running_var")),
-                  bn_eps=float(_arg(bn, 7, "eps", 1e-5)))
+        kw.update(bn=layer_name(bn), bn_gamma=_const(gm, node_arg(bn, 1, "weight")),
+                  bn_beta=_const(gm, node_arg(bn, 2, "bias")), bn_mean=_const(gm, node_arg(bn, 3, "running_mean")),
+                  bn_var=_const(gm, node_arg(bn, 4, "running_var")),
+                  bn_eps=float(node_arg(bn, 7, "eps", 1e-5)))
         if kw["bn_gamma"] is None:
             kw["bn_gamma"] = np.ones_like(kw["bn_mean"])
         if kw["bn_beta"] is None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from ..capture import find_unsupported_ops, layer_name
+from ..capture import find_unsupported_ops, layer_name, node_arg
 from ..errors import InputError
 from .recipes import Target, get_target
 
@@ -51,10 +51,6 @@ def supported_ops(target: str | Target) -> frozenset:
     return frozenset(OP_RULES) | (frozenset() if spec.quantized else FLOAT_ONLY_OPS)
 
 
-def _arg(node: Node, i: int, name: str, default):
-    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
-
-
 def _pair(v) -> tuple[int, int]:
     v = list(v) if isinstance(v, (list, tuple)) else [v]
     return (int(v[0]), int(v[-1])) if v else (0, 0)
@@ -69,11 +65,11 @@ def _same_padding(n: int, k: int, s: int, p: int) -> bool:
 
 def _avg_pool_form(node: Node) -> str | None:
     kernel = _pair(node.args[1])
-    stride = _pair(_arg(node, 2, "stride", None) or kernel)
-    padding = _pair(_arg(node, 3, "padding", 0))
-    ceil_mode = bool(_arg(node, 4, "ceil_mode", False))
-    count_include_pad = bool(_arg(node, 5, "count_include_pad", True))
-    if _arg(node, 6, "divisor_override", None) is not None:
+    stride = _pair(node_arg(node, 2, "stride", None) or kernel)
+    padding = _pair(node_arg(node, 3, "padding", 0))
+    ceil_mode = bool(node_arg(node, 4, "ceil_mode", False))
+    count_include_pad = bool(node_arg(node, 5, "count_include_pad", True))
+    if node_arg(node, 6, "divisor_override", None) is not None:
         return "avg_pool2d with divisor_override: no TFLite builtin (STABLEHLO_REDUCE_WINDOW)"
     if count_include_pad or padding == (0, 0):
         return None
