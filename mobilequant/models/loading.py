@@ -46,18 +46,19 @@ def load_model(spec: str, checkpoint: str | Path | None = None, **kwargs) -> nn.
     if not isinstance(spec, str) or not spec.strip():
         raise UsageError(f"model spec must be a model name or 'module:factory', got {spec!r}")
     spec = spec.strip()
+    state = None if checkpoint is None else read_state_dict(checkpoint)  # read once: fitted, then loaded
     if spec in _model_entrypoints or ":" not in spec:
         model_info(spec)  # unknown names: UsageError with close matches
         model = create_model(spec, **kwargs)
-        if checkpoint is not None and not {"num_classes", "in_chans"} & set(kwargs):
-            model = _fit_to_checkpoint(spec, model, read_state_dict(checkpoint), kwargs)
+        if state is not None and not {"num_classes", "in_chans"} & set(kwargs):
+            model = _fit_to_checkpoint(spec, model, state, kwargs)
     else:
         model = _call_factory(spec, kwargs)
         if not hasattr(model, "preprocess"):
             model.preprocess = make_preprocess(_first_conv_channels(model))
         model.model_name = spec
-    if checkpoint is not None:
-        load_checkpoint(model, checkpoint)
+    if state is not None:
+        _load_state(model, state, checkpoint)
     return model
 
 
@@ -197,7 +198,11 @@ def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> 
     naming the file, the first missing / unexpected keys and any shape mismatches; with ``strict=False``
     missing / unexpected keys only warn (shapes must still fit).
     """
-    state = read_state_dict(path)
+    return _load_state(model, read_state_dict(path), path, strict)
+
+
+def _load_state(model: nn.Module, state: dict, path: str | Path, strict: bool = True) -> nn.Module:
+    """:func:`load_checkpoint` of a state_dict already read from ``path`` (named in messages)."""
     own = model.state_dict()
     state = _without_wrapper_prefix(state, own)
     missing = [k for k in own if k not in state]
@@ -220,7 +225,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> 
                 "(save that part as the state_dict)" if inside else "")
         raise InputError(f"checkpoint {path} does not fit {name}: " + "; ".join(problems) + hint)
     if problems:
-        warnings.warn(f"checkpoint {path} loaded into {name} non-strictly: " + "; ".join(problems), stacklevel=2)
+        warnings.warn(f"checkpoint {path} loaded into {name} non-strictly: " + "; ".join(problems), stacklevel=3)
     model.load_state_dict(state, strict=strict)
     return model
 
