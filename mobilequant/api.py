@@ -329,6 +329,17 @@ class ExportSummary:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def failure(self) -> str:
+        """One line: why ``failed`` (the failing checks, else the audit's first failure); '' if it passed."""
+        bad = [f"{c['name']} {c['measured']} (needs {c['threshold']})" for c in self.checks if not c["passed"]]
+        if bad:
+            return f"verification failed: {'; '.join(bad)}; written as {self.path}"
+        if self.audit is not None and self.audit.get("verdict") != "pass":
+            first = (self.audit.get("failures") or [{}])[0].get("message", "")
+            return f"audit failed: {first or self.audit.get('verdict')} (file kept: {self.path})"
+        return ""
+
     def summary(self) -> str:
         def pct(v):
             return "n/a (no labels)" if v is None else f"{v:.2f} %"
@@ -515,6 +526,13 @@ class AuditSummary:
     def failed(self) -> bool:
         return not self.report.passed
 
+    @property
+    def failure(self) -> str:
+        """One line: the gate's failures ('' if it passed)."""
+        msgs = [f.message for f in self.report.failures]
+        more = f" (and {len(msgs) - 3} more)" if len(msgs) > 3 else ""
+        return "; ".join(msgs[:3]) + more
+
     def to_dict(self) -> dict:
         return self.report.to_dict()
 
@@ -575,6 +593,12 @@ class QATSummary:
     def failed(self) -> bool:
         return any(not e.get("passed", True) for e in self.exports)
 
+    @property
+    def failure(self) -> str:
+        """One line: the exports that failed their checks ('' if none)."""
+        return "; ".join(f"{e['target']} failed its checks ({e['path']}): {e['failure']}"
+                         for e in self.exports if not e.get("passed", True))
+
     def summary(self) -> str:
         def pct(v):
             return "n/a (no validation data)" if v is None else f"{100 * v:.2f} %"
@@ -586,6 +610,17 @@ class QATSummary:
                                                                f" — VERIFICATION FAILED: {e['failure']}")
                   for e in self.exports]
         return "\n".join(lines)
+
+
+def _qat_artifact_path(out_dir, model: str, spec, recipe: str | None) -> Path:
+    """``OUT_DIR/MODEL-qat-TARGET[-RECIPE].suffix``: a recipe other than a target's own is in the name, as
+    export names its files, so a job with ``--recipe per-tensor-dsp-cle`` does not overwrite the files of a
+    per-channel job in the same folder."""
+    from .export import TARGETS
+
+    own = recipe is None or str(recipe).strip().lower() in TARGETS
+    variant = "" if own else f"-{_recipe_label(recipe, '')}"
+    return Path(out_dir) / f"{model.replace(':', '_').replace('/', '_')}-qat-{spec.name}{variant}{spec.suffix}"
 
 
 def qat(model: str | None = None, weights: str | None = None, data: str = "builtin", epochs: int | None = None,
@@ -635,7 +670,7 @@ def qat(model: str | None = None, weights: str | None = None, data: str = "built
     main = result.rank == 0
     exports = []
     for spec in targets if main else ():  # one process writes the files
-        path = Path(config.out_dir) / f"{config.model.replace(':', '_')}-qat-{spec.name}{spec.suffix}"
+        path = _qat_artifact_path(config.out_dir, config.model, spec, recipe)
         try:
             art = export_artifact(result, spec.name, path, model_name=config.model)
             exports.append({"target": spec.name, "path": str(art.path), "passed": True})

@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Sequence
 
@@ -228,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze-observer-step", type=_freeze_point, default=None, metavar="STEP",
                    help="from this step on ranges stop following the data (0 with --start ptq: keep the "
                         "PTQ ranges); a step, a fraction or 'never' (default: QATJobConfig's, 0.75)")
-    p.add_argument("--export", nargs="*", default=[], metavar="TARGET", help="export targets after training")
+    p.add_argument("--export", nargs="*", default=[], metavar="TARGET", help="export targets after training, written into --out-dir as MODEL-qat-TARGET "
+                        "(+ -RECIPE for a recipe other than a target's own)")
     _common(p)
 
     p = add("audit", "per-layer accuracy audit of an exported artifact, with a release gate")
@@ -292,6 +294,8 @@ def _print(result, as_json: bool, quiet: bool = False) -> None:
         print(json.dumps(result.to_dict() if hasattr(result, "to_dict") else result, indent=2, default=str))
     elif not quiet:
         print(result.summary() if hasattr(result, "summary") else result)
+    elif getattr(result, "failed", False):  # -q hides the summary, not the reason for exit code 1
+        print(f"mobilequant: failed: {result.failure}", file=sys.stderr)
 
 
 def _quiet_library_logs() -> None:
@@ -363,6 +367,47 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_CHECK_FAILED if getattr(result, "failed", False) else EXIT_OK
 
 
+@contextlib.contextmanager
+def _native_stderr_held(enabled: bool):
+    """With ``-q``, what the native libraries write straight to file descriptor 2 (absl's "log messages
+    before absl::InitializeLog()", TensorFlow's oneDNN notice, LiteRT's "Created TensorFlow Lite XNNPACK
+    delegate") is held back; Python's own stderr (our warnings, errors, tracebacks) still goes to the
+    terminal. ``TF_CPP_MIN_LOG_LEVEL`` silences none of these three (absl logs through its own sink), so
+    descriptor 2 itself is pointed at a temporary file while the command runs; the file is replayed when
+    the command ends in a bug (an exception that is not a user error or a stop), where those lines may be
+    the diagnosis, and dropped otherwise."""
+    try:
+        stream = sys.stderr
+        usable = enabled and stream is not None and stream.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # pytest's capsys, a closed or replaced stream
+        usable = False
+    if not usable:
+        yield
+        return
+    stream.flush()
+    held = tempfile.TemporaryFile()
+    saved = os.dup(2)
+    python_stderr = open(saved, "w", encoding=stream.encoding, errors=stream.errors,  # noqa: SIM115
+                         buffering=1, closefd=False)
+    os.dup2(held.fileno(), 2)
+    sys.stderr = python_stderr
+    try:
+        yield
+    except BaseException as e:
+        if not isinstance(e, (MobileQuantError, KeyboardInterrupt)):
+            held.seek(0)
+            python_stderr.flush()
+            os.write(saved, held.read())
+        raise
+    finally:
+        python_stderr.flush()
+        sys.stderr = stream
+        os.dup2(saved, 2)
+        os.close(saved)
+        python_stderr.close()
+        held.close()
+
+
 class Terminated(KeyboardInterrupt):
     """Raised by the SIGTERM handler. Not an ``Exception``, so nothing on the way swallows it and the cleanup
     a failed job runs (temporary files, an output folder the job created) runs for a killed job too; a
@@ -407,7 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command is None:
                 parser.print_help()
                 return EXIT_USAGE
-            return _run(args)
+            with _native_stderr_held(getattr(args, "quiet", False)):
+                return _run(args)
         except MobileQuantError as e:
             print(f"mobilequant: error: {e}", file=sys.stderr)
             return e.exit_code

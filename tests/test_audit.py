@@ -211,6 +211,18 @@ def test_gate_without_labels_gates_disagreement():
     assert evaluate_gate(Gate(max_drop=1.5), e2e, [], []) == []
 
 
+def test_a_gate_at_exactly_the_measured_drop_passes():
+    """One image of 200 is a drop of exactly 0.5 pp, but (0.955 − 0.95)·100 is 0.5000000000000004 in floats:
+    `--max-drop 0.5` failed with "drop 0.50 pp > 0.5 pp". Drop and disagreement come from image counts."""
+    e2e = end_to_end(*_paired_logits(n=200, float_only=1, quant_only=0))
+    assert (e2e.float_top1 - e2e.quant_top1) * 100 > 0.5  # the float arithmetic that failed the gate
+    assert e2e.drop_pp == 0.5 and e2e.disagreement_pp == 0.5
+    assert evaluate_gate(Gate(max_drop=0.5), e2e, [], []) == []
+    assert evaluate_gate(Gate(max_drop=0.49), e2e, [], [])[0].check == "accuracy_drop"
+    unlabelled = EndToEnd(200, False, None, None, 0.995, 1.0, 25.0)
+    assert unlabelled.disagreement_pp == 0.5 and evaluate_gate(Gate(max_drop=0.5), unlabelled, [], []) == []
+
+
 def test_gate_reports_when_it_decides_on_sampling_noise():
     # ShuffleNetV1's onnx-int8 file on 1,000 images: 0.80 pp = 8 images net, of ~24 decided differently.
     e2e = end_to_end(*_paired_logits(n=1000, float_only=16, quant_only=8))

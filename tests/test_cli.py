@@ -7,6 +7,8 @@ import json
 import os
 import pickle
 import signal
+import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -424,7 +426,21 @@ def test_qat_of_a_user_model_from_the_command_line(files, tmp_path, capsys, monk
     assert (job["freeze_bn_step"], job["freeze_observer_step"], job["lr"]) == (None, 0.5, QATJobConfig().lr)
     assert [(e["target"], e["passed"]) for e in out["exports"]] == [("tflite-int8", False), ("onnx-fp32", True)]
     assert Path(out["exports"][1]["path"]).is_file()
+    assert Path(out["exports"][1]["path"]).name == "build-qat-onnx-fp32.onnx"
     assert "fake-quant accuracy 89.55 %" in QATSummary("m", None, None, 10, 0.8955, None).summary()
+
+
+def test_qat_file_names_carry_a_recipe_other_than_a_targets_own(tmp_path):
+    """QAT files were MODEL-qat-TARGET whatever the recipe: a per-tensor job overwrote the per-channel
+    job's files in the same folder."""
+    from mobilequant.api import _qat_artifact_path
+    from mobilequant.export import get_target
+
+    spec = get_target("tflite-int8")
+    names = [_qat_artifact_path(tmp_path, "m", spec, r).name
+             for r in (None, "tflite-int8", "ONNX-INT8", "per-tensor-dsp-cle", "recipes/my.yaml")]
+    assert names == ["m-qat-tflite-int8.tflite"] * 3 + ["m-qat-tflite-int8-per-tensor-dsp-cle.tflite",
+                                                        "m-qat-tflite-int8-my.tflite"]
 
 
 def test_audit_weights_go_into_the_zoo_model_the_artifact_names(files, tmp_path, capsys):
@@ -498,3 +514,36 @@ def test_generated_reference_docs_are_current(script, doc):
     text = (path.parents[1] / "docs" / doc).read_text()
     assert ("## mobilequant export" in text) if doc == "cli.md" else (
         "| `per_channel` | bool | true |" in text and "`per-tensor-dsp-cle`" in text)
+
+
+def test_quiet_prints_nothing_but_the_reason_for_a_failed_gate(files, tmp_path, capsys):
+    """`-q` hid the summary and with it the only statement of why a gate failed: exit 1, nothing printed.
+    Now one line on stderr says it; a passing run prints nothing."""
+    out = tmp_path / "t.tflite"
+    assert main(["export", "--target", "tflite-fp32", *_tiny(files), "--eval-data", str(files / "good.npy"),
+                 "-o", str(out), "-q"]) == 0
+    audit = ["audit", str(out), *_tiny(files), "--data", str(files / "good.npy"), "-q"]
+    capsys.readouterr()
+    assert main(audit) == 0
+    assert capsys.readouterr() == ("", "")
+    assert main([*audit, "--min-sqnr", "900"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mobilequant: failed: ") and "900" in lines[0], lines
+
+
+def test_quiet_holds_back_the_native_libraries_log_lines(files, tmp_path):
+    """With -q the runtimes' own C++ lines (absl's "log messages before absl::InitializeLog()", LiteRT's
+    "Created TensorFlow Lite XNNPACK delegate"), which no log level silences, reached stderr; a CI log
+    should show nothing for a passing run. Without -q they still print (they are diagnostics)."""
+    out = tmp_path / "t.tflite"
+    assert main(["export", "--target", "tflite-fp32", *_tiny(files), "--eval-data", str(files / "good.npy"),
+                 "-o", str(out), "-q"]) == 0
+    audit = [sys.executable, "-m", "mobilequant", "audit", str(out), *_tiny(files),
+             "--data", str(files / "good.npy")]
+    loud = subprocess.run(audit, capture_output=True, text=True, timeout=600)
+    assert loud.returncode == 0, loud.stderr[-2000:]
+    assert "XNNPACK" in loud.stderr  # the line this test is about: it is there without -q
+    quiet = subprocess.run([*audit, "-q"], capture_output=True, text=True, timeout=600)
+    assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "", "")
