@@ -159,7 +159,8 @@ def _common(p: argparse.ArgumentParser, quiet: bool = True) -> None:
     is the result itself (zoo list / info, bench) take no ``-q``: it would leave them printing nothing."""
     p.add_argument("--json", action="store_true", help="print the result as JSON (for machines)")
     if quiet:
-        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries (CI)")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, summaries or runtime log lines (CI); a failure still "
+                       "prints its reason")
 
 
 def _model_args(p: argparse.ArgumentParser, data_help: str,
