@@ -7,7 +7,8 @@ check                       passes when
 ``fp16_top1_agreement``     top-1 of the file agrees with the float model on ≥ ``fp16_top1_agreement``; a
                             flip where the float top-2 margin ≤ 2⁻⁸ × the largest |score| is a near tie
 ``int8_top1_agreement``     top-1 of the file agrees with the torch-simulated int8 model on ≥ threshold
-                            (a dense N×C×H×W output: per pixel)
+                            (a class whose score ties the simulation's top score agrees; a dense N×C×H×W
+                            output: per pixel)
 ``int8_accuracy``           |accuracy(file) − accuracy(simulated)| ≤ ``int8_accuracy_drop_pp``, or the net
                             images lost within 2·√(images the two decide differently): near-tie noise (labels)
 ``int8_params``             every quantized tensor in the file has the scales (rel ≤ ``scale_rtol``) and
@@ -232,6 +233,19 @@ def _top1(a: np.ndarray) -> np.ndarray:
     return _rows(a).argmax(1)
 
 
+def _agrees(out: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Per row: does ``out``'s top-1 class hold ``ref``'s top score? An int8 output has few distinct
+    values, so two classes often share the top code exactly; ``argmax`` then picks whichever float
+    rounding puts first, and a file identical to the simulation code for code read 97.3 % top-1
+    agreement (EffNet with 1000 classes, 1,000 images). Equal codes dequantize within float32 rounding of
+    each other, far below an output step: a score within 10⁻⁶ of the row's largest |score| is a tie."""
+    o, r = _rows(out), _rows(ref)
+    if not len(r):
+        return np.ones(0, dtype=bool)
+    picked = r[np.arange(len(r)), o.argmax(1)]
+    return picked >= r.max(1) - 1e-6 * np.abs(r).max(1)
+
+
 _FP16_TIE = 2.0 ** -8  # fp16_top1_agreement: a float top-2 margin this close (relative) is a near tie
 
 
@@ -310,10 +324,10 @@ def numeric_checks(precision: str, out: np.ndarray, ref: np.ndarray, labels, set
                             f"≥ {100 * settings.fp16_top1_agreement:.2f} %",
                             "a flip counts unless the float top-2 margin ≤ 2⁻⁸ × the image's largest |score|"))
     else:
-        agree = float(np.mean(_top1(out) == _top1(ref))) if n else 1.0
-        need, why = settings.int8_top1_agreement, "vs the torch-simulated int8 model"
+        agree = float(np.mean(_agrees(out, ref))) if n else 1.0
+        need, why = settings.int8_top1_agreement, "vs the torch-simulated int8 model (tied top scores agree)"
         if self_ref is not None and n:
-            own = float(np.mean(_top1(self_ref) == _top1(ref)))
+            own = float(np.mean(_agrees(self_ref, ref)))
             # two draws of rounding noise against the simulation: their agreements differ by sampling alone
             # within 2σ of a difference of two binomials
             floor = own - 2.0 * float(np.sqrt(2.0 * own * (1.0 - own) / _top1(ref).size))

@@ -50,7 +50,7 @@ from ..errors import InputError, UsageError
 from ..fusion import FusionReport, fold_conv_bn
 from .config import QuantConfig
 from .observers import pin_qparams
-from .quantizer import FUSED_INTO, INT32_MAX, OP_RULES, MobileQuantizer, Rule
+from .quantizer import FUSED_INTO, INT32_MAX, OP_RULES, MobileQuantizer, Rule, snap_leaky_slopes
 from .table import QuantTable
 
 __all__ = ["Finding", "QuantResult", "quantize", "calibrate", "repair_degenerate_ranges"]
@@ -220,6 +220,7 @@ def quantize(
     if n == 0:
         raise InputError("calibration set is empty: the batches hold no images")
 
+    snap_leaky_slopes(prepared)  # before the walks below, so they simulate the slopes the kernels compute
     bc_report = ada_report = None
     if config.adaround:  # rounds the weights, then corrects the biases in the same walk
         ada = _optional_module("adaround", "adaround")
@@ -233,6 +234,7 @@ def quantize(
         range_report = _optional_module("range_search", "range_search").search_ranges(prepared, kept)
 
     findings += repair_degenerate_ranges(prepared, config)
+    snap_leaky_slopes(prepared)  # again: the range search and the repairs may have moved input ranges
     qdq_graph = convert_pt2e(copy.deepcopy(prepared), fold_quantize=False)
     export_graph = fold_bias_qdq(copy.deepcopy(qdq_graph))
     graph = convert_pt2e(prepared, fold_quantize=True)

@@ -25,8 +25,9 @@ shared parameters   concat, max/avg pool, reshape/view/transpose/permute (channe
 fixed parameters    sigmoid / hardsigmoid / softmax: scale 1/256, zero point −128; tanh: 1/128, 0
 own parameters      hardswish, mean, global adaptive_avg_pool2d (MEAN; capture spells the other
                     adaptive pools it can as avg_pool2d)
-leaky_relu          the input's range through the op, scale snapped so that 256·s_in/s_out is an integer
-                    (XNNPACK's LEAKY_RELU keeps 8 fractional bits of its multiplier)
+leaky_relu          the input's range through the op, scale snapped so that 256·s_in/s_out is an odd
+                    integer, and the negative slope made the one the kernel computes (XNNPACK's
+                    LEAKY_RELU keeps 8 fractional bits of its multipliers; :func:`snap_leaky_slopes`)
 ==================  ===============================================================================
 
 Each rule is one annotator parameterised by the op (:data:`OP_RULES` is the dispatch table); ops not in
@@ -279,29 +280,72 @@ def _derive_bias_qparams(obs_or_fqs) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, torch.zeros_like(scale, dtype=torch.int32)
 
 
-def _derive_leaky_qparams(obs_or_fqs, slope: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """A LeakyReLU's output parameters, from its input's: the range is the input's mapped through the op
-    (monotonic), and the scale is snapped so that 256 · s_in / s_out is an integer.
+def _leaky_output(s_in: float, zp_in: float, slope: float) -> tuple[float, int, float]:
+    """A LeakyReLU's int8 output (scale, zero point) and the negative slope the int8 kernel computes, from
+    its input's parameters: the range is the input's mapped through the op (monotonic), and the scale is
+    snapped so that ``k = 256 · s_in / s_out`` is an integer.
 
-    XNNPACK's int8 LEAKY_RELU keeps its multipliers with 8 fractional bits
-    (``floor((x · round(256 · s_in / s_out) + 128) / 256)``): with any other ratio its output is a step
-    off the exact one on up to 2.7 % of elements (EffNet), which the simulation and ONNX Runtime compute.
-    The snapped scale is the next larger that the kernel represents exactly with an odd multiplier (< 0.8 %
-    coarser; no clipping).
+    XNNPACK's int8 LEAKY_RELU keeps both of its multipliers with 8 fractional bits: ``floor((x · k + 128) /
+    256)`` for x ≥ 0 and ``floor((x · round(256 · slope · s_in / s_out) + 128) / 256)`` below (x the input
+    code less its zero point). With any other scale its output was a step off the exact one on up to 2.7 %
+    of elements (EffNet), which the simulation and ONNX Runtime compute. The snapped scale is the next
+    larger that the kernel represents exactly with an odd ``k`` (< 0.8 % coarser; no clipping; odd, so
+    ``x · k / 256`` is a rounding tie only at |x| = 128). The negative side is exact only if
+    ``m = slope · k`` is an integer too — with slope 0.01 and k near 256 the kernel computes slope 3/256,
+    not 2.56/256 — and odd (or 0): with m = 46 every input at x = −64 or −192 is a tie, which the kernel
+    rounds up and the simulation to even (0.13 % of a layer's elements a step off). So the slope the graph
+    computes is the kernel's, ``m / k`` with m the odd integer (or 0) nearest to ``slope · k``: the file's
+    op carries it and ONNX Runtime computes it. It is within 1/k of the float slope, which moves an output
+    by at most |x|/256 of a step (under one step). Slopes outside (0, 1) are kept as they are.
     """
-    (in_obs,) = obs_or_fqs
-    s_in, zp_in = (float(t.reshape(-1)[0]) for t in in_obs.calculate_qparams())
     lo_in, hi_in = (INT8_MIN - zp_in) * s_in, (INT8_MAX - zp_in) * s_in
     ends = (lo_in * slope if lo_in < 0 else lo_in, hi_in * slope if hi_in < 0 else hi_in)
     lo, hi = min(min(ends), 0.0), max(max(ends), 0.0)
     observed = max((hi - lo) / (INT8_MAX - INT8_MIN), 1e-12)
-    # k = 256·s_in/s_out for the scale at or above the observed one, odd: the kernel rounds x·k/256 half up,
-    # the simulation half to even, and with k odd x·k/256 is never a tie unless |x| = 128
     k = max(math.floor(256.0 * s_in / observed), 1)
     k = k if k % 2 else max(k - 1, 1)
     scale = 256.0 * s_in / k
+    kernel_slope = _odd_or_zero_nearest(slope * k) / k if 0.0 < slope < 1.0 else slope
+    lo = min(lo_in * kernel_slope, 0.0) if lo_in < 0 else lo
     zero_point = min(max(round(INT8_MIN - lo / scale), INT8_MIN), INT8_MAX)
+    return scale, zero_point, kernel_slope
+
+
+def _odd_or_zero_nearest(v: float) -> int:
+    odd = 2 * math.floor(v / 2) + 1
+    return 0 if v < abs(odd - v) else odd
+
+
+def _derive_leaky_qparams(obs_or_fqs, slope: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A LeakyReLU's output parameters, from its input's observer (see :func:`_leaky_output`)."""
+    (in_obs,) = obs_or_fqs
+    s_in, zp_in = (float(t.reshape(-1)[0]) for t in in_obs.calculate_qparams())
+    scale, zero_point, _ = _leaky_output(s_in, zp_in, slope)
     return torch.tensor([scale], dtype=torch.float32), torch.tensor([zero_point], dtype=torch.int32)
+
+
+_LEAKY_SLOPE = "mobilequant_leaky_slope"  # node.meta: the model's own slope, before snap_leaky_slopes
+
+
+def snap_leaky_slopes(prepared) -> None:
+    """Give every quantized LeakyReLU of a calibrated (prepared) graph the negative slope its int8 kernel
+    computes at its parameters (:func:`_leaky_output`), so the simulation, the bias correction that runs on
+    it and the exported ops compute what XNNPACK does. Run again after ranges change: it starts from the
+    model's slope each time."""
+    for node in prepared.graph.nodes:
+        if node.op != "call_function" or node.target not in (aten.leaky_relu.default, aten.leaky_relu_.default):
+            continue
+        x = node.args[0]
+        obs = prepared.get_submodule(str(x.target)) if getattr(x, "op", None) == "call_module" else None
+        if obs is None or not hasattr(obs, "calculate_qparams"):
+            continue  # not quantized (float fallback)
+        slope = node.meta.setdefault(
+            _LEAKY_SLOPE, float(node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)))
+        s_in, zp_in = (float(t.reshape(-1)[0]) for t in obs.calculate_qparams())
+        kernel_slope = _leaky_output(s_in, zp_in, slope)[2]
+        node.args = (x, kernel_slope, *node.args[2:])
+        node.kwargs = {k: v for k, v in node.kwargs.items() if k != "negative_slope"}
+    prepared.recompile()
 
 
 @dataclass(frozen=True)
