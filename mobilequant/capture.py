@@ -26,6 +26,8 @@ it computes. A model must return one tensor.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import operator
 import re
 from collections import defaultdict
@@ -38,7 +40,7 @@ from torch.fx import GraphModule, Node
 from .errors import InputError
 
 __all__ = ["MQ_NAME", "capture", "name_layers", "find_unsupported_ops", "layer_name", "op_name", "is_structural",
-           "node_arg"]
+           "node_arg", "modes_kept", "keeps_caller_state"]
 
 MQ_NAME = "mq_name"
 
@@ -46,6 +48,41 @@ MQ_NAME = "mq_name"
 _NOT_A_MODULE = re.compile(r"^_empty_nn_module_stack|^_guards")
 
 
+@contextlib.contextmanager
+def modes_kept(*modules):
+    """Put ``modules`` in eval mode for the block and give every submodule its own ``training`` flag back
+    after: a notebook that exports between training epochs had its model left in eval mode (its dropout
+    and BN statistics off for the epochs after). ``model.train(flag)`` would not do: it sets one flag on
+    all submodules, and a model with frozen BN layers inside a training model has two."""
+    flags = [(m, m.training) for module in modules if isinstance(module, nn.Module) for m in module.modules()]
+    try:
+        for module in modules:
+            if isinstance(module, nn.Module):
+                module.eval()
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def keeps_caller_state(fn):
+    """Decorate a public entry point so that the caller's model modes and global torch RNG stream are as
+    they were when it returns: the torch.nn.Module arguments (and a ``float_model`` an argument carries)
+    run in eval mode and get their flags back (:func:`modes_kept`), and the CPU RNG is forked — export
+    seeds it for reproducible files, which had reset a training loop's stream to ``seed``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        values = [*args, *kwargs.values()]
+        modules = [v for v in values if isinstance(v, nn.Module)]
+        modules += [getattr(v, "float_model", None) for v in values if not isinstance(v, nn.Module)]
+        with torch.random.fork_rng(devices=[]), modes_kept(*[m for m in modules if isinstance(m, nn.Module)]):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@keeps_caller_state
 def capture(model: nn.Module, example_input: torch.Tensor, dynamic_batch: bool = True) -> GraphModule:
     """Export ``model`` (in eval mode) on ``example_input`` and name every op.
 
@@ -55,7 +92,6 @@ def capture(model: nn.Module, example_input: torch.Tensor, dynamic_batch: bool =
     """
     if not isinstance(example_input, torch.Tensor):
         raise InputError(f"example input must be a tensor, got {type(example_input).__name__}")
-    model = model.eval()
     x = example_input.detach()
     dynamic_shapes = None
     if dynamic_batch:

@@ -229,9 +229,14 @@ def move_activation_before_concat(gm: GraphModule) -> tuple[str, ...]:
     return tuple(moved)
 
 
-def fold_conv_bn(gm: GraphModule) -> FusionReport:
+def fold_conv_bn(gm: GraphModule, constant_channels: bool = True) -> FusionReport:
     """Fold every ``conv → batch_norm`` chain of ``gm`` in place (after moving ReLUs that read a concat
-    onto its inputs); report what was folded, left or moved."""
+    onto its inputs); report what was folded, left or moved.
+
+    ``constant_channels``: a channel with zero running variance is folded to its constant output β (for
+    int8: see below). Float exports fold it literally instead, so the float file computes the module's
+    function on any input, not only on data like the BN statistics' (the shipped MobileNetV2 0.5 has two
+    such channels: its fp32 file was 3.3 off the module on noise images, and failed its own check)."""
     moved = move_activation_before_concat(gm)
     folded, skipped = [], []
     obsolete: set[str] = set()
@@ -263,7 +268,7 @@ def fold_conv_bn(gm: GraphModule) -> FusionReport:
         # W · γ / sqrt(eps) ≈ 300 × W, whose range dominates a per-tensor weight scale (the per-tensor
         # collapse of MobileNetV2 0.5: 63 % top-1; 91 % with these channels folded to β) and whose bias
         # scale (input scale × weight scale) rounds β away. Folded to β it computes the same on that data.
-        constant = var <= DEAD_VARIANCE
+        constant = var <= DEAD_VARIANCE if constant_channels else torch.zeros_like(var, dtype=torch.bool)
         scale = torch.where(constant, torch.zeros_like(scale), scale)
         new_w = (w.double() * scale.reshape(-1, *([1] * (w.dim() - 1)))).to(w.dtype)
         new_b = ((torch.zeros_like(mean) if b is None else b.double()) - mean) * scale + beta

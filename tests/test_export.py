@@ -882,3 +882,27 @@ def test_cle_clamps_run_on_integer_codes_in_onnx(small, tmp_path):
     outs = [ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
             .run(None, {"input": x})[0] for m in (on_floats, on_codes)]
     assert np.array_equal(outs[0], outs[1])
+
+
+def test_a_float_file_is_the_module_on_any_input_and_the_callers_state_is_kept(tmp_path):
+    """The shipped MobileNetV2 0.5 has two BN channels of zero variance. Folded to their constant output
+    (right for int8 ranges, and exact on data like the BN statistics'), its fp32 file was 3.3 off the module
+    on noise and `export(model, "onnx-fp32", path)` — verified on synthetic images — failed its own check.
+    Float files now fold those channels literally. And export left a training model in eval mode and the
+    global torch RNG reseeded to `seed` (a notebook exporting between epochs)."""
+    from mobilequant.quant import quantize
+    from mobilequant.weights import default_model
+
+    model = default_model("mobilenetv2_050")
+    model.train()
+    model.features[1].eval()  # a frozen block inside a training model: two flags to give back
+    art = export(model, "onnx-fp32", tmp_path / "m.onnx")  # no data: synthetic images
+    assert art.verification.passed, [str(c) for c in art.verification.checks]
+    assert model.training and not model.features[1].training and model.features[2].training
+    calib = [torch.randn(8, 1, 32, 32)]
+    torch.manual_seed(42)
+    quantize(model, calib)
+    after = torch.rand(4)
+    torch.manual_seed(42)
+    assert torch.equal(after, torch.rand(4))  # the caller's stream where it was
+    assert model.training and not model.features[1].training

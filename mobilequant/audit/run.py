@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..capture import capture
+from ..capture import capture, keeps_caller_state
 from ..fusion import move_activation_before_concat
 from ..errors import CheckFailed, InputError, UsageError
 from .artifact import artifact_provenance, content_target, open_artifact
@@ -231,6 +231,7 @@ def _reference_graph(model: nn.Module, example: torch.Tensor, meta: dict, quant_
     return gm
 
 
+@keeps_caller_state
 def run_audit(
     artifact,
     data,

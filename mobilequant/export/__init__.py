@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .. import __version__
-from ..capture import capture
+from ..capture import capture, keeps_caller_state
 from ..errors import CheckFailed, InputError, UsageError
 from ..fusion import fold_conv_bn
 from .artifact import METADATA_KEY, Artifact, atomic_write, load_artifact, metadata_json
@@ -107,7 +107,7 @@ def _synthetic_images(shape: tuple[int, ...], n: int, seed: int) -> torch.Tensor
 
 def _float_graph(model: nn.Module, example: torch.Tensor):
     gm = capture(model, example)
-    fold_conv_bn(gm)
+    fold_conv_bn(gm, constant_channels=False)  # a float file computes the module on any input
     return gm
 
 
@@ -119,6 +119,7 @@ def _checked_float_graph(model: nn.Module, example: torch.Tensor, spec: Target, 
     return gm
 
 
+@keeps_caller_state
 def export(
     source,
     target: str | None = None,

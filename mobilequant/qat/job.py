@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule
 from torchao.quantization.pt2e import FakeQuantizeBase, move_exported_model_to_eval
 
+from ..capture import keeps_caller_state
 from ..data import ImageData, fit_labels, load_data, stratified_indices
 from ..errors import InputError, UsageError
 from ..quant.ptq import Finding, QuantResult, is_captured
@@ -341,6 +342,7 @@ def _ptq_fingerprint(ptq_result: QuantResult) -> str:
 # The job
 
 
+@keeps_caller_state
 def run_qat(
     config: QATJobConfig,
     *,

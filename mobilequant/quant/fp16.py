@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from torch.fx import GraphModule
 
-from ..capture import capture, layer_name
+from ..capture import capture, keeps_caller_state, layer_name
 from ..errors import InputError
 from ..fusion import CONV_OPS, FusionReport, fold_conv_bn
 
@@ -55,10 +55,11 @@ class Float16Result:
             return self.graph(x)
 
 
+@keeps_caller_state
 def to_float16(model: nn.Module, example_input: torch.Tensor) -> Float16Result:
     """Capture ``model``, fold conv-BN and store its conv / linear weights in float16."""
     gm = capture(model, example_input)
-    fusion = fold_conv_bn(gm)
+    fusion = fold_conv_bn(gm, constant_channels=False)  # a float file computes the module on any input
     n = store_constants_fp16(gm)
     return Float16Result(gm, model, example_input, fusion, num_constants=n)
 

@@ -45,7 +45,7 @@ from torch.fx import GraphModule, Node
 from torchao.quantization.pt2e.observer import FixedQParamsObserver, ObserverBase
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-from ..capture import MQ_NAME, capture, find_unsupported_ops, layer_name
+from ..capture import MQ_NAME, capture, find_unsupported_ops, keeps_caller_state, layer_name
 from ..errors import InputError, UsageError
 from ..fusion import FusionReport, fold_conv_bn
 from .config import QuantConfig
@@ -174,6 +174,7 @@ def _optional_module(name: str, option: str):
     return importlib.import_module(full)
 
 
+@keeps_caller_state
 def quantize(
     model: nn.Module,
     calibration_batches: Iterable,
