@@ -569,6 +569,30 @@ def test_a_file_another_tool_changed_after_export(test_data, tmp_path):
         assert content_target(open_artifact(art.path)) == target
 
 
+def test_a_float_file_of_another_model_fails_the_gate(tmp_path, test_data):
+    """An int8 file's kernels are compared with the model's; a float file's were not: an fp32 / fp16 file
+    of the same architecture with other weights passed every gate (−150 dB, 13 % agreement, its accuracy
+    above the model's). Its logits must now be the model's within float rounding."""
+    from mobilequant.audit.gate import FLOAT_FIDELITY_DB
+    from mobilequant.export import export
+
+    model = _tiny_net()
+    torch.manual_seed(1)
+    other = _tiny_net()
+    for p_other, p_model in zip(other.parameters(), model.parameters()):
+        with torch.no_grad():
+            p_other.copy_(p_model + 0.5 * torch.randn_like(p_model))
+    data = test_data.subset(slice(0, 32))
+    for target, suffix in (("onnx-fp32", ".onnx"), ("tflite-fp16", ".tflite")):
+        art = export(other, target, tmp_path / f"other{suffix}", example_input=data.images[:1],
+                     overrides=NO_VERIFY)
+        r = run_audit(art.path, data, model=model, max_drop=None, layer_checks=False, progress=False)
+        assert [f.check for f in r.failures] == ["float_fidelity"], (target, r.failures)
+        assert r.end_to_end.output_sqnr_db < FLOAT_FIDELITY_DB[target[-4:]]
+        own = export(model, target, tmp_path / f"own{suffix}", example_input=data.images[:1], overrides=NO_VERIFY)
+        assert run_audit(own.path, data, model=model, max_drop=None, layer_checks=False, progress=False).passed
+
+
 def test_not_an_artifact(tmp_path, trained, test_data):
     text = tmp_path / "notes.onnx"
     text.write_text("this is not a model\n")

@@ -288,3 +288,25 @@ def test_unreadable_files(tmp_path):
     torch.save({"weight": torch.zeros(1), "note": "hello"}, mixed)
     with pytest.raises(InputError, match=r"1 entries are not tensors \(note\)"):
         read_state_dict(mixed)
+
+
+def test_a_zoo_name_with_a_checkpoint_of_the_shipped_model_keeps_its_preprocessing(tmp_path):
+    """`--model mobilenetv2_050 --weights edited.pt` (the shipped weights with dead kernels planted, or
+    fine-tuned from them) built the zoo entry's ImageNet configuration: 224-px preprocessing, a 224-px file
+    at 9 % accuracy, and no audit of the 32-px file possible. A checkpoint that fits the shipped model
+    exactly now gets the shipped model: its preprocessing and class names, its own weights."""
+    from mobilequant.api import resolve_model
+    from mobilequant.weights import default_model
+
+    shipped = default_model("mobilenetv2_050")
+    state = shipped.state_dict()
+    state["features.1.conv.0.0.weight"] = torch.zeros_like(state["features.1.conv.0.0.weight"])
+    torch.save({"model." + k: v for k, v in state.items()}, tmp_path / "edited.pt")  # a Lightning prefix too
+    net = resolve_model("mobilenetv2_050", str(tmp_path / "edited.pt"))
+    assert net.preprocess == shipped.preprocess and net.class_names == shipped.class_names
+    assert not net.features[1].conv[0][0].weight.any()
+    # a checkpoint of another shape (3 channels, 5 classes) still gets the zoo entry fitted to it
+    other = create_model("mobilenetv2_050", num_classes=5, in_chans=3)
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    fitted = resolve_model("mobilenetv2_050", str(tmp_path / "other.pt"))
+    assert fitted.preprocess.input_size[0] == 3 and fitted.classifier[-1].out_features == 5

@@ -200,6 +200,21 @@ def _check_weights(matches, graph, meta: dict, gm) -> tuple[dict, dict[str, floa
     return qweights, wsqnr
 
 
+def _float_precision(graph, target: str) -> str | None:
+    """``fp32`` / ``fp16`` for a file that computes in float with float weights; ``None`` otherwise —
+    int8 files, and float files holding int8 weights (dynamic-range or weight-only quantization by other
+    tools, whose content reads as float)."""
+    precision = target.rsplit("-", 1)[-1]
+    if precision not in ("fp32", "fp16"):
+        return None
+    if graph.target == "onnx":
+        int8 = any(a.dtype in (np.int8, np.uint8) for a in graph.init.values())
+    else:
+        written = {o for _name, _ins, outs in graph.ops for o in outs}
+        int8 = any(t.quantized or t.dtype in (np.int8, np.uint8) for t in graph.tensors if t.index not in written)
+    return None if int8 else precision
+
+
 def _deployed_logits(path, images: torch.Tensor, num_threads: int, batch: int) -> np.ndarray:
     """The artifact's outputs as an app gets them: the whole file in its runtime (XNNPACK for LiteRT)."""
     from ..runtime import open_runner
@@ -404,7 +419,7 @@ def run_audit(
                                                       "quantized", len(data), exclude, ref_layers)
 
     gate = Gate(max_drop, min_sqnr, fail_on_dead_kernels)
-    failures = evaluate_gate(gate, e2e, results, findings)
+    failures = evaluate_gate(gate, e2e, results, findings, float_precision=_float_precision(graph, actual))
     timings["total"] = time.perf_counter() - t_start
     return AuditReport(
         artifact={"path": path, "target": meta.get("target", actual), "format": graph.target,

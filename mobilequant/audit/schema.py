@@ -41,7 +41,8 @@ REPORT_SCHEMA: dict = {
                 "required": ["check", "subject", "message", "value", "limit"],
                 "additionalProperties": False,
                 "properties": {
-                    "check": {"enum": ["accuracy_drop", "disagreement", "layer_sqnr", "dead_kernels"]},
+                    "check": {"enum": ["float_fidelity", "accuracy_drop", "disagreement", "layer_sqnr",
+                                               "dead_kernels"]},
                     "subject": {"type": "string"},
                     "message": {"type": "string"},
                     "value": _NUM,
