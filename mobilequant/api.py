@@ -585,9 +585,9 @@ def audit(artifact: str, model: str | None = None, weights: str | None = None, d
     """Audit an exported artifact against its float model; ``failed`` when the gate fails (exit 1)."""
     from .audit import run_audit
 
-    for out in (report, html):  # before the audit runs: a path that cannot take the report fails now
-        if out and Path(out).is_dir():
-            raise InputError(f"cannot write {out}: it is a directory (give a file name)")
+    from .audit.report import check_report_paths
+
+    check_report_paths(artifact, report, html)  # before the audit runs: a path that cannot take a report
     if model is None and weights is not None:  # --weights for the zoo model the artifact names
         model = _artifact_model_name(artifact)
     net = resolve_model(model, weights) if (model is not None or weights is not None) else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -202,6 +203,15 @@ def test_gate_orders_failures_and_uses_isolated_sqnr():
     assert [f.subject for f in fails[1:]] == ["d", "b"]  # worst first; "c" only inherits error: not failed
     assert fails[0].value == pytest.approx(2.0)
     assert evaluate_gate(Gate(max_drop=3.0, min_sqnr=None), e2e, layers, []) == []
+
+
+def test_a_failure_never_prints_its_figure_as_the_limit():
+    """`--min-sqnr 31.6` failed a layer at 31.598 dB and said "isolated SQNR 31.6 dB < 31.6 dB"."""
+    e2e = EndToEnd(1000, True, 0.90, 0.88, 0.95, 0.999, 20.0)
+    (f,) = evaluate_gate(Gate(max_drop=None, min_sqnr=31.6), e2e, [_layer(0, "a", 31.598, 30)], [])
+    assert "isolated SQNR 31.598 dB < 31.6 dB" in f.message
+    (f,) = evaluate_gate(Gate(max_drop=None, min_sqnr=15), e2e, [_layer(0, "a", 12, 12)], [])
+    assert "isolated SQNR 12.0 dB < 15 dB" in f.message
 
 
 def test_gate_without_labels_gates_disagreement():
@@ -648,3 +658,32 @@ def test_labels_outside_the_model_classes(tflite_artifact, trained, test_data):
     bad = ImageData(test_data.images[:20], torch.full((20,), 12, dtype=torch.int64), "bad labels")
     with pytest.raises(InputError, match="labels .* run from 12 to 12 but the model has 10 classes"):
         run_audit(tflite_artifact, bad, model=trained, layer_checks=False)
+
+
+def test_report_paths_that_could_only_fail_or_destroy_are_refused_before_the_audit(tmp_path):
+    """`--report model.onnx` replaced the audited model with its report; `--report out/` wrote a file named
+    `out`; an unwritable `--html` was found after the whole audit (the JSON report already written, exit 2)."""
+    from mobilequant.audit.report import check_report_paths
+
+    art = tmp_path / "m.onnx"
+    art.write_bytes(b"model")
+    (tmp_path / "afile").write_text("x")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o555)
+    bad = {
+        str(art): "is the artifact being audited",
+        str(tmp_path / "out") + "/": "names a directory",
+        str(tmp_path): "names a directory",
+        str(tmp_path / "afile" / "r.json"): "is a file, not a directory",
+    }
+    if os.geteuid() != 0:  # root writes into a 0o555 directory
+        bad[str(ro / "r.json")] = "Permission denied"
+    for path, why in bad.items():
+        with pytest.raises(InputError, match=why):
+            check_report_paths(art, path)
+    with pytest.raises(InputError, match="different names"):
+        check_report_paths(art, tmp_path / "r.json", tmp_path / "r.json")
+    check_report_paths(art, tmp_path / "new" / "deeper" / "r.json", tmp_path / "r.html", None)  # fine
+    assert not (tmp_path / "new").exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert art.read_bytes() == b"model"

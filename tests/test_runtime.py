@@ -178,3 +178,23 @@ def test_bench_feeds_onnx_inputs_of_their_own_type(tmp_path, elem, dtype):
     path = tmp_path / "id.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     assert measure_latency(path, runs=3, warmup=1).median_ms > 0
+
+
+def test_an_onnx_file_named_tflite_is_called_what_it_is(tmp_path):
+    """An ONNX file saved as .tflite was "not a TFLite model (no 'TFL3' flatbuffer identifier)"."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from mobilequant.errors import InputError
+    from mobilequant.runtime.tflite import check_tflite_file
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    path = tmp_path / "model.tflite"
+    path.write_bytes(helper.make_model(graph).SerializeToString())
+    with pytest.raises(InputError, match="it is an ONNX model"):
+        check_tflite_file(path)
+    path.write_text("hello")
+    with pytest.raises(InputError, match="no 'TFL3'"):
+        check_tflite_file(path)

@@ -33,7 +33,9 @@ def open_artifact(path: str | os.PathLike, num_threads: int | None = 1):
 
         return TFLiteGraph(str(path), num_threads=num_threads)
     if path.suffix.lower() == ".tflite":
-        raise InputError(f"{path} is not a TFLite model (no 'TFL3' flatbuffer identifier)")
+        from ..runtime.tflite import check_tflite_file
+
+        check_tflite_file(path)  # raises, saying so when the file is an ONNX model
     from .onnx_graph import OnnxGraph
 
     try:

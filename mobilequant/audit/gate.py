@@ -31,6 +31,24 @@ __all__ = ["evaluate_gate", "FLOAT_FIDELITY_DB"]
 FLOAT_FIDELITY_DB = {"fp32": 60.0, "fp16": 35.0}  # logits SQNR a float file of its own model stays above
 
 
+def _digits(value: float, limit: float, first: int) -> str:
+    """``value`` with as many decimals as it takes not to print as the limit it failed ("isolated SQNR
+    31.6 dB < 31.6 dB" for 31.598)."""
+    for d in range(first, 7):
+        text = f"{value:.{d}f}"
+        if float(text) != limit:
+            return text
+    return repr(value)
+
+
+def _below(value: float, limit: float) -> str:
+    return _digits(value, limit, 1)
+
+
+def _above(value: float, limit: float) -> str:
+    return _digits(value, limit, 2)
+
+
 def evaluate_gate(gate: Gate, e2e: EndToEnd, layers: Iterable[LayerResult], findings: Iterable[Finding],
                   float_precision: str | None = None) -> list[GateFailure]:
     """``float_precision``: ``"fp32"`` / ``"fp16"`` for a float file (its fidelity is then gated too)."""
@@ -50,13 +68,13 @@ def evaluate_gate(gate: Gate, e2e: EndToEnd, layers: Iterable[LayerResult], find
             if e2e.drop_pp > gate.max_drop:
                 out.append(GateFailure(
                     "accuracy_drop", "model",
-                    f"top-1 accuracy drop {e2e.drop_pp:.2f} pp > {gate.max_drop:g} pp "
+                    f"top-1 accuracy drop {_above(e2e.drop_pp, gate.max_drop)} pp > {gate.max_drop:g} pp "
                     f"(float {100 * e2e.float_top1:.2f} %, artifact {100 * e2e.quant_top1:.2f} %{noise})",
                     e2e.drop_pp, gate.max_drop))
         elif e2e.disagreement_pp > gate.max_drop:
             out.append(GateFailure(
                 "disagreement", "model",
-                f"top-1 disagreement with the float model {e2e.disagreement_pp:.2f} pp > {gate.max_drop:g} pp "
+                f"top-1 disagreement with the float model {_above(e2e.disagreement_pp, gate.max_drop)} pp > {gate.max_drop:g} pp "
                 f"(no labels: the disagreement bounds the accuracy drop from above{noise})",
                 e2e.disagreement_pp, gate.max_drop))
     if gate.min_sqnr is not None:
@@ -64,7 +82,7 @@ def evaluate_gate(gate: Gate, e2e: EndToEnd, layers: Iterable[LayerResult], find
         for l in sorted(bad, key=lambda l: (l.iso_sqnr, l.index)):
             out.append(GateFailure(
                 "layer_sqnr", l.name,
-                f"layer {l.name} ({l.kind}): isolated SQNR {l.iso_sqnr:.1f} dB < {gate.min_sqnr:g} dB "
+                f"layer {l.name} ({l.kind}): isolated SQNR {_below(l.iso_sqnr, gate.min_sqnr)} dB < {gate.min_sqnr:g} dB "
                 f"(accumulated {l.acc_sqnr:.1f} dB)", l.iso_sqnr, gate.min_sqnr))
     if gate.fail_on_dead_kernels:
         for f in sorted((f for f in findings if f.severity == "error"), key=lambda f: f.sort_key):

@@ -225,6 +225,39 @@ class AuditReport:
         return format_terminal(self, top)
 
 
+def check_report_paths(artifact: str | os.PathLike, *paths: str | os.PathLike | None) -> None:
+    """Refuse, before an audit runs, report paths it could only fail on (or lose data through) after it:
+    a name ending in a slash (``--report out/`` had written a *file* named ``out``), the artifact itself
+    (``--report model.onnx`` replaced the model by its report), the same file for two reports, an existing
+    directory, and a place no file can be created in (a read-only directory, ``/proc``, below a regular
+    file) — found by creating and removing a probe file in the nearest existing directory. A missing
+    directory is created when the report is written."""
+    import tempfile
+
+    given = [str(p) for p in paths if p]
+    resolved = [Path(p).expanduser().resolve() for p in given]
+    art = Path(artifact).expanduser().resolve()
+    for text, path in zip(given, resolved):
+        if text.endswith(("/", os.sep)) or path.is_dir():
+            raise InputError(f"cannot write the report {text}: it names a directory (give a file name)")
+        if path == art:
+            raise InputError(f"cannot write the report {text}: it is the artifact being audited")
+        if resolved.count(path) > 1:
+            raise InputError(f"cannot write both reports to {text}: give the JSON and the HTML report "
+                             "different names")
+        base = path.parent
+        while not base.exists() and base != base.parent:
+            base = base.parent
+        if not base.is_dir():
+            raise InputError(f"cannot write the report {text}: {base} is a file, not a directory")
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".mq-probe-", dir=base)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise InputError(f"cannot write the report {text}: {base}: {e.strerror or e}") from None
+
+
 def _atomic_write(path: str | os.PathLike, text: str) -> Path:
     """Write a report atomically, creating its directory (an existing directory as ``path`` or an
     unwritable place is an ``InputError`` naming it)."""

@@ -5,17 +5,20 @@ a ``metadata_props`` key) whose value is canonical JSON (sorted keys, no timesta
 gives the same bytes): model name, target, recipe, mobilequant version, quant table sha256, input layout
 and I/O type, the rewrites made, and the name map (stable layer name → tensor name in the file).
 
-Files are written atomically: bytes go to a temporary file in the destination directory, are flushed
-and fsync'ed, then ``os.replace``-d onto the destination. A failure at any point leaves no file at the
-destination (and an earlier file there untouched).
+Files are written atomically (:func:`atomic_write`, :func:`atomic_write_all` for a file and its report):
+bytes go to a temporary file in the destination directory, are flushed and fsync'ed, then
+``os.replace``-d onto the destination. A failure at any point leaves no file at the destination (and an
+earlier file there untouched) and is an :class:`InputError` (``cannot write PATH: REASON``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -23,7 +26,7 @@ from typing import BinaryIO
 from ..errors import InputError
 from .tflite_file import TFLITE_METADATA_KEY, read_tflite
 
-__all__ = ["Artifact", "atomic_write", "load_artifact", "metadata_json", "METADATA_KEY", "FORMAT_VERSION"]
+__all__ = ["Artifact", "atomic_write", "atomic_write_all", "load_artifact", "metadata_json", "METADATA_KEY", "FORMAT_VERSION"]
 
 METADATA_KEY = TFLITE_METADATA_KEY
 FORMAT_VERSION = 1
@@ -70,40 +73,102 @@ def metadata_json(metadata: dict) -> str:
 
 
 def atomic_write(path: str | Path, data: bytes | Callable[[BinaryIO], None]) -> Path:
-    """Write ``data`` (bytes, or a function writing to a binary file) to ``path`` atomically."""
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
+    """Write ``data`` (bytes, or a function writing to a binary file) to ``path`` atomically.
+
+    * The bytes go to a short-named temporary file (``.mq-XXXXXXXX.tmp``, so any name the file system
+      allows can be written) in the destination's directory, are fsync'ed, then ``os.replace``-d onto it.
+    * A symbolic link at ``path`` is written through: the file it points to is replaced and the link stays
+      (a ``current.onnx -> releases/v3.onnx`` layout keeps its link).
+    * A file replaced keeps its permission bits; a new one gets ``0o666`` less the umask, as ``open`` gives.
+    * Any failure (no space, file size limit, read-only file system, an immutable file) is an
+      :class:`InputError` ``cannot write PATH: REASON``; the temporary file is removed and an earlier file
+      at ``path`` is untouched.
+    """
+    return atomic_write_all([(path, data)])[0]
+
+
+def atomic_write_all(files: Sequence[tuple[str | Path, bytes | Callable[[BinaryIO], None]]]) -> list[Path]:
+    """Write several files (``(path, data)`` pairs, as :func:`atomic_write`) as one step: every temporary
+    file is written and fsync'ed before any is renamed into place, so a failure while writing (no space,
+    a name too long) leaves every destination as it was. Only a failing rename (rare: an immutable
+    destination) can leave the earlier ones replaced; its error names them."""
+    pending: list[tuple[str, Path, Path]] = []  # (temporary file, file it replaces, path given)
+    done: list[Path] = []
+    try:
+        for path, data in files:
+            path = Path(path)
+            dest = _destination(path)
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=".mq-", suffix=".tmp", dir=dest.parent)
+            except OSError as e:
+                raise _cannot_write(path, e) from None
+            pending.append((tmp, dest, path))
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    os.fchmod(f.fileno(), _mode_for(dest))
+                    if callable(data):
+                        data(f)
+                    else:
+                        f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:
+                raise _cannot_write(path, e) from None
+        while pending:
+            tmp, dest, path = pending[0]
+            try:
+                os.replace(tmp, dest)
+            except OSError as e:
+                raise _cannot_write(path, e, done) from None
+            pending.pop(0)
+            done.append(path)
+    finally:
+        for tmp, _, _ in pending:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    return done
+
+
+def _destination(path: Path) -> Path:
+    """The file that writing ``path`` replaces: the target of a symbolic link, else ``path`` itself."""
+    dest = Path(os.path.realpath(path)) if path.is_symlink() else path
+    directory = dest.parent if str(dest.parent) else Path(".")
     if not directory.is_dir():
-        raise InputError(f"cannot write {path}: directory {directory} does not exist")
-    if path.is_dir():
+        via = f" (the link points to {dest})" if dest != path else ""
+        raise InputError(f"cannot write {path}: directory {directory} does not exist{via}")
+    if dest.is_dir():
         raise InputError(f"cannot write {path}: it is a directory (give a file name)")
+    return dest
+
+
+def _mode_for(dest: Path) -> int:
+    """Permission bits of the file written at ``dest``: those of the file it replaces, else what ``open``
+    would give a new file (``0o666`` less the umask; mkstemp's own mode is 0o600)."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    except OSError as e:
-        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
+        return stat.S_IMODE(os.stat(dest).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it: ``os.umask`` can only be read by setting it, and
+    another thread creating a file between the set and the restore would get the wrong mode. Linux (4.7+)
+    shows it in /proc/self/status; elsewhere the set-and-restore pair is the only way."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with _suppress_oserror():
-            os.unlink(tmp)
-        raise
-    return path
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
-class _suppress_oserror:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        return exc_type is not None and issubclass(exc_type, OSError)
+def _cannot_write(path: Path, e: OSError, done: Sequence[Path] = ()) -> InputError:
+    replaced = f" ({', '.join(map(str, done))} already replaced)" if done else ""
+    return InputError(f"cannot write {path}: {e.strerror or e}{replaced}")
 
 
 def _read_metadata_tflite(data: bytes, path: Path) -> dict:

@@ -60,8 +60,20 @@ def check_tflite_file(path: str | Path) -> bytes:
     except OSError as e:
         raise InputError(f"cannot read TFLite model {path}: {e.strerror or e}") from None
     if len(data) < 8 or data[4:8] != _TFLITE_IDENTIFIER:
+        if _is_onnx(data):
+            raise InputError(f"{path} is not a TFLite model: it is an ONNX model (name it .onnx)")
         raise InputError(f"{path} is not a TFLite model (no 'TFL3' flatbuffer identifier)")
     return data
+
+
+def _is_onnx(data: bytes) -> bool:
+    """Whether ``data`` parses as an ONNX model with a graph (for the message about a misnamed file)."""
+    try:
+        import onnx
+
+        return len(onnx.load_model_from_string(data).graph.node) > 0
+    except Exception:  # noqa: BLE001 - any parse failure: not ONNX
+        return False
 
 
 @dataclass(frozen=True)
