@@ -5,10 +5,20 @@ summary, or JSON with ``--json``). User errors (:class:`mobilequant.errors.Mobil
 line on stderr and exit 2 (usage / bad input) or 1 (a failed check or gate); nothing else is caught, so a
 bug keeps its traceback. Ctrl-C exits 130 and SIGTERM 143, each after the cleanup a failed job runs.
 ``main(argv)`` takes an argv list so tests need no subprocess.
+
+The streams: output that stdout's encoding cannot show is written as ``\\u2192`` escapes (an ASCII or
+Latin-1 locale, ``PYTHONIOENCODING=ascii``), never an error. A reader that closes stdout early
+(``mobilequant zoo list | head -1``) ends the command quietly with exit 141, what a shell reports for any
+tool stopped by SIGPIPE (``set -o pipefail`` sees it; a job that was writing files still cleans up);
+any other failure to write stdout (``> /dev/full``) is one error line and exit 2. With stderr closed
+(``2>&-``) the error and warning lines are dropped, not written to stdout. mobilequant's own warnings are
+always printed as warnings (one line each), even under ``-W error`` / ``PYTHONWARNINGS=error``, which
+still applies to the libraries' warnings.
 """
 
 from __future__ import annotations
 
+import abc
 import argparse
 import contextlib
 import json
@@ -25,6 +35,7 @@ from .errors import MobileQuantError, UsageError, did_you_mean
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT / SIGTERM, what a shell reports for a killed job
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: stdout's reader went away (`| head -1`), as for any tool killed by it
 
 # the top-level help's description: plain text (the module docstring is reStructuredText for Sphinx)
 DESCRIPTION = ("mobilequant: quantize MobileNet-style networks and write int8 / float16 TFLite and ONNX files,\n"
@@ -168,7 +179,8 @@ def _model_args(p: argparse.ArgumentParser, data_help: str,
     p.add_argument("--model", default=None,
                    help=f"zoo name, 'pkg.module:factory' or 'path/file.py:factory' (default: {model_default})")
     p.add_argument("--weights", default=None,
-                   help="checkpoint (state_dict) to load, read with weights_only=True; a zoo --model takes the "
+                   help="checkpoint (state_dict) to load, read with weights_only=True; a zoo --model with shipped "
+                        "weights keeps their preprocessing when the checkpoint has their shapes, else takes the "
                         "class count and input channels the checkpoint was trained with")
     p.add_argument("--data", default="builtin", help=data_help + " (rules: docs/data.md)")
 
@@ -296,7 +308,15 @@ def _print(result, as_json: bool, quiet: bool = False) -> None:
     elif not quiet:
         print(result.summary() if hasattr(result, "summary") else result)
     elif getattr(result, "failed", False):  # -q hides the summary, not the reason for exit code 1
-        print(f"mobilequant: failed: {result.failure}", file=sys.stderr)
+        _say(f"mobilequant: failed: {result.failure}")
+
+
+def _say(line: str) -> None:
+    """One line on stderr. Nothing with no stderr (``2>&-``: ``print`` would fall back to stdout, mixing
+    an error into the output) or a failing one (the exit code still tells)."""
+    if sys.stderr is not None:
+        with contextlib.suppress(OSError):
+            print(line, file=sys.stderr, flush=True)
 
 
 def _quiet_library_logs() -> None:
@@ -310,7 +330,18 @@ def _quiet_library_logs() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # our warnings speak to the user of an application, who gets them printed even under -W error
+    warnings.filterwarnings("default", category=_OwnWarning)
     warnings.showwarning = _show_warning
+
+
+class _OwnWarning(Warning, metaclass=abc.ABCMeta):
+    """Stands for every warning category defined in mobilequant (``DataWarning``, ``QATWarning``, ...) in a
+    warnings filter: a category is one by its module, so one in a module not imported yet is one too."""
+
+    @classmethod
+    def __subclasshook__(cls, category):
+        return True if category.__module__.startswith("mobilequant.") else NotImplemented
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -318,14 +349,24 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     a library's warning keeps Python's format, which says where it comes from."""
     import warnings
 
-    if category.__module__.startswith("mobilequant."):
-        print(f"mobilequant: warning: {message}", file=sys.stderr if file is None else file, flush=True)
-    else:
-        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+    file = sys.stderr if file is None else file
+    if file is None:  # stderr closed
+        return
+    with contextlib.suppress(OSError):
+        if issubclass(category, _OwnWarning):
+            print(f"mobilequant: warning: {message}", file=file, flush=True)
+        else:
+            file.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def _run(args: argparse.Namespace) -> int:
     _quiet_library_logs()
+    try:  # torch needs one as it imports (its compile cache): without it every command ends in a traceback
+        tempfile.gettempdir()
+    except FileNotFoundError:
+        tried = f"TMPDIR={os.environ['TMPDIR']}, " if os.environ.get("TMPDIR") else "TMPDIR is not set; "
+        raise UsageError(f"no usable temporary directory ({tried}/tmp, /var/tmp, /usr/tmp and the current "
+                         "directory are not writable): set TMPDIR to a writable directory") from None
     from . import api  # imported here: heavy dependencies load only for commands that need them
 
     if args.command == "zoo":
@@ -376,17 +417,20 @@ def _native_stderr_held(enabled: bool):
     terminal. ``TF_CPP_MIN_LOG_LEVEL`` silences none of these three (absl logs through its own sink), so
     descriptor 2 itself is pointed at a temporary file while the command runs; the file is replayed when
     the command ends in a bug (an exception that is not a user error or a stop), where those lines may be
-    the diagnosis, and dropped otherwise."""
+    the diagnosis, and dropped otherwise. With no writable temporary directory nothing is held."""
     try:
         stream = sys.stderr
         usable = enabled and stream is not None and stream.fileno() == 2
     except (AttributeError, OSError, ValueError):  # pytest's capsys, a closed or replaced stream
         usable = False
-    if not usable:
+    held = None
+    if usable:
+        with contextlib.suppress(OSError):  # FileNotFoundError: no usable temporary directory
+            held = tempfile.TemporaryFile()
+    if held is None:
         yield
         return
     stream.flush()
-    held = tempfile.TemporaryFile()
     saved = os.dup(2)
     python_stderr = open(saved, "w", encoding=stream.encoding, errors=stream.errors,  # noqa: SIM115
                          buffering=1, closefd=False)
@@ -395,7 +439,7 @@ def _native_stderr_held(enabled: bool):
     try:
         yield
     except BaseException as e:
-        if not isinstance(e, (MobileQuantError, KeyboardInterrupt)):
+        if not isinstance(e, (MobileQuantError, KeyboardInterrupt)) and not _on_stdout(e):
             held.seek(0)
             python_stderr.flush()
             os.write(saved, held.read())
@@ -433,7 +477,81 @@ def _sigterm_raises():
         signal.signal(signal.SIGTERM, previous)
 
 
+class _MarkedStdout:
+    """``sys.stdout`` while a command runs: an ``OSError`` raised by writing to it is marked (and re-raised
+    as it is), so :func:`main` tells a closed pipe or a full disk behind ``>`` from the command's own
+    errors. Everything else is the real stream's."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except OSError as e:
+            e.mobilequant_stdout = True
+            raise
+
+    def flush(self):
+        try:
+            return self._stream.flush()
+        except OSError as e:
+            e.mobilequant_stdout = True
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _on_stdout(e: BaseException) -> bool:
+    return getattr(e, "mobilequant_stdout", False)
+
+
+def _never_fail_on_encoding() -> None:
+    """What stdout / stderr cannot encode (→, ≥, · under an ASCII or Latin-1 locale) is written escaped.
+    Python's own choice fails on it: ``strict``, or ``surrogateescape`` in the C locale."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) in ("strict", "surrogateescape") and hasattr(stream, "reconfigure"):
+            with contextlib.suppress(OSError, ValueError):
+                stream.reconfigure(errors="backslashreplace")
+
+
+def _stdout_to_devnull(stream) -> None:
+    """After stdout failed: what is left in its buffer goes nowhere, so the interpreter's flush at exit does
+    not fail again with a traceback (the pattern of Python's documentation on SIGPIPE)."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, stream.fileno())
+        finally:
+            os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _never_fail_on_encoding()
+    stdout = sys.stdout
+    if stdout is not None:
+        sys.stdout = _MarkedStdout(stdout)
+    try:
+        try:
+            return _main(argv)
+        finally:
+            if sys.stdout is not None:  # here, not at exit: a failure is still ours to report
+                sys.stdout.flush()
+    except OSError as e:
+        if not _on_stdout(e):
+            raise
+        _stdout_to_devnull(stdout)
+        if isinstance(e, BrokenPipeError):  # the reader has what it wanted (`| head -1`): no message
+            return EXIT_BROKEN_PIPE
+        _say(f"mobilequant: error: cannot write to standard output: {e.strerror or e}")
+        return EXIT_USAGE
+    finally:
+        if isinstance(sys.stdout, _MarkedStdout):
+            sys.stdout = stdout
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     with _sigterm_raises():
@@ -456,15 +574,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             with _native_stderr_held(getattr(args, "quiet", False)):
                 return _run(args)
         except MobileQuantError as e:
-            print(f"mobilequant: error: {e}", file=sys.stderr)
+            _say(f"mobilequant: error: {e}")
             return e.exit_code
         except Terminated:
             # what reached the output path depends on where the job was stopped: say nothing about it
             # (temporary files and an output folder the job created and left empty are removed)
-            print("mobilequant: terminated (SIGTERM)" + _qat_note(argv), file=sys.stderr)
+            _say("mobilequant: terminated (SIGTERM)" + _qat_note(argv))
             return EXIT_TERMINATED
         except KeyboardInterrupt:
-            print("mobilequant: interrupted" + _qat_note(argv), file=sys.stderr)
+            _say("mobilequant: interrupted" + _qat_note(argv))
             return EXIT_INTERRUPTED
 
 

@@ -687,3 +687,26 @@ def test_report_paths_that_could_only_fail_or_destroy_are_refused_before_the_aud
     check_report_paths(art, tmp_path / "new" / "deeper" / "r.json", tmp_path / "r.html", None)  # fine
     assert not (tmp_path / "new").exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert art.read_bytes() == b"model"
+
+
+def test_a_file_without_a_name_map_must_have_the_models_kernels(tmp_path, test_data):
+    """Without metadata nothing ties the file to the model: ShuffleNetV2's int8 file audited against
+    MobileNetV2 passed the gate (the two agree on 94 % of Fashion-MNIST). The kernels' total size must fit."""
+    import onnx
+
+    from mobilequant.export import export
+
+    model = _tiny_net()
+    data = test_data.subset(slice(0, 32))
+    art = export(model, "onnx-int8", tmp_path / "m.onnx", calibration_data=[data.images], overrides=NO_VERIFY)
+    proto = onnx.load(str(art.path))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(tmp_path / "bare.onnx"))
+    r = run_audit(tmp_path / "bare.onnx", data, model=model, max_drop=None, progress=False)
+    assert any("no name map" in w for w in r.warnings)
+    wider = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, stride=2, padding=1), torch.nn.BatchNorm2d(16),
+                                torch.nn.ReLU6(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(16, 10)).eval()
+    wider.preprocess = model.preprocess
+    with pytest.raises(InputError, match=r"kernels hold 152 weights, the model's 304"):
+        run_audit(tmp_path / "bare.onnx", data, model=wider, max_drop=None, progress=False)

@@ -151,7 +151,7 @@ CASES = [
     ("zero-classes", lambda d: ["zoo", "info", "mobilenetv2_050", "--num-classes", "0"], 2, "num_classes"),
     ("nan-gate", lambda d: ["audit", str(d / "truncated.tflite"), "--max-drop", "nan"], 2, "finite number"),
     ("report-path-is-a-directory", lambda d: ["audit", str(d / "truncated.tflite"), "--html", str(d / "empty_dir")],
-     2, "is a directory"),
+     2, "names a directory"),
     # zoo info at a resolution the model cannot take: one line naming model and size (was a traceback)
     ("too-small-resolution", lambda d: ["zoo", "info", "squeezenet1_0", "--resolution", "17"], 2,
      "'squeezenet1_0' cannot take 17×17 inputs"),
@@ -353,7 +353,7 @@ def test_sigterm_runs_the_cleanup_and_exits_143(files, tmp_path, capsys, monkeyp
         monkeypatch.setattr(os, "fsync", killed_while_writing)
         (tmp_path / "kept").mkdir()
         assert main([*common, "-o", str(tmp_path / "kept")]) == 143
-        assert list((tmp_path / "kept").iterdir()) == []  # no .NAME.onnx.XXXX.tmp
+        assert list((tmp_path / "kept").iterdir()) == []  # no .mq-XXXXXXXX.tmp
         assert signal.getsignal(signal.SIGTERM) is not_handled  # main restores the handler it replaced
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -200,6 +200,32 @@ def _check_weights(matches, graph, meta: dict, gm) -> tuple[dict, dict[str, floa
     return qweights, wsqnr
 
 
+def _kernel_elements(graph) -> int:
+    """Elements of the file's constant weight tensors (2-D or more, float or 8-bit): one copy of every
+    conv / linear kernel in a file of any tool."""
+    kinds = (np.floating, np.int8, np.uint8)
+    if graph.target == "onnx":
+        arrays = graph.init.values()
+        return sum(a.size for a in arrays if a.ndim >= 2 and any(np.issubdtype(a.dtype, k) for k in kinds))
+    written = {o for _name, _ins, outs in graph.ops for o in outs}
+    read = {i for _name, ins, _outs in graph.ops for i in ins}
+    return sum(int(np.prod(t.shape)) for t in graph.tensors
+               if t.index in read - written and len(t.shape) >= 2 and t.index not in graph.inputs
+               and any(np.issubdtype(t.dtype, k) for k in kinds))
+
+
+def _check_kernel_count(model: nn.Module, graph) -> None:
+    """Without a name map nothing ties the file's layers to the model's: a file of ShuffleNetV2 audited
+    against MobileNetV2 passed (both answer alike on most Fashion-MNIST images). The kernels' total size is
+    the architecture's fingerprint: another network's file differs from the model's by far more than the
+    few percent any converter adds or folds away."""
+    own = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
+    found = _kernel_elements(graph)
+    if own and abs(found - own) > 0.1 * own:
+        raise InputError(f"the artifact's kernels hold {found:,} weights, the model's {own:,}: artifact and model "
+                         "do not belong together (another architecture or width?)")
+
+
 def _float_precision(graph, target: str) -> str | None:
     """``fp32`` / ``fp16`` for a file that computes in float with float weights; ``None`` otherwise —
     int8 files, and float files holding int8 weights (dynamic-range or weight-only quantization by other
@@ -368,6 +394,8 @@ def run_audit(
     elif layer_checks and not stale:
         warnings.append("the artifact has no name map (stable layer name → tensor): per-layer checks skipped; "
                         "re-export it with this mobilequant")
+    if not name_map:
+        _check_kernel_count(model, graph)
     qweights, wsqnr = _check_weights(matches, graph, meta, ref_gm if ref_gm is not None else gm)
 
     reference = FloatReference(ref_gm if ref_gm is not None else gm, ref_layers, [m.layer.name for m in matches] +
@@ -378,7 +406,9 @@ def run_audit(
             warnings.append(note)
     from tqdm.auto import tqdm
 
-    bar_off = (not progress) if progress is not None else None  # None: tqdm shows bars on a terminal only
+    # None: tqdm shows bars on a terminal only — also for progress=True: in a CI log (stderr a file or a
+    # pipe) a bar is a line of carriage returns
+    bar_off = True if progress is False else None
     with tqdm(total=len(matches), desc="audit: cutting layers", unit="layer", disable=bar_off, leave=False) as bar:
         segments = build_segments(graph, matches, input_tensors, progress=bar) if matches else {}
     timings["prepare"] = time.perf_counter() - t

@@ -105,7 +105,7 @@ def atomic_write_all(files: Sequence[tuple[str | Path, bytes | Callable[[BinaryI
             pending.append((tmp, dest, path))
             try:
                 with os.fdopen(fd, "wb") as f:
-                    os.fchmod(f.fileno(), _mode_for(dest))
+                    os.chmod(tmp, _mode_for(dest))
                     if callable(data):
                         data(f)
                     else:
