@@ -103,7 +103,7 @@ def zoo_info(name: str, resolution: int | None = None, num_classes: int | None =
     resolution = info.paper_resolution if resolution is None else resolution
     num_classes = info.paper_num_classes if num_classes is None else num_classes
     if resolution < 16:
-        raise UsageError(f"--resolution must be at least 16, got {resolution}")
+        raise UsageError(f"resolution (--resolution) must be at least 16, got {resolution}")
     kwargs = {"num_classes": num_classes, "resolution": resolution}
     if width_mult is not None:
         kwargs["width_mult"] = width_mult
@@ -137,7 +137,7 @@ def _next_resolution(counts, resolution: int, limit: int = 256) -> str:
             counts(res)
         except RuntimeError:
             continue
-        return f"; the next --resolution that works is {res}"
+        return f"; the next --resolution that works is {res} (resolution={res})"
     return ""
 
 
@@ -160,6 +160,9 @@ def resolve_model(model: str | None = None, weights: str | None = None):
         return default_model(DEFAULT_WEIGHTS)
     if model is None:
         model = DEFAULT_WEIGHTS
+    _refuse_non_name(model, "model")
+    _refuse_non_name(weights, "weights")
+    model = os.fspath(model)
     if ":" not in model:
         _refuse_file_as_model(model)
     if weights is None and ":" not in model:
@@ -202,6 +205,21 @@ def _shipped_with_checkpoint(model: str, weights: str):
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".tar")
 
 
+def _refuse_non_name(value, what: str) -> None:
+    """``model`` / ``weights`` are names and paths: an ``nn.Module`` (or anything else) is refused with the
+    function that takes it, not read as a string (``argument of type 'Small' is not iterable``)."""
+    import torch.nn as nn
+
+    if value is None or isinstance(value, (str, os.PathLike)):
+        return
+    if isinstance(value, nn.Module):
+        raise UsageError(f"{what}= takes a name or path (a zoo name, 'pkg.module:factory' or 'file.py:factory'), "
+                         f"not a {type(value).__name__} module: for an nn.Module call mobilequant.export.export(model, "
+                         "target, path, calibration_data=...) (or mobilequant.quant.quantize, "
+                         "mobilequant.audit.run_audit)")
+    raise UsageError(f"{what}= takes a name or path (str), got {type(value).__name__}")
+
+
 def _refuse_file_as_model(model: str) -> None:
     """A file named as ``--model`` without ``:factory``: say what to write instead (before any loading)."""
 
@@ -211,12 +229,12 @@ def _refuse_file_as_model(model: str) -> None:
     if model in list_models():  # a zoo name wins over a file of that name in the working directory
         return
     if path.suffix == ".py":
-        raise UsageError(f"--model {model}: name the function in it that builds the model, e.g. "
-                         f"'{model}:build' (the checkpoint, if any, goes in --weights)")
+        raise UsageError(f"model (--model) {model}: name the function in it that builds the model, e.g. "
+                         f"'{model}:build' (the checkpoint, if any, goes in weights / --weights)")
     if path.suffix.lower() in _CHECKPOINT_SUFFIXES or path.is_file():
-        raise UsageError(f"--model {model} is a file, not an architecture: give the architecture with --model "
-                         "(a zoo name, 'pkg.module:factory' or 'file.py:factory') and the checkpoint with "
-                         f"--weights {model}")
+        raise UsageError(f"model (--model) {model} is a file, not an architecture: give the architecture as "
+                         "model / --model (a zoo name, 'pkg.module:factory' or 'file.py:factory') and the "
+                         f"checkpoint as weights / --weights {model}")
 
 
 def _model_name(net) -> str:
@@ -266,8 +284,26 @@ def _output_path(out: str | None, name: str, suffix: str, target: str, variant: 
         raise UsageError(f"cannot write {path}: it is a directory (give a file name)")
     if not path.parent.is_dir():
         raise UsageError(f"output directory {path.parent} does not exist")
+    written = Path(os.path.realpath(path)) if path.is_symlink() else path  # atomic_write writes through a link
     try:
+        if not written.parent.is_dir():
+            raise UsageError(f"cannot write {path}: it is a link to {written}, whose directory does not exist")
+        # Beside the file: NAME.verify.json, and when a check fails NAME.failed.SUFFIX with its report, the
+        # longest name of all (temporary files have short names of their own). Refused now, not after the work.
+        try:
+            limit = os.pathconf(path.parent, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            limit = -1
+        limit = limit if limit > 0 else 255
+        longest = len(os.fsencode(f"{path.stem}.failed{path.suffix}.verify.json"))
+        if longest > limit:
+            raise UsageError(f"cannot write {path}: the name is too long: the report a failed check writes "
+                             f"beside it, <name>.failed{path.suffix}.verify.json, would have {longest} bytes, "
+                             f"over the limit of {limit} for a file name in {path.parent} (shorten the name by "
+                             f"{longest - limit} bytes)")
         _probe_writable(path.parent)
+        if written.parent != path.parent:
+            _probe_writable(written.parent)
     except UsageError:
         if created is not None:
             created.rmdir()
@@ -419,7 +455,7 @@ def export_model(target: str | None = None, model: str | None = None, weights: s
 
     t0 = time.perf_counter()
     if num_eval is not None and num_eval < 1:
-        raise UsageError(f"--num-eval must be at least 1, got {num_eval}")
+        raise UsageError(f"num_eval (--num-eval) must be at least 1, got {num_eval}")
     extra = [*overrides, *([] if verify else ["verification.enabled=false"])]
     # before the model and data load: a recipe / target mismatch or a bad override fails at once
     rec = resolve_recipe(recipe, "tflite-int8" if target is None and recipe is None else target, extra)
@@ -436,7 +472,8 @@ def export_model(target: str | None = None, model: str | None = None, weights: s
         if not spec.quantized and data != "builtin":
             from .data.readers import DataWarning
 
-            warnings.warn(f"--data {data} is not read: {spec.name} needs no calibration", DataWarning, stacklevel=2)
+            warnings.warn(f"data (--data) {data} is not read: {spec.name} needs no calibration", DataWarning,
+                          stacklevel=2)
         evald = _load(eval_data, cfg, "test", num_eval)  # default: the whole evaluation set (10k test images)
         evald = fit_labels(evald, net)  # before any work: labels the model cannot have fail here
         if len(evald) != rec.verification.num_images:  # verification runs on the same images as the summary
@@ -517,11 +554,11 @@ def calibrate(model: str | None = None, weights: str | None = None, data: str = 
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         if not key.startswith("quantization."):
-            raise UsageError(f"--set {item}: calibrate uses only the quantization.* settings ({key} is an "
-                             "export setting: give it to `mobilequant export`)")
+            raise UsageError(f"overrides (--set) {item}: calibrate uses only the quantization.* settings ({key} is "
+                             "an export setting: give it to `mobilequant export`)")
     rec = load_recipe(recipe) if recipe is not None else default_recipe("tflite-int8")
     if not rec.spec.quantized:
-        raise UsageError(f"--recipe {recipe}: its target {rec.target} is a float target, which has no "
+        raise UsageError(f"recipe (--recipe) {recipe}: its target {rec.target} is a float target, which has no "
                          "quantization table (give an int8 recipe, e.g. tflite-int8)")
     if overrides:
         rec = rec.replace(list(overrides))
@@ -529,7 +566,8 @@ def calibrate(model: str | None = None, weights: str | None = None, data: str = 
     if not out_path.parent.is_dir():
         raise UsageError(f"output directory {out_path.parent} does not exist")
     if out_path.is_dir():  # atomic_write would refuse it only after the calibration
-        raise UsageError(f"-o {out} is a directory (give the file to write, e.g. {out_path / 'quant_table.json'})")
+        raise UsageError(f"out (-o) {out} is a directory (give the file to write, e.g. "
+                         f"{out_path / 'quant_table.json'})")
     _probe_writable(out_path.parent)
     net = resolve_model(model, weights)
     calib = _load(data, net.preprocess, "calibration", rec.quantization.num_calibration)
@@ -574,7 +612,8 @@ def _artifact_model_name(artifact: str) -> str:
     name = artifact_provenance(open_artifact(artifact)).get("model_name")
     if name not in list_models():
         made = f"was exported from {name!r}, not a zoo model" if name else "names no model"
-        raise UsageError(f"--weights without --model: the artifact {made}; give --model (e.g. file.py:factory)")
+        raise UsageError(f"weights (--weights) without model (--model): the artifact {made}; give the model "
+                         "(e.g. file.py:factory)")
     return name
 
 
@@ -668,6 +707,7 @@ def qat(model: str | None = None, weights: str | None = None, data: str = "built
     from .qat import QATJobConfig, run_qat
     from .weights import DEFAULT_WEIGHTS
 
+    _refuse_non_name(model, "model")
     targets = [get_target(t) for t in export]  # unknown targets fail before training
     rec = load_recipe(recipe) if recipe is not None else default_recipe("tflite-int8")
     train_data = "fashion-mnist" if data == "builtin" else data
@@ -683,12 +723,12 @@ def qat(model: str | None = None, weights: str | None = None, data: str = "built
                           progress=progress, start=start, **given)
     folder = Path(config.out_dir)
     if folder.exists() and not folder.is_dir():
-        raise UsageError(f"--out-dir {folder} is a file, not a folder")
+        raise UsageError(f"out_dir (--out-dir) {folder} is a file, not a folder")
     created = None if folder.exists() else folder
     try:  # before the graph is built: a folder that cannot be made fails now
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UsageError(f"cannot create --out-dir {folder}: {e.strerror or e}") from None
+        raise UsageError(f"cannot create out_dir (--out-dir) {folder}: {e.strerror or e}") from None
     with _removed_if_left_empty(created):
         result = run_qat(config, model=net)
     main = result.rank == 0
@@ -723,7 +763,9 @@ class BenchSummary:
 
 
 def bench(artifacts, threads: int = 1, runs: int = 100, warmup: int = 10) -> BenchSummary:
-    """Single-image latency and size of each artifact in its runtime."""
+    """Single-image latency and size of each artifact in its runtime (``artifacts``: paths, or one path)."""
     from .runtime.bench import measure_latency
 
+    if isinstance(artifacts, (str, os.PathLike)):  # one file, not a sequence of one-character paths
+        artifacts = [artifacts]
     return BenchSummary([measure_latency(a, threads=threads, runs=runs, warmup=warmup) for a in artifacts])

@@ -56,9 +56,8 @@ def modes_kept(*modules):
     all submodules, and a model with frozen BN layers inside a training model has two."""
     flags = [(m, m.training) for module in modules if isinstance(module, nn.Module) for m in module.modules()]
     try:
-        for module in modules:
-            if isinstance(module, nn.Module):
-                module.eval()
+        for m, _ in flags:  # not module.eval(): a torch.export graph module refuses it
+            m.training = False
         yield
     finally:
         for m, training in flags:

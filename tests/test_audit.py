@@ -205,6 +205,12 @@ def test_gate_orders_failures_and_uses_isolated_sqnr():
     assert evaluate_gate(Gate(max_drop=3.0, min_sqnr=None), e2e, layers, []) == []
 
 
+def test_an_audit_report_repr_is_one_line(tflite_report):
+    """Evaluating a report in a notebook cell printed the dataclass repr: every layer, ~110k characters."""
+    text = repr(tflite_report)
+    assert text.startswith("AuditReport(") and "\n" not in text and len(text) < 300, text
+
+
 def test_a_failure_never_prints_its_figure_as_the_limit():
     """`--min-sqnr 31.6` failed a layer at 31.598 dB and said "isolated SQNR 31.6 dB < 31.6 dB"."""
     e2e = EndToEnd(1000, True, 0.90, 0.88, 0.95, 0.999, 20.0)

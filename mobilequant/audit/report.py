@@ -151,7 +151,7 @@ class Gate:
                 "fail_on_dead_kernels": self.fail_on_dead_kernels}
 
 
-@dataclass
+@dataclass(repr=False)
 class AuditReport:
     """Everything the audit found; ``passed`` is the gate's verdict (the CLI exits 0 / 1 on it)."""
 
@@ -212,6 +212,14 @@ class AuditReport:
             "warnings": list(self.warnings),
             "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
         }
+
+    def __repr__(self) -> str:
+        """One line of key figures (the dataclass repr printed every layer: ~110k characters in a notebook)."""
+        e = self.end_to_end
+        drop = "" if e.drop_pp is None else f", drop {e.drop_pp:+.2f} pp"
+        return (f"AuditReport({str(self.artifact.get('path', ''))!r}, {self.verdict}, {e.images} images, "
+                f"agreement {100 * e.top1_agreement:.2f} %{drop}, {len(self.layers)} layers, "
+                f"{len(self.failures)} failure(s), {len(self.findings)} finding(s))")
 
     def write_json(self, path: str | os.PathLike) -> Path:
         return write_json(self, path)

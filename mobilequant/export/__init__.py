@@ -2,7 +2,8 @@
 
 ``export(quant_result_or_model, target, out_path, recipe)`` is the pipeline the CLI calls::
 
-    resolve recipe → list unsupported ops (all at once, before any work) → [quantize] → rewrite for the
+    resolve recipe → read and check the data (forms, shapes, NaN / Inf, labels) → list unsupported ops
+    (all at once, before any work) → [quantize] → rewrite for the
     runtime → lower (litert-torch / torch.onnx dynamo) → name map + metadata → atomic write
     → verify in the real runtime → write (a file that fails is written as <name>.failed<suffix>; CheckFailed)
 
@@ -26,7 +27,7 @@ from .. import __version__
 from ..capture import capture, keeps_caller_state
 from ..errors import CheckFailed, InputError, UsageError
 from ..fusion import fold_conv_bn
-from .artifact import METADATA_KEY, Artifact, atomic_write, load_artifact, metadata_json
+from .artifact import METADATA_KEY, Artifact, atomic_write, atomic_write_all, load_artifact, metadata_json
 from .recipes import TARGETS, Recipe, Target, default_recipe, get_target, list_recipes, load_recipe
 from .support import check_exportable, supported_ops
 from .verify import Census, Check, VerificationReport
@@ -70,31 +71,20 @@ def resolve_recipe(recipe=None, target: str | None = None, overrides=()) -> Reci
     return result
 
 
-def _images_and_labels(data, limit: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(images, labels or None) from a tensor, an (images, labels) pair, ImageData, or batches of those."""
-    if data is None:
-        return None, None
-    if hasattr(data, "images") and isinstance(data.images, torch.Tensor):
-        return data.images[:limit], (None if data.labels is None else data.labels[:limit])
-    if isinstance(data, torch.Tensor):
-        return data[:limit], None
-    if isinstance(data, np.ndarray):
-        return torch.as_tensor(data, dtype=torch.float32)[:limit], None
-    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor) and data[0].ndim == 4:
-        return data[0][:limit], (None if data[1] is None else torch.as_tensor(data[1])[:limit])
+def _read_images(data, what: str, limit: int, expected, expected_from: str):
+    """At most ``limit`` images of ``data`` (any form :func:`~mobilequant.quant.ptq.image_batches` reads,
+    checked as it reads them): ``(image batches, labels or None)``; labels only when every batch has them."""
+    from ..quant.ptq import image_batches
+
     xs, ys, n = [], [], 0
-    for batch in data:
-        x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
-        xs.append(torch.as_tensor(x, dtype=torch.float32))
-        if y is not None:
-            ys.append(torch.as_tensor(y))
+    for x, y in image_batches(data, what, expected, expected_from):
+        xs.append(x[: limit - n])
+        ys.append(None if y is None else y[: limit - n])
         n += len(xs[-1])
         if n >= limit:
             break
-    if not xs:
-        raise InputError("verification data is empty")
-    labels = torch.cat(ys)[:limit] if ys and len(ys) == len(xs) else None
-    return torch.cat(xs)[:limit], labels
+    labels = torch.cat(ys) if ys and all(y is not None for y in ys) else None
+    return xs, labels
 
 
 def _synthetic_images(shape: tuple[int, ...], n: int, seed: int) -> torch.Tensor:
@@ -137,8 +127,13 @@ def export(
 
     * int8 targets take a ``QuantResult``, or a model plus ``calibration_data`` (quantized with the
       recipe's settings); float targets take either (a ``QuantResult``'s float model is exported).
-    * ``verify_data``: images (tensor, ``(images, labels)``, ``ImageData`` or batches) for the checks;
-      without it the calibration data, else deterministic synthetic images, are used (no accuracy check).
+    * ``calibration_data`` and ``verify_data`` take every form :func:`mobilequant.quant.ptq.image_batches`
+      reads: an N×C×H×W tensor or float array, an ``(images, labels)`` pair, an ``ImageData``, or batches
+      of those (a list, a generator, a DataLoader). Both are read and checked before any work: the model's
+      input shape (``example_input``'s, else the first data's), float values without NaN / Inf, and
+      verification labels within the model's classes (:func:`mobilequant.data.fit_labels`).
+    * ``verify_data``: the images of the checks; without it the calibration data, else deterministic
+      synthetic images, are used (no accuracy check).
     * Returns the :class:`Artifact`. The file is verified before it is written: when a check fails
       ``out_path`` is left as it was, the file is written as ``<name>.failed<suffix>`` beside it, and
       :class:`CheckFailed` is raised (its ``artifact`` is the failed file).
@@ -160,13 +155,42 @@ def export(
         qr, model, example = None, source, example_input
     else:
         raise UsageError(f"export takes a QuantResult or an nn.Module, got {type(source).__name__}")
+    if spec.quantized and qr is None and calibration_data is None:
+        raise UsageError(f"{spec.name} needs a QuantResult or calibration_data to quantize the model")
     model = model.eval()
-    if calibration_data is not None and not isinstance(calibration_data, (torch.Tensor, list, tuple)) \
-            and not hasattr(calibration_data, "images"):
-        calibration_data = list(calibration_data)  # used for quantization and, by default, verification
-    for data in (calibration_data, verify_data):
-        if example is None and data is not None:
-            example, _ = _images_and_labels(data, 1)
+    # The data, read and checked before any work: forms, dtypes, NaN / Inf, each against the model's input
+    # shape (example_input, else the first data given), and verification labels against the model's classes.
+    settings = recipe.verification
+    example_from = ("the shape of example_input" if example_input is not None
+                    else "the input shape the QuantResult was calibrated on" if example is not None else "")
+    calib, taken_from = None, None  # taken_from: the data the example image comes from
+    if calibration_data is not None:  # read once: quantization and, by default, verification use them
+        wanted = max(1, recipe.quantization.num_calibration if spec.quantized and qr is None else 0,
+                     settings.num_images if verify_data is None and settings.enabled else 0)
+        expected = None if example is None else tuple(example.shape[1:])
+        calib, calib_labels = _read_images(calibration_data, "calibration", wanted, expected, example_from)
+        if not calib:
+            raise InputError("calibration set is empty: at least one batch of images is needed")
+        if example is None:
+            example, example_from = calib[0][:1], "the shape of the calibration data"
+            taken_from = "calibration"
+    verify_x = verify_labels = None
+    if verify_data is not None:
+        expected = None if example is None else tuple(example.shape[1:])
+        xs, verify_labels = _read_images(verify_data, "verify_data", settings.num_images, expected, example_from)
+        if not xs:
+            raise InputError("verify_data is empty: at least one image is needed")
+        verify_x = torch.cat(xs)
+        if example is None:
+            example, taken_from = verify_x[:1], "verify_data"
+    elif calib is not None:
+        verify_x, verify_labels = torch.cat(calib)[: settings.num_images], calib_labels
+        verify_labels = None if verify_labels is None else verify_labels[: settings.num_images]
+    if verify_labels is not None and settings.enabled:  # labels the model cannot have: refused, not misses
+        from ..data import ImageData, fit_labels
+
+        source = "verify_data" if verify_data is not None else "calibration data"
+        verify_labels = fit_labels(ImageData(verify_x, verify_labels, source), model).labels
     if example is None:
         pre = getattr(model, "preprocess", None)
         if pre is None:
@@ -182,12 +206,18 @@ def export(
         float_graph = None
         check_exportable(qr.export_graph, spec, ops=False)
     else:
-        float_graph = _checked_float_graph(model, example, spec, recipe.quantization.float_fallback)
+        try:
+            float_graph = _checked_float_graph(model, example, spec, recipe.quantization.float_fallback)
+        except InputError as e:  # an N×H×W×C image set the example was taken from
+            from ..quant.ptq import CHANNELS_LAST, looks_channels_last
+
+            if taken_from is None or not looks_channels_last(tuple(example.shape[1:])):
+                raise
+            image = tuple(example.shape[1:])
+            raise InputError(f"{taken_from} images of shape {image}: {CHANNELS_LAST} ({e})") from None
 
     if spec.quantized and qr is None:
-        if calibration_data is None:
-            raise UsageError(f"{spec.name} needs a QuantResult or calibration_data to quantize the model")
-        qr = quantize(model, calibration_data, recipe.quantization.to_quant_config(), example_input=example)
+        qr = quantize(model, calib, recipe.quantization.to_quant_config(), example_input=example)
 
     metadata = {
         "format_version": 1,
@@ -216,19 +246,19 @@ def export(
     # verification leaves nothing behind). A failed file goes beside it as <name>.failed<suffix>.
     failed_path = out_path.with_name(f"{out_path.stem}.failed{out_path.suffix}")
     if recipe.verification.enabled:
-        artifact.verification = _verify(artifact, data, spec, recipe, qr, model, graph, example,
-                                        verify_data if verify_data is not None else calibration_data,
-                                        info_extra, seed)
+        artifact.verification = _verify(artifact, data, spec, recipe, qr, model, verify_x, verify_labels,
+                                        example, info_extra, seed)
     passed = artifact.verification is None or artifact.verification.passed
     if not passed:
         artifact.path = failed_path
-    atomic_write(artifact.path, data)
     sidecar = _sidecar(artifact.path)
-    if artifact.verification is not None:
+    if artifact.verification is not None:  # the file and its report as a pair: both written, then both renamed
         report = {"artifact": str(artifact.path), "artifact_sha256": hashlib.sha256(data).hexdigest(),
                   **artifact.verification.to_dict(), "census": artifact.census.to_dict()}
-        atomic_write(sidecar, (json.dumps(report, indent=1, sort_keys=True) + "\n").encode())
+        text = json.dumps(report, indent=1, sort_keys=True) + "\n"
+        atomic_write_all([(artifact.path, data), (sidecar, text.encode())])
     else:  # a report left by an earlier export would describe another file
+        atomic_write(artifact.path, data)
         sidecar.unlink(missing_ok=True)
     if passed:  # an earlier export's failed file is not this one's
         failed_path.unlink(missing_ok=True)
@@ -328,8 +358,10 @@ def _tflite_fp16_weights(data: bytes) -> bytes:
     q = aeq.Quantizer(bytes(data))
     q.add_weight_only_config(regex=".*", operation_name="*", num_bits=16,
                              algorithm_key=AlgorithmName.FLOAT_CASTING)
+    from .tflite import root_logging_kept
+
     sink = io.StringIO()
-    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), root_logging_kept():
         result = q.quantize()
     return bytes(result.quantized_model)
 
@@ -357,16 +389,14 @@ def _to_onnx(spec, qr, float_graph, example, metadata):
     return proto.SerializeToString(), graph, {"census": onnx_census(proto), "proto": proto}
 
 
-def _verify(artifact, data, spec, recipe, qr, model, graph, example, verify_data, extra, seed):
+def _verify(artifact, data, spec, recipe, qr, model, x, labels, example, extra, seed):
     from ._run import onnx_runtime_ops, run_onnx_model, run_tflite_bytes
     from .verify import (numeric_checks, onnx_integer_check, onnx_param_check, perturbed_simulation,
                          structure_checks, tflite_param_check)
 
     settings = recipe.verification
-    x, labels = _images_and_labels(verify_data, settings.num_images)
     if x is None:
         x = _synthetic_images(tuple(example.shape[1:]), settings.num_images, seed)
-    x = x.float()
     report = VerificationReport(target=spec.name, num_images=len(x))
     self_ref = None
     with torch.no_grad():

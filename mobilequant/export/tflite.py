@@ -9,6 +9,9 @@
   buffers — how the artifact's provenance JSON gets into the file without re-packing it;
 * exporting the same MLIR module twice (once to read the census / name map, once with the metadata).
 
+litert-torch logs on the root logger, whose first message runs ``logging.basicConfig()``; the conversion
+leaves the root logger's handlers as it found them (:func:`root_logging_kept`).
+
 The quantization parameters come verbatim from the graph's quantize / dequantize ops; see
 ``docs/notes/litert_lowering.md`` for what the converter fuses and why the graph is annotated as it is.
 """
@@ -16,6 +19,7 @@ The quantization parameters come verbatim from the graph's quantize / dequantize
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
 
@@ -50,6 +54,21 @@ def _litert_env():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextlib.contextmanager
+def root_logging_kept():
+    """Leave the root logger's handlers as they were. litert-torch logs with ``logging.info`` on the root
+    logger, which runs ``logging.basicConfig()`` when it has no handler: the stderr handler that added made
+    the caller's own ``logging.basicConfig(...)`` afterwards silently do nothing."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    try:
+        yield
+    finally:
+        for handler in [h for h in root.handlers if h not in before]:
+            root.removeHandler(handler)
+            handler.close()
 
 
 @dataclass
@@ -123,7 +142,7 @@ def lower_to_tflite(module: nn.Module, example_input: torch.Tensor, *, quantized
         module = (_channels_last_graph(module) if isinstance(module, torch.fx.GraphModule)
                   else _ChannelsLast(module))
         x = x.permute(0, 2, 3, 1).contiguous()
-    with _litert_env():
+    with _litert_env(), root_logging_kept():
         sig = signature_lib.Signature("serving_default", module, (x,), None, None)
         program = core.export_torch_signature(sig)
         program = core._run_convert_passes(program)

@@ -8,7 +8,8 @@ check                       passes when
                             flip where the float top-2 margin ≤ 2⁻⁸ × the largest |score| is a near tie
 ``int8_top1_agreement``     top-1 of the file agrees with the torch-simulated int8 model on ≥ threshold
                             (a class whose score ties the simulation's top score agrees; a dense N×C×H×W
-                            output: per pixel)
+                            output: per pixel); one disagreement is always allowed: on fewer than 200
+                            images 99.5 % would allow none
 ``int8_accuracy``           |accuracy(file) − accuracy(simulated)| ≤ ``int8_accuracy_drop_pp``, or the net
                             images lost within 2·√(images the two decide differently): near-tie noise (labels)
 ``int8_params``             every quantized tensor in the file has the scales (rel ≤ ``scale_rtol``) and
@@ -31,6 +32,7 @@ says ``"passed": false``.
 from __future__ import annotations
 
 import collections
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -324,7 +326,8 @@ def numeric_checks(precision: str, out: np.ndarray, ref: np.ndarray, labels, set
                             f"≥ {100 * settings.fp16_top1_agreement:.2f} %",
                             "a flip counts unless the float top-2 margin ≤ 2⁻⁸ × the image's largest |score|"))
     else:
-        agree = float(np.mean(_agrees(out, ref))) if n else 1.0
+        agrees = _agrees(out, ref) if n else np.ones(0, dtype=bool)
+        agree = float(np.mean(agrees)) if len(agrees) else 1.0
         need, why = settings.int8_top1_agreement, "vs the torch-simulated int8 model (tied top scores agree)"
         if self_ref is not None and n:
             own = float(np.mean(_agrees(self_ref, ref)))
@@ -335,8 +338,17 @@ def numeric_checks(precision: str, out: np.ndarray, ref: np.ndarray, labels, set
                 need = floor
                 why += (f"; the simulation agrees with itself under float-rounding noise on {100 * own:.2f} %, "
                         f"so the threshold is that less 2σ")
-        checks.append(Check("int8_top1_agreement", agree >= need, f"{100 * agree:.2f} % of {_what(out)}",
-                            f"≥ {100 * need:.2f} %", why))
+        # A threshold never demands zero disagreements: on 64 images 99.5 % allowed none, and one near-tie
+        # flip failed a faithful file (98.44 %).
+        flips, rows = int(np.sum(~agrees)), len(agrees)
+        by_fraction = math.floor((1.0 - need) * rows + 1e-9)
+        allowed = max(1, by_fraction)
+        threshold = f"≥ {100 * need:.2f} %"
+        if allowed > by_fraction:
+            threshold += (f" or ≤ 1 disagreement (one is always allowed: {100 * need:.2f} % of {rows} would "
+                          "allow none)")
+        checks.append(Check("int8_top1_agreement", flips <= allowed, f"{100 * agree:.2f} % of {_what(out)}",
+                            threshold, why))
         if labels is not None and out.ndim == 2:  # image labels judge class scores, not dense outputs
             labels = np.asarray(labels)
             file_right, sim_right = _top1(out) == labels, _top1(ref) == labels

@@ -83,7 +83,7 @@ _CROP_PADDING = 2
 _CONVERT_CALIBRATION = 64  # images observed for tensors without a trained range (normally none)
 
 
-@dataclass
+@dataclass(repr=False)  # QuantResult's one-line repr, not the dataclass repr of every graph
 class QATResult(QuantResult):
     """A :class:`~mobilequant.quant.QuantResult` (``graph``, ``export_graph``, ``table``, … — the exporter
     takes it as is) plus what the training job produced."""
@@ -98,6 +98,10 @@ class QATResult(QuantResult):
     int8_accuracy: float | None = None  # converted graph (simulated int8) on the validation data
     osc_frozen_weights: int = 0  # depthwise weights frozen by oscillation control and baked
     rank: int = 0  # this process's rank in a torchrun job (0 writes checkpoints, the CSV, exports)
+
+    def _repr_figures(self) -> list[str]:
+        acc = "n/a" if self.int8_accuracy is None else f"{100 * self.int8_accuracy:.2f} %"
+        return [*super()._repr_figures()[:2], f"{self.steps} steps", f"int8 accuracy {acc}"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -515,7 +519,8 @@ def _run(config: QATJobConfig, ctx: DistContext, model, train_data, val_data, pt
     while epoch < config.epochs:
         indices = epoch_indices(len(train_data), plan, ctx.rank, epoch, config.seed)
         bar = tqdm(total=plan.steps_per_epoch, initial=position, desc=f"QAT epoch {epoch + 1}/{config.epochs}",
-                   unit="batch", leave=False, disable=not (config.progress and ctx.is_main))
+                   unit="batch", leave=False,
+                   disable=None if (config.progress and ctx.is_main) else True)  # None: on a terminal only
         while position < plan.steps_per_epoch:
             t0 = time.perf_counter()
             if not bn_frozen and bn_step is not None and step >= bn_step:

@@ -6,9 +6,12 @@
             → [AdaRound] → [bias correction] → [range search] → repair degenerate ranges
             → convert_pt2e (simulated + for export) → table
 
-Calibration data is an iterable of float NCHW batches (or ``(images, labels)`` pairs) already
-normalised like the model's input. At most ``config.num_calibration`` images are used. A batch with NaN
-or Inf values, a wrong shape, or an empty set raises :class:`InputError`.
+Calibration data are float NCHW images already normalised like the model's input, in any form
+:func:`image_batches` reads: batches (a list, a generator, a DataLoader; tensors, float arrays, ``(images,)``
+or ``(images, labels)``), one N×C×H×W tensor or float array, an ``(images, labels)`` pair, or an
+``ImageData``. At most ``config.num_calibration`` images are used. A batch with NaN or Inf values, a wrong
+shape or dtype (uint8 pixels; float64 is converted to float32), no images, or an empty set raises
+:class:`InputError` with one line naming it.
 
 Optional steps are modules of this package, called by contract:
 
@@ -36,9 +39,11 @@ import copy
 import importlib.util
 import itertools
 import math
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.fx import GraphModule, Node
@@ -53,7 +58,7 @@ from .observers import pin_qparams
 from .quantizer import FUSED_INTO, INT32_MAX, OP_RULES, MobileQuantizer, Rule, snap_leaky_slopes
 from .table import QuantTable
 
-__all__ = ["Finding", "QuantResult", "quantize", "calibrate", "repair_degenerate_ranges"]
+__all__ = ["Finding", "QuantResult", "quantize", "calibrate", "image_batches", "repair_degenerate_ranges"]
 
 DEGENERATE_ACT_SCALE = 1.0 / 255.0
 _BIAS_HEADROOM = 0.5  # keep |bias| / (input scale × weight scale) under half the int32 range
@@ -111,32 +116,164 @@ class QuantResult:
         with torch.no_grad():
             return self.graph(x)
 
+    def __repr__(self) -> str:
+        """One line of key figures (the dataclass repr printed every graph: ~100k characters)."""
+        return f"{type(self).__name__}({', '.join(self._repr_figures())})"
+
+    def _repr_figures(self) -> list[str]:
+        name = getattr(self.float_model, "model_name", None) or type(self.float_model).__name__
+        weights = "per-channel" if self.config.per_channel else "per-tensor"
+        figures = [repr(name), f"{len(self.table)} quantized tensors",
+                   f"{weights} {self.config.weight_bits}-bit weights",
+                   f"calibration {self.config.calibration} on {self.num_calibration_samples} images"]
+        figures += [f"{len(self.findings)} finding(s)"] if self.findings else []
+        return figures
+
 
 # ---------------------------------------------------------------------------------------------------
 # Calibration data
 
 
-def _as_tensor(batch, index: int) -> torch.Tensor:
-    if isinstance(batch, (tuple, list)) and batch:
-        batch = batch[0]
-    if not isinstance(batch, torch.Tensor):
-        raise InputError(f"calibration batch {index} is a {type(batch).__name__}, expected a tensor")
-    return batch
+CHUNK = 64  # images per batch when one tensor or array holds the whole set
 
 
-def _checked(batches: Iterable, expected: torch.Size | None) -> Iterator[torch.Tensor]:
-    """Yield tensors, refusing wrong shapes and non-finite values by batch index."""
+def image_batches(data, what: str = "calibration", expected: tuple[int, ...] | None = None,
+                  expected_from: str = "") -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """``(images, labels or None)`` batches, images float32 ``N×C×H×W``, from every form image data take:
+
+    * an :class:`~mobilequant.data.ImageData` (what :func:`mobilequant.data.load_data` returns);
+    * one ``N×C×H×W`` tensor or float array: the whole set, read ``CHUNK`` images at a time;
+    * an ``(images, labels)`` pair of those (labels: one integer per image);
+    * an iterable of batches (a list, a generator, a ``DataLoader``), each a tensor, a float array, or an
+      ``(images,)`` / ``(images, labels)`` tuple or list (a second item that is not one class index per
+      image — a mask, a regression target — is not read as labels).
+
+    Each batch is checked as it is read, and refused with an :class:`InputError` naming ``what`` and the
+    batch (or image) index: not ``N×C×H×W`` with ``N ≥ 1``, not float (uint8 raw pixels are refused;
+    float64 and float16 are converted to float32), NaN or Inf values, or another image shape than
+    ``expected`` (default: the first batch's; ``expected_from`` says where it comes from).
+    """
+    from ..data.readers import ImageData
+
+    whole_name = what if what.endswith("data") else f"{what} data"
+    if isinstance(data, ImageData):
+        data = (data.images, data.labels)
+    if isinstance(data, (str, bytes, os.PathLike)):
+        raise InputError(f"{whole_name} is {_a(type(data).__name__)} ({str(data)[:80]!r}); expected images "
+                         "(read files with mobilequant.data.load_data)")
+    whole = _image_set(data)
+    if whole is not None:  # one set: checked whole, then read a chunk at a time
+        x, y = whole
+        x = _float_images(x, whole_name)
+        _check_images(x, whole_name, expected, expected_from, "image")
+        if y is not None:
+            y = _labels(y, len(x), whole_name)
+        for start in range(0, len(x), CHUNK):
+            yield x[start:start + CHUNK], None if y is None else y[start:start + CHUNK]
+        return
+    try:
+        batches = iter(data)
+    except TypeError:
+        raise InputError(f"{whole_name} is {_a(type(data).__name__)}; expected images: an N×C×H×W tensor or "
+                         "float array, an (images, labels) pair, an ImageData, or batches of those") from None
     for i, batch in enumerate(batches):
-        x = _as_tensor(batch, i)
-        if expected is not None and (x.dim() != len(expected) + 1 or tuple(x.shape[1:]) != tuple(expected)):
-            raise InputError(
-                f"calibration batch {i} has shape {tuple(x.shape)}; expected (N, {', '.join(map(str, expected))})"
-            )
-        if not torch.is_floating_point(x):
-            raise InputError(f"calibration batch {i} has dtype {x.dtype}; expected a float tensor")
-        if not bool(torch.isfinite(x).all()):
-            raise InputError(f"calibration batch {i} contains NaN or Inf values")
-        yield x
+        name = f"{what} batch {i}"
+        labels = None
+        if isinstance(batch, (tuple, list)) and batch:
+            batch, labels = batch[0], (batch[1] if len(batch) > 1 else None)
+        x = _float_images(batch, name)
+        expected = _check_images(x, name, expected, expected_from or "the shape of batch 0")
+        yield x, None if labels is None else _labels(labels, len(x), name, strict=False)
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1] in tuple('aeioAEIO') else 'a'} {noun}"
+
+
+def _image_set(data) -> tuple | None:
+    """``(images, labels or None)`` when ``data`` is one set of images (a 4-D tensor or array, or an
+    ``(images, labels)`` pair of one with 1-D labels); ``None`` when it is something to iterate."""
+    if isinstance(data, (torch.Tensor, np.ndarray)):
+        return data, None
+    if (isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], (torch.Tensor, np.ndarray))
+            and data[0].ndim == 4 and (data[1] is None or (isinstance(data[1], (torch.Tensor, np.ndarray, list))
+                                                           and np.ndim(data[1]) == 1))):
+        return data
+    return None
+
+
+def _float_images(x, name: str) -> torch.Tensor:
+    """``x`` as a float32 tensor: an array is converted, float64 / float16 cast; anything else refused."""
+    if isinstance(x, np.ndarray):
+        if x.dtype == object or not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)
+                                     or x.dtype == bool):
+            raise InputError(f"{name} is an array of {x.dtype}; expected float32 images")
+        kind = _a(f"{x.dtype} array")
+        x = torch.from_numpy(np.ascontiguousarray(x)) if np.issubdtype(x.dtype, np.floating) else x
+    elif isinstance(x, torch.Tensor):
+        kind = _a(f"{str(x.dtype).removeprefix('torch.')} tensor")
+    else:
+        raise InputError(f"{name} is {_a(type(x).__name__)}; expected a tensor of images (N×C×H×W)")
+    if not (isinstance(x, torch.Tensor) and torch.is_floating_point(x)):
+        raise InputError(f"{name} is {kind}; expected float images normalised like the model's input (raw "
+                         "uint8 pixels go through mobilequant.data.preprocess_images first)")
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def _check_images(x: torch.Tensor, name: str, expected, expected_from: str, image: str = "its image"):
+    """Refuse a batch that is not ``N×C×H×W`` (N ≥ 1) of the ``expected`` image shape, or holds NaN / Inf;
+    return the image shape later batches must have."""
+    shape = tuple(x.shape)
+    if x.dim() != 4 or (expected is not None and shape[1:] != tuple(expected)):
+        want = "(N, C, H, W)" if expected is None else f"(N, {', '.join(map(str, expected))})"
+        source = f" ({expected_from})" if expected is not None and expected_from else ""
+        hint = f"; {CHANNELS_LAST}" if looks_channels_last(shape[1:], expected) else ""
+        raise InputError(f"{name} has shape {shape}; expected {want}{source}{hint}")
+    if not shape[0]:
+        raise InputError(f"{name} holds no images (shape {shape})")
+    finite = torch.isfinite(x.reshape(shape[0], -1)).all(dim=1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().reshape(-1).tolist()
+        shown = ", ".join(map(str, bad[:5])) + (", …" if len(bad) > 5 else "")
+        raise InputError(f"{name} contains NaN or Inf values ({image} {shown}; {len(bad)} of {shape[0]} images)")
+    return shape[1:]
+
+
+def looks_channels_last(image: tuple[int, ...], expected: tuple[int, ...] | None = None) -> bool:
+    """Is ``image`` (one image's shape) H×W×C: ``expected`` (C×H×W) transposed, or without ``expected`` a
+    last dimension that looks like channels (1, 3, 4) and a first that does not?"""
+    if len(image) != 3:
+        return False
+    if expected is not None:
+        return len(expected) == 3 and tuple(image) == (expected[1], expected[2], expected[0]) != tuple(expected)
+    return image[2] in (1, 3, 4) and image[0] not in (1, 3, 4)
+
+
+CHANNELS_LAST = ("it looks channels-last (H×W×C); the model takes C×H×W: transpose it (tensor.permute(0, 3, 1, 2), "
+                 "array.transpose(0, 3, 1, 2))")
+
+
+def _labels(y, n: int, name: str, strict: bool = True) -> torch.Tensor | None:
+    """Integer class labels, one per image. ``strict``: anything else is refused (an ``(images, labels)``
+    pair says they are labels); otherwise it is not read as labels (``None``: a batch's second item may be
+    a segmentation mask or a regression target, which calibration never reads)."""
+    try:
+        y = torch.as_tensor(np.asarray(y) if isinstance(y, list) else y)
+    except (TypeError, ValueError, RuntimeError):
+        y = None
+    shape = None if y is None else tuple(y.shape)
+    if shape != (n,):
+        if not strict:
+            return None
+        raise InputError(f"{name} has {n} images but labels of shape {shape}; expected ({n},): one class "
+                         "index per image")
+    whole = (bool((y == y.round()).all()) if torch.is_floating_point(y)
+             else y.dtype != torch.bool and not torch.is_complex(y))
+    if not whole:
+        if not strict:
+            return None
+        raise InputError(f"{name} has labels of {y.dtype} that are not whole numbers; expected class indices")
+    return y.to(torch.int64)
 
 
 def calibrate(prepared: GraphModule, batches: Iterable[torch.Tensor], limit: int,
@@ -189,17 +326,22 @@ def quantize(
     config = config or QuantConfig()
     if not isinstance(config, QuantConfig):
         raise UsageError(f"config must be a QuantConfig, got {type(config).__name__}")
-    raw = iter(calibration_batches)
-    try:
-        first = _as_tensor(next(raw), 0)
-    except StopIteration:
-        raise InputError("calibration set is empty: at least one batch of images is needed") from None
+    given = None if example_input is None else tuple(example_input.shape[1:])
+    raw = image_batches(calibration_batches, "calibration", given, "the shape of example_input" if given else "")
+    first = next(raw, None)
+    if first is None:
+        raise InputError("calibration set is empty: at least one batch of images is needed")
     if example_input is None:
-        example_input = first[:1]
-    expected = example_input.shape[1:]
-    batches = _checked(itertools.chain([first], raw), expected)
+        example_input = first[0][:1]
+    batches = itertools.chain([first[0]], (x for x, _ in raw))
 
-    gm = copy.deepcopy(model) if is_captured(model) else capture(model, example_input)
+    try:
+        gm = copy.deepcopy(model) if is_captured(model) else capture(model, example_input)
+    except InputError as e:
+        image = tuple(first[0].shape[1:])
+        if given is not None or not looks_channels_last(image):
+            raise
+        raise InputError(f"calibration images of shape {image}: {CHANNELS_LAST} ({e})") from e.__cause__
     fusion = fold_conv_bn(gm)
     findings = fusion_findings(fusion)
 
