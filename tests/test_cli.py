@@ -457,7 +457,7 @@ def test_audit_weights_go_into_the_zoo_model_the_artifact_names(files, tmp_path,
                  "-o", str(user), "-q"]) == 0
     capsys.readouterr()
     assert main(["audit", str(user), "--weights", str(files / "partial.pt")]) == 2
-    assert "exported from 'build', not a zoo model; give --model" in capsys.readouterr().err
+    assert "exported from 'build', not a zoo model; give the model" in capsys.readouterr().err
 
 
 def test_export_fp32_then_bench_and_audit_exit_codes(files, tmp_path, capsys):
