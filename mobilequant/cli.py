@@ -125,6 +125,23 @@ def _unrecognized(parser: argparse.ArgumentParser, args: argparse.Namespace, ext
     return f"{msg} (see `{sub.prog} --help`)"
 
 
+def _count(minimum: int):
+    """An integer option of at least ``minimum``, checked as the options are parsed: a negative
+    --num-images had been refused only after the model and data had loaded (~5 s)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "count"  # argparse names the type in its message
+    return parse
+
+
 def _number(text: str) -> float:
     """A finite float: ``float()`` also takes 'nan' and 'inf', and a NaN gate would pass every file."""
     try:
@@ -211,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the target's own, so it does not overwrite the default export")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set quantization.per_channel=false (repeatable; see docs/recipes.md)")
-    p.add_argument("--num-eval", type=int, default=None, help="evaluation images for the summary and the checks, spread evenly over the set (default: all, or verification.num_images where a recipe or --set changes it)")
+    p.add_argument("--num-eval", type=_count(1), default=None, help="evaluation images for the summary and the checks, spread evenly over the set (default: all, or verification.num_images where a recipe or --set changes it)")
     p.add_argument("--no-verify", action="store_true", help="skip the read-back verification")
     p.add_argument("--audit", action="store_true", help="run the per-layer accuracy audit after export, on the evaluation images (gate: 0.5 pp drop)")
     _common(p)
@@ -223,8 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluated after each epoch (default: the Fashion-MNIST test split for builtin training "
                         "data, else none)")
     # defaults of these four: QATJobConfig's (one source; docs/qat.md lists them)
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default: QATJobConfig's)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch size (default: QATJobConfig's)")
+    p.add_argument("--epochs", type=_count(1), default=None, help="epochs (default: QATJobConfig's)")
+    p.add_argument("--batch-size", type=_count(1), default=None, help="global batch size (default: QATJobConfig's)")
     p.add_argument("--lr", type=_number, default=None, help="peak learning rate (default: QATJobConfig's)")
     p.add_argument("--recipe", default=None, help="recipe YAML for the quantization settings")
     p.add_argument("--out-dir", default=None, help="checkpoints and logs (default: QATJobConfig's, out/qat)")
@@ -250,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", help=".tflite or .onnx file written by `mobilequant export`")
     _model_args(p, "evaluation data: 'builtin' (Fashion-MNIST test set), an image folder, .npy or .npz",
                 model_default="the zoo model named in the artifact, with its shipped weights")
-    p.add_argument("--num-images", type=int, default=1000, help="evaluation images (default 1000)")
+    p.add_argument("--num-images", type=_count(1), default=1000, help="evaluation images (default 1000)")
     p.add_argument("--max-drop", type=_max_drop, default=0.5,
                    help="gate: largest accepted top-1 drop in pp, or of disagreement with the float model on "
                         "unlabelled data (default 0.5, as `export --audit`; 'off': no drop gate)")
@@ -283,9 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("bench", "latency and size of artifacts in their real runtimes (the direct metric, not FLOPs)")
     p.add_argument("artifacts", nargs="+", help=".tflite or .onnx files (the runtime is chosen by content)")
-    p.add_argument("--threads", type=int, default=1, help="runtime threads (default 1)")
-    p.add_argument("--runs", type=int, default=100, help="timed single-image runs per file (default 100)")
-    p.add_argument("--warmup", type=int, default=10, help="untimed runs before them (default 10)")
+    p.add_argument("--threads", type=_count(1), default=1, help="runtime threads (default 1)")
+    p.add_argument("--runs", type=_count(1), default=100, help="timed single-image runs per file (default 100)")
+    p.add_argument("--warmup", type=_count(0), default=10, help="untimed runs before them (default 10)")
     _common(p, quiet=False)
 
     p = add("calibrate", "calibrate a model and write its quantization table (JSON) only")

@@ -150,6 +150,10 @@ CASES = [
     ("zero-width", lambda d: ["zoo", "info", "mobilenetv2_050", "--width-mult", "0"], 2, "width_mult"),
     ("zero-classes", lambda d: ["zoo", "info", "mobilenetv2_050", "--num-classes", "0"], 2, "num_classes"),
     ("nan-gate", lambda d: ["audit", str(d / "truncated.tflite"), "--max-drop", "nan"], 2, "finite number"),
+    # counts are checked as options are parsed, not after the model and data have loaded
+    ("negative-num-images", lambda d: ["audit", str(d / "truncated.tflite"), "--num-images", "-5"], 2,
+     "argument --num-images: must be at least 1, got -5"),
+    ("fractional-epochs", lambda d: ["qat", "--epochs", "0.5"], 2, "argument --epochs: expected a whole number"),
     ("report-path-is-a-directory", lambda d: ["audit", str(d / "truncated.tflite"), "--html", str(d / "empty_dir")],
      2, "names a directory"),
     # zoo info at a resolution the model cannot take: one line naming model and size (was a traceback)
