@@ -188,17 +188,14 @@ def _shipped_with_checkpoint(model: str, weights: str):
     the paper's ImageNet configuration: its 224-px preprocessing had made `--model mobilenetv2_050
     --weights edited.pt` export a 224-px file at 9 % accuracy and fail every audit of a 32-px file.
     ``None`` when the checkpoint does not fit (then :func:`load_model` fits the zoo entry to it)."""
-    from .models.loading import _without_wrapper_prefix, read_state_dict
+    from .models.loading import _load_state, read_state_dict
     from .weights import default_model
 
-    state = read_state_dict(weights)
-    net = default_model(model)
-    own = net.state_dict()
-    state = _without_wrapper_prefix(state, own)
-    if set(state) != set(own) or any(tuple(state[k].shape) != tuple(v.shape) for k, v in own.items()):
+    state = read_state_dict(weights)  # outside the try: a file that cannot be read is its own error
+    try:
+        return _load_state(default_model(model), state, weights).eval()  # strict: keys and shapes
+    except InputError:
         return None
-    net.load_state_dict(state, strict=True)
-    return net.eval()
 
 
 # what a checkpoint file is usually called: one passed as --model gets a hint instead of "unknown model"

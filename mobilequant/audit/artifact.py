@@ -62,6 +62,17 @@ _ONNX_INT8_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv",
                             "MatMulInteger", "DynamicQuantizeLinear"})
 
 
+def constant_tensors(graph) -> list:
+    """The file's constants (weights, biases, shapes) as ``(shape, dtype, quantized)``: ONNX initializers,
+    TFLite tensors that ops read and none writes."""
+    if graph.target == "onnx":
+        return [(a.shape, a.dtype, False) for a in graph.init.values()]
+    written = {o for _name, _ins, outs in graph.ops for o in outs}
+    read = {i for _name, ins, _outs in graph.ops for i in ins}
+    return [(tuple(t.shape), t.dtype, t.quantized) for t in graph.tensors
+            if t.index in read - written and t.index not in graph.inputs]
+
+
 def content_target(graph) -> str:
     """The target the file's content is, whatever its metadata says: ``<format>-int8`` when it computes on
     integer tensors (ONNX: quantize / dequantize or integer ops; TFLite: an op writes a quantized tensor),
@@ -71,10 +82,9 @@ def content_target(graph) -> str:
     if graph.target == "onnx":
         if {n.op_type for n in graph.model.graph.node} & _ONNX_INT8_OPS:
             return "onnx-int8"
-        return "onnx-fp16" if any(a.dtype == np.float16 for a in graph.init.values()) else "onnx-fp32"
-    written = {o for _name, _ins, outs in graph.ops for o in outs}
-    if any(t.quantized for t in graph.tensors if t.index in written):
-        return "tflite-int8"
-    read = {i for _name, ins, _outs in graph.ops for i in ins}
-    fp16 = any(t.dtype == np.float16 for t in graph.tensors if t.index in read - written)
-    return "tflite-fp16" if fp16 else "tflite-fp32"
+    else:
+        written = {o for _name, _ins, outs in graph.ops for o in outs}
+        if any(t.quantized for t in graph.tensors if t.index in written):
+            return "tflite-int8"
+    fp16 = any(dtype == np.float16 for _shape, dtype, _q in constant_tensors(graph))
+    return f"{graph.target}-{'fp16' if fp16 else 'fp32'}"

@@ -24,7 +24,7 @@ import torch.nn as nn
 from ..capture import capture, keeps_caller_state
 from ..fusion import move_activation_before_concat
 from ..errors import CheckFailed, InputError, UsageError
-from .artifact import artifact_provenance, content_target, open_artifact
+from .artifact import artifact_provenance, constant_tensors, content_target, open_artifact
 from .compare import build_segments, check_shapes, compare_batches, layer_results, match_layers
 from .endtoend import end_to_end
 from .gate import evaluate_gate
@@ -204,14 +204,8 @@ def _kernel_elements(graph) -> int:
     """Elements of the file's constant weight tensors (2-D or more, float or 8-bit): one copy of every
     conv / linear kernel in a file of any tool."""
     kinds = (np.floating, np.int8, np.uint8)
-    if graph.target == "onnx":
-        arrays = graph.init.values()
-        return sum(a.size for a in arrays if a.ndim >= 2 and any(np.issubdtype(a.dtype, k) for k in kinds))
-    written = {o for _name, _ins, outs in graph.ops for o in outs}
-    read = {i for _name, ins, _outs in graph.ops for i in ins}
-    return sum(int(np.prod(t.shape)) for t in graph.tensors
-               if t.index in read - written and len(t.shape) >= 2 and t.index not in graph.inputs
-               and any(np.issubdtype(t.dtype, k) for k in kinds))
+    return sum(int(np.prod(shape)) for shape, dtype, _q in constant_tensors(graph)
+               if len(shape) >= 2 and any(np.issubdtype(dtype, k) for k in kinds))
 
 
 def _check_kernel_count(model: nn.Module, graph) -> None:
@@ -233,11 +227,7 @@ def _float_precision(graph, target: str) -> str | None:
     precision = target.rsplit("-", 1)[-1]
     if precision not in ("fp32", "fp16"):
         return None
-    if graph.target == "onnx":
-        int8 = any(a.dtype in (np.int8, np.uint8) for a in graph.init.values())
-    else:
-        written = {o for _name, _ins, outs in graph.ops for o in outs}
-        int8 = any(t.quantized or t.dtype in (np.int8, np.uint8) for t in graph.tensors if t.index not in written)
+    int8 = any(q or dtype in (np.int8, np.uint8) for _shape, dtype, q in constant_tensors(graph))
     return None if int8 else precision
 
 

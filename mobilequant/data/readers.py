@@ -272,14 +272,21 @@ def _array_images(images: np.ndarray, cfg: PreprocessConfig, path: Path) -> torc
             hint = "; it looks channels-last: transpose it to N×C×H×W" if images.shape[1:] == (h, w, c) else ""
             raise InputError(f"{path}: float arrays are preprocessed model input and must be N×{c}×{h}×{w}, "
                              f"got shape {images.shape}{hint}")
-        bad = np.flatnonzero(~np.isfinite(images.reshape(len(images), -1)).all(axis=1))
-        if len(bad):
-            shown = ", ".join(str(i) for i in bad[:5]) + (", …" if len(bad) > 5 else "")
+        bad, shown = nonfinite_images(images)
+        if bad:
             raise InputError(f"{path}: float images contain NaN or infinite values (image {shown}; "
                              f"{len(bad)} of {len(images)})")
         _warn_unnormalised(images, cfg, path)
         return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
     raise InputError(f"{path}: images must be uint8 (raw pixels) or float (preprocessed), got {images.dtype}")
+
+
+def nonfinite_images(images) -> tuple[list[int], str]:
+    """Indices of the images (first axis; a numpy array or a torch tensor) holding NaN or Inf, and the first
+    five of them as a message lists them ("3, 5" / "0, 1, 2, 3, 4, …")."""
+    flat = np.asarray(images.detach().cpu() if isinstance(images, torch.Tensor) else images).reshape(len(images), -1)
+    bad = np.flatnonzero(~np.isfinite(flat).all(axis=1)).tolist()
+    return bad, ", ".join(map(str, bad[:5])) + (", …" if len(bad) > 5 else "")
 
 
 def _warn_unnormalised(images: np.ndarray, cfg: PreprocessConfig, path: Path) -> None:

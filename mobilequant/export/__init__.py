@@ -209,12 +209,12 @@ def export(
         try:
             float_graph = _checked_float_graph(model, example, spec, recipe.quantization.float_fallback)
         except InputError as e:  # an N×H×W×C image set the example was taken from
-            from ..quant.ptq import CHANNELS_LAST, looks_channels_last
+            from ..quant.ptq import channels_last_error
 
-            if taken_from is None or not looks_channels_last(tuple(example.shape[1:])):
+            hint = None if taken_from is None else channels_last_error(e, taken_from, tuple(example.shape[1:]))
+            if hint is None:
                 raise
-            image = tuple(example.shape[1:])
-            raise InputError(f"{taken_from} images of shape {image}: {CHANNELS_LAST} ({e})") from None
+            raise hint from None
 
     if spec.quantized and qr is None:
         qr = quantize(model, calib, recipe.quantization.to_quant_config(), example_input=example)

@@ -231,10 +231,10 @@ def _check_images(x: torch.Tensor, name: str, expected, expected_from: str, imag
         raise InputError(f"{name} has shape {shape}; expected {want}{source}{hint}")
     if not shape[0]:
         raise InputError(f"{name} holds no images (shape {shape})")
-    finite = torch.isfinite(x.reshape(shape[0], -1)).all(dim=1)
-    if not bool(finite.all()):
-        bad = (~finite).nonzero().reshape(-1).tolist()
-        shown = ", ".join(map(str, bad[:5])) + (", …" if len(bad) > 5 else "")
+    from ..data.readers import nonfinite_images
+
+    bad, shown = nonfinite_images(x)
+    if bad:
         raise InputError(f"{name} contains NaN or Inf values ({image} {shown}; {len(bad)} of {shape[0]} images)")
     return shape[1:]
 
@@ -247,6 +247,14 @@ def looks_channels_last(image: tuple[int, ...], expected: tuple[int, ...] | None
     if expected is not None:
         return len(expected) == 3 and tuple(image) == (expected[1], expected[2], expected[0]) != tuple(expected)
     return image[2] in (1, 3, 4) and image[0] not in (1, 3, 4)
+
+
+def channels_last_error(error: InputError, source: str, image: tuple[int, ...]) -> InputError | None:
+    """The capture failure ``error`` said again as what it most likely is, when the images it was taken
+    from (``source``, one image's shape ``image``) look channels-last; ``None`` otherwise."""
+    if not looks_channels_last(image):
+        return None
+    return InputError(f"{source} images of shape {image}: {CHANNELS_LAST} ({error})")
 
 
 CHANNELS_LAST = ("it looks channels-last (H×W×C); the model takes C×H×W: transpose it (tensor.permute(0, 3, 1, 2), "
@@ -338,10 +346,10 @@ def quantize(
     try:
         gm = copy.deepcopy(model) if is_captured(model) else capture(model, example_input)
     except InputError as e:
-        image = tuple(first[0].shape[1:])
-        if given is not None or not looks_channels_last(image):
+        hint = None if given is not None else channels_last_error(e, "calibration", tuple(first[0].shape[1:]))
+        if hint is None:
             raise
-        raise InputError(f"calibration images of shape {image}: {CHANNELS_LAST} ({e})") from e.__cause__
+        raise hint from e.__cause__
     fusion = fold_conv_bn(gm)
     findings = fusion_findings(fusion)
 
