@@ -98,6 +98,7 @@ def zoo_info(name: str, resolution: int | None = None, num_classes: int | None =
     import torch
 
     from .models import count_madds, count_params, create_model, model_info
+    from .models.complexity import torch_reason
 
     info = model_info(name)
     resolution = info.paper_resolution if resolution is None else resolution
@@ -115,10 +116,11 @@ def zoo_info(name: str, resolution: int | None = None, num_classes: int | None =
 
     try:
         params, madds = counts(resolution)
-    except RuntimeError as e:  # torch: a feature map shrank to nothing (pooling / a strided conv on 1×1)
-        reason = str(e).strip().splitlines()[0].rsplit(". ", 1)[-1].rstrip(".")
-        raise UsageError(f"model {name!r} cannot take {resolution}×{resolution} inputs ({reason})"
-                         f"{_next_resolution(counts, resolution)}") from None
+    except UsageError as e:  # count_madds: a feature map shrank to nothing (pooling / a strided conv on 1×1)
+        if not isinstance(e.__cause__, RuntimeError):
+            raise
+        raise UsageError(f"model {name!r} cannot take {resolution}×{resolution} inputs "
+                         f"({torch_reason(e.__cause__)}){_next_resolution(counts, resolution)}") from None
     differs = [f"{info.paper_resolution} px"] if resolution != info.paper_resolution else []
     differs += [f"{info.paper_num_classes} classes"] if num_classes != info.paper_num_classes else []
     own_width = info.width_mult
@@ -135,7 +137,7 @@ def _next_resolution(counts, resolution: int, limit: int = 256) -> str:
     for res in range(resolution + 1, max(limit, resolution + 1)):
         try:
             counts(res)
-        except RuntimeError:
+        except UsageError:
             continue
         return f"; the next --resolution that works is {res} (resolution={res})"
     return ""

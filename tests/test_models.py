@@ -251,6 +251,27 @@ def test_mobilenetv2_madds_equal_torchvision():
     assert round(count_madds(_on_meta("mobilenetv2_100")) / 1e6, 1) == 300.8
 
 
+# Zhang et al. 2018, Table 2 (0.5×, 0.25×) and Table 5 (1.5×, 2×): ShuffleNetV1 g=3 at other widths, MFLOPs
+# (= mult-adds). 1.5× keeps the reference implementation's 24-channel stem; with 36 it counted 299.6 M.
+SHUFFLENETV1_G3_WIDTHS = {0.25: 13, 0.5: 38, 1.5: 292, 2.0: 524}
+
+
+@pytest.mark.parametrize("width", sorted(SHUFFLENETV1_G3_WIDTHS))
+def test_shufflenetv1_widths_match_paper(width):
+    ours = count_madds(_on_meta("shufflenetv1_g3", width_mult=width)) / 1e6
+    paper = SHUFFLENETV1_G3_WIDTHS[width]
+    assert abs(ours - paper) <= max(0.01 * paper, 0.5), f"{ours:.1f} M vs paper {paper} M"
+
+
+def test_zoo_options_are_refused_in_one_line():
+    with pytest.raises(UsageError, match="width_mult must be a positive number, got True"):
+        create_model("mobilenetv1_100", width_mult=True)  # a bool is an int to Python, not a width
+    with pytest.raises(UsageError, match="sets groups itself.*shufflenetv1_g8"):
+        create_model("shufflenetv1_g3", groups=5)
+    with pytest.raises(UsageError, match=r"squeezenet1_0 cannot take a 3×16×16 input \(Output size is too small\)"):
+        count_madds(_on_meta("squeezenet1_0", resolution=16))
+
+
 def test_squeezenet_1_1_needs_2_4x_fewer_madds():
     ratio = count_madds(_on_meta("squeezenet1_0")) / count_madds(_on_meta("squeezenet1_1"))
     assert abs(ratio / 2.4 - 1) <= 0.05, ratio

@@ -7,6 +7,7 @@ the family modules explicitly, so the registry is complete as soon as the packag
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -121,11 +122,17 @@ def create_model(name: str, num_classes: int = 1000, in_chans: int = 3, **kwargs
     if num_classes < 1 or in_chans < 1:
         raise UsageError(f"model {name!r}: num_classes and in_chans must be at least 1, got {num_classes} and {in_chans}")
     width = kwargs.get("width_mult")
-    if width is not None and not (isinstance(width, (int, float)) and 0 < width < float("inf")):
+    if width is not None and (isinstance(width, bool) or not (isinstance(width, (int, float))
+                                                            and 0 < width < float("inf"))):
         raise UsageError(f"model {name!r}: width_mult must be a positive number, got {width!r}")
     try:
         model = info.fn(num_classes=num_classes, in_chans=in_chans, **kwargs)
     except TypeError as e:
+        fixed = re.search(r"got multiple values for argument '(\w+)'", str(e))
+        if fixed:  # the variant's own setting (shufflenetv1_g3: groups=3) passed again
+            others = [n for n in list_models() if model_info(n).family == info.family and n != name]
+            raise UsageError(f"model {name!r} sets {fixed.group(1)} itself; choose the variant that has the "
+                             f"{fixed.group(1)} you want ({', '.join(others)})") from None
         raise UsageError(f"model {name!r}: {e}") from None
     model.model_name = name
     return model

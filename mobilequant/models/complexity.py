@@ -46,9 +46,19 @@ def count_madds(model: nn.Module, input_size: int | tuple[int, ...] | None = Non
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(x)
+    except RuntimeError as e:  # torch: a feature map shrank to nothing (pooling / a strided conv on 1×1)
+        name = getattr(model, "model_name", None) or type(model).__name__
+        raise UsageError(f"count_madds: {name} cannot take a {'×'.join(map(str, shape[1:]))} input "
+                         f"({torch_reason(e)})") from e
     finally:
         model.train(was_training)
     return counter.get_total_flops() // 2
+
+
+def torch_reason(e: BaseException) -> str:
+    """The last sentence of the first line of a torch error: ``Output size is too small``."""
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    return lines[0].rsplit(". ", 1)[-1].rstrip(".")
 
 
 def _input_shape(model: nn.Module, input_size) -> tuple[int, ...]:
