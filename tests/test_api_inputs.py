@@ -72,6 +72,29 @@ def test_verify_data_of_another_shape_is_refused_before_any_work(tiny, bad, tmp_
     assert not path.exists()
 
 
+def test_data_of_another_size_than_the_models_own_is_refused(tiny, tmp_path, monkeypatch):
+    """A model that says its input size (``preprocess.input_size``, as every zoo and shipped model does)
+    refuses calibration and verification images of another size before any work — a 6×6 set for this
+    8×8 model had been calibrated and exported as a 6×6 file, and 8×8 verify_data then refused as wrong."""
+    from types import SimpleNamespace
+
+    model = Tiny().eval()
+    model.preprocess = SimpleNamespace(input_size=(1, SIZE, SIZE))
+    small = _images(8, size=6)
+    want = rf"expected \(N, 1, {SIZE}, {SIZE}\) \(the model's input size, model.preprocess.input_size\)"
+    with pytest.raises(InputError, match=rf"calibration data has shape \(8, 1, 6, 6\); {want}"):
+        quantize(model, small, FAST)
+    _no_work(monkeypatch)
+    path = tmp_path / "m.tflite"
+    with pytest.raises(InputError, match=rf"calibration data has shape \(8, 1, 6, 6\); {want}"):
+        export(model, "tflite-int8", path, calibration_data=small, verify_data=_images(8))
+    with pytest.raises(InputError, match=rf"verify_data has shape \(8, 1, 6, 6\); {want}"):
+        export(model, "tflite-fp32", path, verify_data=small)
+    assert not path.exists()
+    # example_input says otherwise: the caller's size wins (a fully convolutional net run at another size)
+    assert quantize(model, small, FAST, example_input=small[:1]).table
+
+
 # ------------------------------------------------------------------------------------------ B: forms
 def test_quantize_reads_every_form_of_one_image_set_like_a_list_of_batches(tiny):
     m, x, y, table = tiny["model"], tiny["x"], tiny["y"], tiny["table"]

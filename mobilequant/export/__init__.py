@@ -163,6 +163,12 @@ def export(
     settings = recipe.verification
     example_from = ("the shape of example_input" if example_input is not None
                     else "the input shape the QuantResult was calibrated on" if example is not None else "")
+    if example is None:  # the model's own input size (model.preprocess), when it has one
+        from ..quant.ptq import model_input_size
+
+        size, size_from = model_input_size(model)
+        if size is not None:
+            example, example_from = torch.zeros(1, *size), size_from
     calib, taken_from = None, None  # taken_from: the data the example image comes from
     if calibration_data is not None:  # read once: quantization and, by default, verification use them
         wanted = max(1, recipe.quantization.num_calibration if spec.quantized and qr is None else 0,

@@ -257,6 +257,19 @@ def channels_last_error(error: InputError, source: str, image: tuple[int, ...]) 
     return InputError(f"{source} images of shape {image}: {CHANNELS_LAST} ({error})")
 
 
+def model_input_size(model, example_input=None) -> tuple[tuple[int, ...] | None, str]:
+    """The image shape data must have, and where it comes from: ``example_input``'s, else the model's own
+    (``model.preprocess.input_size``, what the zoo and the shipped models carry), else ``(None, "")`` —
+    the first batch's then. A 28×28 set for the 32×32 default model had been calibrated and exported
+    as a 28×28 file without a word."""
+    if example_input is not None:
+        return tuple(example_input.shape[1:]), "the shape of example_input"
+    size = getattr(getattr(model, "preprocess", None), "input_size", None)
+    if size is not None and not is_captured(model):
+        return tuple(int(v) for v in size), "the model's input size, model.preprocess.input_size"
+    return None, ""
+
+
 CHANNELS_LAST = ("it looks channels-last (H×W×C); the model takes C×H×W: transpose it (tensor.permute(0, 3, 1, 2), "
                  "array.transpose(0, 3, 1, 2))")
 
@@ -334,8 +347,8 @@ def quantize(
     config = config or QuantConfig()
     if not isinstance(config, QuantConfig):
         raise UsageError(f"config must be a QuantConfig, got {type(config).__name__}")
-    given = None if example_input is None else tuple(example_input.shape[1:])
-    raw = image_batches(calibration_batches, "calibration", given, "the shape of example_input" if given else "")
+    given, given_from = model_input_size(model, example_input)
+    raw = image_batches(calibration_batches, "calibration", given, given_from)
     first = next(raw, None)
     if first is None:
         raise InputError("calibration set is empty: at least one batch of images is needed")
