@@ -716,3 +716,19 @@ def test_a_file_without_a_name_map_must_have_the_models_kernels(tmp_path, test_d
     wider.preprocess = model.preprocess
     with pytest.raises(InputError, match=r"kernels hold 152 weights, the model's 304"):
         run_audit(tmp_path / "bare.onnx", data, model=wider, max_drop=None, progress=False)
+
+
+def test_the_steps_docs_audit_md_lists_import_from_mobilequant_audit():
+    """docs/audit.md names the audit's steps as plain functions usable alone; each imports from the package
+    (kernel_mismatch_findings had lived in audit.health only)."""
+    import re
+    from pathlib import Path
+
+    import mobilequant.audit as audit
+
+    text = Path(__file__).resolve().parents[1].joinpath("docs", "audit.md").read_text()
+    steps = text.split("The steps are plain functions, usable alone", 1)[1].split("\n\n", 1)[0]
+    names = [n for n in re.findall(r"`(\w+)`", steps) if n != "qdq_loss_debug"]  # ONNX Runtime's, the model
+    assert len(names) >= 10, names
+    missing = [n for n in names if n not in audit.__all__ or not hasattr(audit, n)]
+    assert not missing, missing

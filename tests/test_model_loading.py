@@ -90,6 +90,21 @@ def test_factory_by_module_path(user_package):
     assert model.preprocess.input_size == (1, 224, 224)
 
 
+def test_factory_by_module_path_from_the_current_folder(tmp_path, monkeypatch):
+    """``--model my_pkg.nets:build`` run beside ``my_pkg/``, as ``python -m`` would find it: a console
+    script's sys.path does not hold the current folder, and this failed unless PYTHONPATH=. was set."""
+    pkg = tmp_path / "mq_cwd_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "nets.py").write_text(FACTORY_SOURCE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", ".", str(tmp_path))])
+    model = load_model("mq_cwd_pkg.nets:tiny", num_classes=4)
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 4)
+    with pytest.raises(InputError, match=r"cannot import module 'mq_no_such_pkg.nets'.*in the current folder"):
+        load_model("mq_no_such_pkg.nets:tiny")
+
+
 def test_factory_by_file_path(user_file):
     model = load_model(f"{user_file}:tiny_with_preprocess", num_classes=5)
     assert model.preprocess == FASHION_MNIST  # the factory's own choice is kept

@@ -19,7 +19,7 @@ from .compare import build_segments, compare_batches, layer_results, match_layer
 from .endtoend import end_to_end
 from .gate import evaluate_gate
 from .health import (DEAD_CHECKS, Finding, HealthThresholds, dead_activation_findings, float_weight_findings,
-                     kernel_norms, quantized_weight_findings)
+                     kernel_mismatch_findings, kernel_norms, quantized_weight_findings)
 from .layers import FusedLayer, fused_layers
 from .metrics import LAYER_METRICS, ErrorStats, compute_metrics
 from .reference import FloatReference
@@ -53,6 +53,7 @@ __all__ = [
     "end_to_end",
     "float_weight_findings",
     "quantized_weight_findings",
+    "kernel_mismatch_findings",
     "dead_activation_findings",
     "kernel_norms",
     "evaluate_gate",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import os
 import pickle
 import re
 import sys
@@ -102,14 +103,36 @@ def _call_factory(spec: str, kwargs: dict) -> nn.Module:
     return model
 
 
+def _import_here(source: str):
+    """``importlib.import_module(source)``, looking in the current folder too, as ``python -m`` does: a
+    console script's sys.path holds its own folder instead, so ``--model my_pkg.nets:build`` run beside
+    ``my_pkg/`` failed with "No module named 'my_pkg'" unless PYTHONPATH=. was set."""
+    try:
+        return importlib.import_module(source)
+    except ModuleNotFoundError as e:
+        here = os.getcwd()
+        top = source.split(".", 1)[0]
+        if e.name != top or here in sys.path or "" in sys.path or "." in sys.path:
+            raise
+        sys.path.insert(0, here)  # kept on success: the module may import its siblings later
+        try:
+            return importlib.import_module(source)
+        except ModuleNotFoundError as again:
+            if again.name == top:
+                sys.path.remove(here)
+                raise e from None
+            raise
+
+
 def _import_source(source: str):
     looks_like_file = source.endswith(".py") or "/" in source or "\\" in source
     if not looks_like_file:
         try:
-            return importlib.import_module(source)
+            return _import_here(source)
         except ModuleNotFoundError as e:
             if e.name is not None and source.startswith(e.name):
-                raise InputError(f"cannot import module {source!r}: {e}") from e
+                raise InputError(f"cannot import module {source!r}: {e} (looked on sys.path and in the current "
+                                 f"folder {os.getcwd()}; put the package's parent folder on PYTHONPATH)") from e
             raise InputError(f"importing module {source!r} failed: {type(e).__name__}: {e}") from e
         except Exception as e:  # the user's module raised while importing
             raise InputError(f"importing module {source!r} failed: {type(e).__name__}: {e}") from e
