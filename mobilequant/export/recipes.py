@@ -80,7 +80,7 @@ def get_target(name: str) -> Target:
 
 @dataclass(frozen=True)
 class QuantizationSettings:
-    """How an int8 target is quantized (mapped onto :class:`mobilequant.quant.QuantConfig`)."""
+    """How an int8 target is quantized (mapped onto :class:`mobilequant.quant.QuantConfig`). A `--set` that changes one of these or an `io` setting is recorded in the file (`recipe_overrides`, sorted) and gives the default file name a variant: `MODEL-TARGET-custom-<8 hex of the overrides>.tflite`, so it neither replaces nor passes for the recipe's own export."""
 
     calibration: str = "mse"  # mse | minmax | moving_average | percentile | entropy
     per_channel: bool = True  # one weight scale per output channel (false: per tensor, e.g. for DSPs)
@@ -115,7 +115,7 @@ class IOSettings:
 
 @dataclass(frozen=True)
 class VerificationSettings:
-    """Checks run after every export (see :mod:`mobilequant.export.verify`)."""
+    """Checks run after every export (see :mod:`mobilequant.export.verify`). They are not recorded in the file (its `.verify.json` report keeps them), so the same quantization gives the same bytes however many images were checked."""
 
     enabled: bool = True  # run the checks before writing (a file that fails is written as <name>.failed<suffix>)
     num_images: int = 512  # images compared in the runtime against the torch reference
@@ -145,6 +145,10 @@ class Recipe:
     quantization: QuantizationSettings = field(default_factory=QuantizationSettings)
     io: IOSettings = field(default_factory=IOSettings)
     verification: VerificationSettings = field(default_factory=VerificationSettings)
+    # the overrides (``--set``) that changed a quantization / io setting of the recipe as loaded, as sorted
+    # ``section.key=value``: the file records them and its default name says so (settings compare equal
+    # however they were reached)
+    overrides: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self):
         target = get_target(self.target)
@@ -188,13 +192,26 @@ class Recipe:
         return TARGETS[self.target]
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The recipe as a file would hold it (``target``, ``name``, ``description`` and the three sections)."""
+        data = dataclasses.asdict(self)
+        del data["overrides"]
+        return data
+
+    def file_settings(self) -> dict:
+        """What an exported file records of its recipe: the settings that make its bytes (``target``,
+        ``name``, ``quantization``, ``io``). Not the ``verification`` section — how many images were
+        checked does not change the file; the ``.verify.json`` report beside it keeps those — and not the
+        ``description``, prose that does not change it either."""
+        data = self.to_dict()
+        del data["verification"], data["description"]
+        return data
 
     def replace(self, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
         """Apply ``section.key=value`` overrides (values parsed by ``yaml.safe_load``)."""
         import yaml
 
         data = self.to_dict()
+        touched = set()
         for item in overrides:
             if "=" not in item:
                 raise UsageError(f"override {item!r} must look like section.key=value")
@@ -214,7 +231,25 @@ class Recipe:
             _check_keys({section: None}, list(_SECTIONS), "recipe section")
             _check_keys({key: None}, [f.name for f in fields(_SECTIONS[section])], f"recipe {section}")
             data[section][key] = value
-        return _from_dict(data, "override")
+            touched.add((section, key))
+        result = _from_dict(data, "override")
+        recorded = {item.split("=", 1)[0]: item for item in self.overrides}
+        for section, key in touched & set(_FILE_SECTION_KEYS):
+            before, after = getattr(getattr(self, section), key), getattr(getattr(result, section), key)
+            if after != before:  # an override that sets the value already there changes nothing
+                recorded[f"{section}.{key}"] = f"{section}.{key}={_fmt_value(after)}"
+        return dataclasses.replace(result, overrides=tuple(sorted(recorded.values())))
+
+
+# the settings an override of which changes the file (verification settings only change the checks)
+_FILE_SECTION_KEYS = [(section, f.name) for section in ("quantization", "io") for f in fields(_SECTIONS[section])]
+
+
+def _fmt_value(value) -> str:
+    """A setting as an override spells it: ``true`` / ``false``, numbers and names as written."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 def _check_keys(d: dict, allowed: list[str], where: str) -> None:
