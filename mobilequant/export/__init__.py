@@ -14,6 +14,7 @@ Targets (:data:`TARGETS`): ``tflite-int8``, ``tflite-fp16``, ``tflite-fp32``, ``
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterable
@@ -27,7 +28,8 @@ from .. import __version__
 from ..capture import capture, keeps_caller_state
 from ..errors import CheckFailed, InputError, UsageError
 from ..fusion import fold_conv_bn
-from .artifact import METADATA_KEY, Artifact, atomic_write, atomic_write_all, load_artifact, metadata_json
+from .artifact import (METADATA_KEY, Artifact, atomic_write, atomic_write_all, load_artifact, metadata_json,
+                       sidecar_path, weights_sha256)
 from .recipes import TARGETS, Recipe, Target, default_recipe, get_target, list_recipes, load_recipe
 from .support import check_exportable, supported_ops
 from .verify import Census, Check, VerificationReport
@@ -122,6 +124,8 @@ def export(
     example_input: torch.Tensor | None = None,
     overrides: Iterable[str] = (),
     seed: int = 0,
+    model_spec: str | None = None,
+    weights_file: str | None = None,
 ) -> Artifact:
     """Export ``source`` (a :class:`~mobilequant.quant.QuantResult` or an ``nn.Module``) to ``out_path``.
 
@@ -137,6 +141,9 @@ def export(
     * Returns the :class:`Artifact`. The file is verified before it is written: when a check fails
       ``out_path`` is left as it was, the file is written as ``<name>.failed<suffix>`` beside it, and
       :class:`CheckFailed` is raised (its ``artifact`` is the failed file).
+    * The file's metadata records what it was made from (:mod:`.artifact`): ``model_spec`` (how the model
+      was named, e.g. ``net.py:build``) and ``weights_file`` (the checkpoint's file name) are recorded by
+      their base names only; the weights themselves by their sha256 (``weights_sha256``).
     """
     from ..quant import QuantResult, quantize
 
@@ -222,6 +229,7 @@ def export(
                 raise
             raise hint from None
 
+    weights = weights_sha256(model)  # of the float model as given: quantization below does not change it
     if spec.quantized and qr is None:
         qr = quantize(model, calib, recipe.quantization.to_quant_config(), example_input=example)
 
@@ -229,14 +237,21 @@ def export(
         "format_version": 1,
         "format": spec.format,
         "model_name": name,
+        "model_spec": _base_name_spec(model_spec),
+        "weights_file": None if weights_file is None else Path(weights_file).name,
+        "weights_sha256": weights,
         "target": spec.name,
-        "recipe": recipe.to_dict(),
+        "recipe": recipe.file_settings(),  # the same bytes however many images were verified
+        "recipe_overrides": list(recipe.overrides),
         "mobilequant_version": __version__,
+        "versions": _converter_versions(spec),
         "quant_table_sha256": qr.table.sha256() if spec.quantized else None,
         "quant_config": qr.config.to_dict() if spec.quantized else None,
         "input_shape": [1, *example.shape[1:]],
         "input_layout": recipe.io.layout,
         "io_dtype": recipe.io.dtype,
+        "class_names": _class_names(model),
+        "preprocess": _preprocess(model),
     }
     if qr is not None and qr.fine_tuned:  # QAT: not the weights model_name ships with
         metadata["fine_tuned"] = qr.fine_tuned
@@ -257,10 +272,13 @@ def export(
     passed = artifact.verification is None or artifact.verification.passed
     if not passed:
         artifact.path = failed_path
-    sidecar = _sidecar(artifact.path)
+    sidecar = sidecar_path(artifact.path)
     if artifact.verification is not None:  # the file and its report as a pair: both written, then both renamed
-        report = {"artifact": str(artifact.path), "artifact_sha256": hashlib.sha256(data).hexdigest(),
-                  **artifact.verification.to_dict(), "census": artifact.census.to_dict()}
+        # the file's name, not the path as given: the report lies beside it, and two identical exports give
+        # identical reports wherever they were written
+        report = {"artifact": artifact.path.name, "artifact_sha256": hashlib.sha256(data).hexdigest(),
+                  **artifact.verification.to_dict(), "census": artifact.census.to_dict(),
+                  "verification_settings": dataclasses.asdict(recipe.verification)}
         text = json.dumps(report, indent=1, sort_keys=True) + "\n"
         atomic_write_all([(artifact.path, data), (sidecar, text.encode())])
     else:  # a report left by an earlier export would describe another file
@@ -268,7 +286,7 @@ def export(
         sidecar.unlink(missing_ok=True)
     if passed:  # an earlier export's failed file is not this one's
         failed_path.unlink(missing_ok=True)
-        _sidecar(failed_path).unlink(missing_ok=True)
+        sidecar_path(failed_path).unlink(missing_ok=True)
     else:
         first = artifact.verification.failed[0]
         err = CheckFailed(f"{out_path}: {first} — not written there; the failed file is {failed_path.name} "
@@ -278,9 +296,45 @@ def export(
     return artifact
 
 
-def _sidecar(path: Path) -> Path:
-    """The verification report written beside an artifact."""
-    return path.with_name(path.name + ".verify.json")
+def _base_name_spec(spec: str | None) -> str | None:
+    """A model spec as a file records it: ``file.py:factory`` with the file's name only (no directory of
+    the machine it was exported on); a zoo name or ``pkg.module:factory`` as given."""
+    if spec is None:
+        return None
+    spec = str(spec)
+    if ":" not in spec:
+        return spec
+    where, factory = spec.rsplit(":", 1)
+    return f"{Path(where).name}:{factory}" if where.endswith(".py") or "/" in where or "\\" in where else spec
+
+
+def _class_names(model: nn.Module) -> list[str] | None:
+    names = getattr(model, "class_names", None)
+    return None if names is None else [str(n) for n in names]
+
+
+def _preprocess(model: nn.Module) -> dict | None:
+    """The model's preprocessing (:class:`~mobilequant.models.PreprocessConfig`) as plain JSON: what an app
+    does to a camera frame before it feeds the file."""
+    pre = getattr(model, "preprocess", None)
+    if pre is None or not dataclasses.is_dataclass(pre):
+        return None
+    return json.loads(json.dumps(dataclasses.asdict(pre)))  # tuples → lists
+
+
+def _converter_versions(spec: Target) -> dict[str, str]:
+    """The versions of torch and of the packages that converted the file (the same in one environment)."""
+    from importlib import metadata as md
+
+    names = ["torch"] + (["litert-torch"] + (["ai-edge-quantizer"] if spec.precision == "fp16" else [])
+                         if spec.format == "tflite" else ["onnx", "onnxscript"])
+    versions = {}
+    for dist in names:
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            versions[dist] = "unknown"
+    return versions
 
 
 def _to_tflite(spec, recipe, qr, float_graph, example, metadata):

@@ -2,8 +2,11 @@
 
 Every artifact carries one metadata entry ``"mobilequant"`` (TFLite: a ``Model.metadata`` buffer; ONNX:
 a ``metadata_props`` key) whose value is canonical JSON (sorted keys, no timestamps, so the same export
-gives the same bytes): model name, target, recipe, mobilequant version, quant table sha256, input layout
-and I/O type, the rewrites made, and the name map (stable layer name → tensor name in the file).
+gives the same bytes): model name, target, recipe (its quantization and I/O settings; not the verification
+settings, which the ``.verify.json`` report beside the file keeps), the ``--set`` overrides that changed
+them, mobilequant version and the converter's, quant table sha256, the float weights' sha256
+(:func:`weights_sha256`), class names and preprocessing, input layout and I/O type, the rewrites made, and
+the name map (stable layer name → tensor name in the file). No absolute path goes into a file.
 
 Files are written atomically (:func:`atomic_write`, :func:`atomic_write_all` for a file and its report):
 bytes go to a temporary file in the destination directory, are flushed and fsync'ed, then
@@ -14,6 +17,7 @@ earlier file there untouched) and is an :class:`InputError` (``cannot write PATH
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import stat
@@ -26,7 +30,8 @@ from typing import BinaryIO
 from ..errors import InputError
 from .tflite_file import TFLITE_METADATA_KEY, read_tflite
 
-__all__ = ["Artifact", "atomic_write", "atomic_write_all", "load_artifact", "metadata_json", "METADATA_KEY", "FORMAT_VERSION"]
+__all__ = ["Artifact", "atomic_write", "atomic_write_all", "load_artifact", "metadata_json", "weights_sha256",
+           "sidecar_path", "METADATA_KEY", "FORMAT_VERSION"]
 
 METADATA_KEY = TFLITE_METADATA_KEY
 FORMAT_VERSION = 1
@@ -70,6 +75,31 @@ class Artifact:
 def metadata_json(metadata: dict) -> str:
     """Canonical JSON of the metadata (what goes into the file)."""
     return json.dumps(metadata, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def weights_sha256(model) -> str:
+    """sha256 of a model's weights: over its ``state_dict`` in sorted name order, each entry's name, dtype,
+    shape and tensor bytes. The same weights give the same hash in any process (no pickling, no paths);
+    any changed value, name or shape gives another. Export records it as ``weights_sha256``; the audit
+    compares it with the model it is given."""
+    import torch
+
+    h = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state):
+        t = state[name]
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{list(state[name].shape)}\0".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """The verification report export writes beside an artifact: ``<file name>.verify.json``."""
+    path = Path(path)
+    return path.with_name(path.name + ".verify.json")
 
 
 def atomic_write(path: str | Path, data: bytes | Callable[[BinaryIO], None]) -> Path:
