@@ -11,6 +11,7 @@ The pipeline (each step a plain function of the one before, see :mod:`mobilequan
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import time
@@ -33,7 +34,7 @@ from .health import (HealthThresholds, dead_activation_findings, float_weight_fi
 from .layers import fused_layers
 from .metrics import ErrorStats, Metric, sqnr_db
 from .reference import FloatReference
-from .report import AuditReport, Gate
+from .report import AuditReport, Gate, GateFailure
 
 __all__ = ["run_audit", "DEFAULT_IMAGES"]
 
@@ -151,6 +152,65 @@ def _check_belongs(model: nn.Module, meta: dict, quant_result, graph, data) -> l
     if not aname:
         warnings.append("the artifact carries no mobilequant metadata: model and quantization provenance not checked")
     return warnings
+
+
+def _check_weights_hash(path: str, model: nn.Module, meta: dict, shipped: bool) -> None:
+    """The file records the sha256 of the float weights it was exported from (``weights_sha256``): a model
+    with other weights is not its reference, and every figure against it would blame the file for the
+    difference (a file exported with ``--weights edited.pt`` failed the default audit at "drop 24.50 pp",
+    with no hint). Refused, naming the checkpoint to pass. Not for fine-tuned files (QAT): their weights
+    are the fine-tuning's, and the report says what the shipped reference means for them."""
+    recorded = meta.get("weights_sha256")
+    if not isinstance(recorded, str) or meta.get("fine_tuned"):
+        return
+    from ..export.artifact import weights_sha256
+
+    own = weights_sha256(model)
+    if own == recorded:
+        return
+    ckpt = meta.get("weights_file")
+    which = f"the checkpoint it was exported from ({ckpt})" if ckpt else "the checkpoint it was exported from"
+    given = (f"{meta.get('model_name')}'s shipped weights" if shipped else "the model's weights")
+    raise InputError(f"{path} was exported from other weights than {given} (weights_sha256 {recorded[:12]}… in the "
+                     f"file, {own[:12]}… for the model): pass {which} with --weights (Python: model=...)")
+
+
+def _check_sidecar(path: str) -> tuple[dict | None, list[GateFailure]]:
+    """What the ``.verify.json`` report export wrote beside the file says, and the gate failures it makes:
+    a file whose sha256 is not the one export verified (changed after export: tampered, corrupted, or
+    another file under its name), and a file whose export checks failed (the ``.failed`` file export writes
+    beside the output). ``(None, [])`` without a report: nothing to compare."""
+    from ..export.artifact import sidecar_path
+
+    report_path = sidecar_path(path)
+    if not report_path.is_file():
+        return None, []
+    name = report_path.name
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        report = None
+        reason = getattr(e, "strerror", None) or type(e).__name__
+    recorded = report.get("artifact_sha256") if isinstance(report, dict) else None
+    passed = report.get("passed") if isinstance(report, dict) else None
+    if not isinstance(recorded, str) or not isinstance(passed, bool):
+        why = reason if report is None else "no artifact_sha256 / passed"
+        return ({"sidecar": name, "passed": None, "sha256_matches": None},
+                [GateFailure("export_verification", "artifact",
+                             f"{path}: its {name} is not an export verification report ({why}): whether the "
+                             "file is the one export verified cannot be told")])
+    actual = _sha256(path)
+    failures = []
+    if actual != recorded:
+        failures.append(GateFailure("artifact_changed", "artifact",
+                                    f"{path} changed after export's verification: sha256 {actual}, its {name} "
+                                    f"says {recorded}"))
+    if not passed:
+        failed = [c.get("name", "?") for c in report.get("checks") or [] if isinstance(c, dict) and not c.get("passed")]
+        failures.append(GateFailure("export_verification", "artifact",
+                                    f"{path} failed export's own checks ({', '.join(failed) or 'see ' + name}): "
+                                    f"it is the file export refused to write as its output"))
+    return {"sidecar": name, "passed": passed, "sha256_matches": actual == recorded}, failures
 
 
 def _flattened_from(gm, layer) -> tuple[int, int, int] | None:
@@ -336,6 +396,9 @@ def run_audit(
         given_map = None
     shipped = model is None and quant_result is None
     model = _resolve_model(model, quant_result, meta)
+    if not stale:
+        _check_weights_hash(path, model, meta, shipped)  # before any work: the model is not the file's
+    verification, sidecar_failures = _check_sidecar(path)
     data = _resolve_data(data, model, images)
     warnings = (_check_belongs(model, meta, quant_result, graph, data) + ([export_note] if export_note else [])
                 + ([stale] if stale else []))
@@ -439,12 +502,17 @@ def run_audit(
                                                       "quantized", len(data), exclude, ref_layers)
 
     gate = Gate(max_drop, min_sqnr, fail_on_dead_kernels)
-    failures = evaluate_gate(gate, e2e, results, findings, float_precision=_float_precision(graph, actual))
+    failures = sidecar_failures + evaluate_gate(gate, e2e, results, findings,
+                                                float_precision=_float_precision(graph, actual))
     timings["total"] = time.perf_counter() - t_start
+    recipe_meta = meta.get("recipe")
     return AuditReport(
         artifact={"path": path, "target": meta.get("target", actual), "format": graph.target,
                   "sha256": _sha256(path), "model_name": meta.get("model_name"),
-                  "quant_table_sha256": meta.get("quant_table_sha256")},
+                  "quant_table_sha256": meta.get("quant_table_sha256"),
+                  "recipe": (recipe_meta.get("name") or None) if isinstance(recipe_meta, dict) else None,
+                  "mobilequant_version": meta.get("mobilequant_version"),
+                  "verification": verification},
         data={"source": data.source, "images": len(data), "labels": data.labels is not None},
         gate=gate, end_to_end=e2e, layers=results, findings=findings, failures=failures,
         unmapped_layers=[n for n in unmapped if n not in {m.layer.name for m in matches}],

@@ -41,8 +41,8 @@ REPORT_SCHEMA: dict = {
                 "required": ["check", "subject", "message", "value", "limit"],
                 "additionalProperties": False,
                 "properties": {
-                    "check": {"enum": ["float_fidelity", "accuracy_drop", "disagreement", "layer_sqnr",
-                                               "dead_kernels"]},
+                    "check": {"enum": ["artifact_changed", "export_verification", "float_fidelity",
+                                       "accuracy_drop", "disagreement", "layer_sqnr", "dead_kernels"]},
                     "subject": {"type": "string"},
                     "message": {"type": "string"},
                     "value": _NUM,
@@ -52,7 +52,8 @@ REPORT_SCHEMA: dict = {
         },
         "artifact": {
             "type": "object",
-            "required": ["path", "target", "format", "sha256", "model_name", "quant_table_sha256"],
+            "required": ["path", "target", "format", "sha256", "model_name", "quant_table_sha256", "recipe",
+                         "mobilequant_version", "verification"],
             "additionalProperties": False,
             "properties": {
                 "path": {"type": "string"},
@@ -61,6 +62,23 @@ REPORT_SCHEMA: dict = {
                 "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
                 "model_name": {"type": ["string", "null"]},
                 "quant_table_sha256": {"type": ["string", "null"]},
+                "recipe": {"type": ["string", "null"]},
+                "mobilequant_version": {"type": ["string", "null"]},
+                "verification": {
+                    "oneOf": [
+                        {"type": "null"},
+                        {
+                            "type": "object",
+                            "required": ["sidecar", "passed", "sha256_matches"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "sidecar": {"type": "string"},
+                                "passed": {"type": ["boolean", "null"]},
+                                "sha256_matches": {"type": ["boolean", "null"]},
+                            },
+                        },
+                    ]
+                },
             },
         },
         "data": {
