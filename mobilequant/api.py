@@ -248,8 +248,9 @@ def _output_path(out: str | None, name: str, suffix: str, target: str, variant: 
     refused rather than taken for a directory to create (``-o "ü ñ.TFLITE"`` had made a folder of that name),
     unless it ends with a slash or is an existing directory; an existing directory named like the file
     (``d.tflite``) is refused. In a directory the file is named
-    ``{name}-{variant or target}{suffix}``: ``variant`` is a recipe that is not the target's default, so its
-    file does not overwrite the default export's. Returns the file's path and the directory created for it
+    ``{name}-{variant or target}{suffix}``: ``variant`` is a recipe that is not the target's default, or
+    one changed by overrides (``…-custom-<8 hex>``), and ``name`` carries the checkpoint's stem when one was
+    given (``{model}-{weights stem}``), so such a file does not overwrite the default export's. Returns the file's path and the directory created for it
     (``None`` if none was).
     """
     text = str(out or DEFAULT_OUT)
@@ -384,6 +385,7 @@ class ExportSummary:
     census: str = ""
     failed: bool = False
     audit: dict | None = None
+    sha256: str = ""  # of the file written (the one .verify.json records and the audit checks)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -461,7 +463,8 @@ def export_model(target: str | None = None, model: str | None = None, weights: s
     spec = rec.spec
     net = resolve_model(model, weights)
     name = _model_name(net)
-    path, created = _output_path(out, name, spec.suffix, spec.name, _recipe_label(recipe, spec.name))
+    path, created = _output_path(out, _file_model_label(name, weights), spec.suffix, spec.name,
+                                 _file_recipe_label(recipe, rec))
     with _removed_if_left_empty(created):
         cfg = net.preprocess
         if num_eval is None and rec.verification.num_images != VerificationSettings.num_images:
@@ -485,7 +488,9 @@ def export_model(target: str | None = None, model: str | None = None, weights: s
         try:
             artifact = export(net, spec.name, path, recipe=rec,
                               calibration_data=None if calib is None else calib.batches(64),
-                              verify_data=evald, model_name=name)
+                              verify_data=evald, model_name=name,
+                              model_spec=os.fspath(model) if model is not None and ":" in os.fspath(model) else None,
+                              weights_file=None if weights is None else os.fspath(weights))
         except CheckFailed as e:
             artifact = getattr(e, "artifact", None)
             if artifact is None:
@@ -514,7 +519,38 @@ def export_model(target: str | None = None, model: str | None = None, weights: s
         agreement=_percent(file_logits.argmax(1) == float_logits.argmax(1)),
         seconds=round(time.perf_counter() - t0, 3), verified=artifact.verified,
         checks=[] if ver is None else [asdict(c) for c in ver.checks],
-        census=str(artifact.census) if artifact.census is not None else "", failed=failed, audit=report)
+        census=str(artifact.census) if artifact.census is not None else "", failed=failed, audit=report,
+        sha256=_file_sha256(path))
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _file_model_label(name: str, weights) -> str:
+    """What a default file name says about the model: its name, and for a checkpoint given (``--weights``)
+    the checkpoint's file stem too, so that ``mobilenetv2_050-edited-tflite-int8.tflite`` does not replace
+    the shipped weights' export in the same folder."""
+    return name if weights is None else f"{name}-{Path(os.fspath(weights)).stem}"
+
+
+def _file_recipe_label(recipe: str | None, rec) -> str:
+    """What a default file name says about the recipe: the target, or a recipe that is not the target's
+    own (:func:`_recipe_label`), then ``-custom-<8 hex>`` when ``--set`` overrides changed its quantization
+    or I/O settings (the hex: sha256 of the overrides the file records, sorted), so that such a file
+    neither replaces the recipe's own export nor passes for it."""
+    import hashlib
+
+    label = _recipe_label(recipe, rec.spec.name) or rec.spec.name
+    if rec.overrides:
+        label += "-custom-" + hashlib.sha256("\n".join(rec.overrides).encode()).hexdigest()[:8]
+    return label
 
 
 # ---------------------------------------------------------------------------------------- calibrate
@@ -531,7 +567,8 @@ class CalibrateSummary:
 
     def summary(self) -> str:
         lines = [f"quantization table of {self.model}: {self.tensors} tensors → {self.path}",
-                 f"sha256 {self.table_sha256}"]
+                 f"table sha256 {self.table_sha256} (of its canonical JSON, as exported files record it in "
+                 "quant_table_sha256; not the file's sha256)"]
         lines += [f"finding: {f}" for f in self.findings]
         return "\n".join(lines)
 
