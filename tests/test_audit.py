@@ -585,10 +585,13 @@ def test_a_file_another_tool_changed_after_export(test_data, tmp_path):
         assert content_target(open_artifact(art.path)) == target
 
 
-def test_a_float_file_of_another_model_fails_the_gate(tmp_path, test_data):
+def test_a_float_file_of_another_model_fails_the_gate(tmp_path, test_data, monkeypatch):
     """An int8 file's kernels are compared with the model's; a float file's were not: an fp32 / fp16 file
     of the same architecture with other weights passed every gate (−150 dB, 13 % agreement, its accuracy
-    above the model's). Its logits must now be the model's within float rounding."""
+    above the model's). Its logits must now be the model's within float rounding. (Our own files record
+    their weights' sha256 and are refused before any work; the gate is for files without it, as other
+    tools write them.)"""
+    import mobilequant.export as mq_export
     from mobilequant.audit.gate import FLOAT_FIDELITY_DB
     from mobilequant.export import export
 
@@ -602,6 +605,12 @@ def test_a_float_file_of_another_model_fails_the_gate(tmp_path, test_data):
     for target, suffix in (("onnx-fp32", ".onnx"), ("tflite-fp16", ".tflite")):
         art = export(other, target, tmp_path / f"other{suffix}", example_input=data.images[:1],
                      overrides=NO_VERIFY)
+        with pytest.raises(InputError, match="was exported from other weights"):
+            run_audit(art.path, data, model=model, max_drop=None, layer_checks=False, progress=False)
+        with monkeypatch.context() as m:  # the same file without the recorded hash
+            m.setattr(mq_export, "weights_sha256", lambda net: None)
+            art = export(other, target, tmp_path / f"other{suffix}", example_input=data.images[:1],
+                         overrides=NO_VERIFY)
         r = run_audit(art.path, data, model=model, max_drop=None, layer_checks=False, progress=False)
         assert [f.check for f in r.failures] == ["float_fidelity"], (target, r.failures)
         assert r.end_to_end.output_sqnr_db < FLOAT_FIDELITY_DB[target[-4:]]
