@@ -63,3 +63,19 @@ def test_yaml_errors_say_where(tmp_path):
     path.write_text("target: tflite-int8\nio:\n  layout: NHWC\ntarget: onnx-int8\n")
     with pytest.raises(InputError, match=r"\(line 4, column 1\): the key 'target' is given twice"):
         load_recipe(path)
+
+
+def test_a_recipe_files_bad_key_or_value_names_the_file(tmp_path):
+    """One line naming the file, as docs/recipes.md quotes it ('in recipe quantization' had been only the
+    --set form; a file's message said 'in quantization' without the file)."""
+    from mobilequant.export.recipes import load_recipe
+
+    bad_key = tmp_path / "mine.yaml"
+    bad_key.write_text("target: tflite-int8\nquantization:\n  per_chanel: true\n")
+    with pytest.raises(UsageError, match=rf"unknown key 'per_chanel' in recipe {bad_key} quantization "
+                                         r"\(did you mean 'per_channel'"):
+        load_recipe(bad_key)
+    bad_value = tmp_path / "other.yaml"
+    bad_value.write_text("target: tflite-int8\nquantization:\n  per_channel: 3\n")
+    with pytest.raises(UsageError, match=rf"recipe {bad_value} quantization.per_channel must be bool, got 3"):
+        load_recipe(bad_value)

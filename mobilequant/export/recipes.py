@@ -300,7 +300,7 @@ def _from_dict(d: Any, source: str) -> Recipe:
     target = get_target(str(d["target"]))
     sections = {}
     for name, cls in _SECTIONS.items():
-        sections[name] = _section(cls, d.get(name), name)
+        sections[name] = _section(cls, d.get(name), f"recipe {source} {name}")
     if "io" not in d or d["io"] is None or "dtype" not in (d.get("io") or {}):
         sections["io"] = dataclasses.replace(sections["io"], dtype=_default_io_dtype(target))
     return Recipe(
