@@ -224,8 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default=None, help="a recipe YAML file, or the name of one in export_recipes/ (default: the target's own)")
     p.add_argument("-o", "--out", default="out",
                    help="output file (with the target's suffix) or directory (default: out/); in a directory the "
-                        "file is MODEL-TARGET.tflite/.onnx, or MODEL-RECIPE.tflite/.onnx for a recipe other than "
-                        "the target's own, so it does not overwrite the default export")
+                        "file is MODEL-TARGET.tflite/.onnx; MODEL-RECIPE for a recipe other than the target's own, "
+                        "TARGET-custom-HASH when --set changes a quantization or io value, MODEL-CHECKPOINT-TARGET "
+                        "with --weights, so none overwrites the default export")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set quantization.per_channel=false (repeatable; see docs/recipes.md)")
     p.add_argument("--num-eval", type=_count(1), default=None, help="evaluation images for the summary and the checks, spread evenly over the set (default: all, or verification.num_images where a recipe or --set changes it)")
