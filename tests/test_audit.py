@@ -641,17 +641,22 @@ def test_truncated_artifact(tflite_artifact, tmp_path, trained, test_data):
 
 
 @pytest.mark.slow
-def test_artifact_and_model_that_do_not_belong(tflite_artifact, trained, quantized, test_data):
+def test_artifact_and_model_that_do_not_belong(tflite_artifact, trained, quantized, test_data, monkeypatch):
     from mobilequant.models import create_model
     from mobilequant.quant import QuantConfig, quantize
 
     other = create_model("mobilenetv2_035", num_classes=10, in_chans=1, preprocess=trained.preprocess)
     with pytest.raises(InputError, match="exported from 'mobilenetv2_050' but the model is 'mobilenetv2_035'"):
         run_audit(tflite_artifact, test_data, model=other)
-    # same architecture and name, other weights: caught by comparing the kernels
+    # same architecture and name, other weights: caught by the weights sha256 the file records, and in a
+    # file without it (another tool's) by comparing the kernels
     retrained = create_model("mobilenetv2_050", num_classes=10, in_chans=1, preprocess=trained.preprocess).eval()
-    with pytest.raises(InputError, match="kernels do not match"):
+    with pytest.raises(InputError, match="was exported from other weights"):
         run_audit(tflite_artifact, test_data, model=retrained)
+    with monkeypatch.context() as m:
+        m.setattr("mobilequant.audit.run._check_weights_hash", lambda *args: None)
+        with pytest.raises(InputError, match="kernels do not match"):
+            run_audit(tflite_artifact, test_data, model=retrained)
     # the right model but another quantization: caught by the quant table's sha256
     cal = calibration_set(cfg=trained.preprocess)
     per_tensor = quantize(trained, [cal.images[:64]], QuantConfig(per_channel=False, num_calibration=64))

@@ -163,6 +163,8 @@ def _check_weights_hash(path: str, model: nn.Module, meta: dict, shipped: bool) 
     recorded = meta.get("weights_sha256")
     if not isinstance(recorded, str) or meta.get("fine_tuned"):
         return
+    if meta.get("model_name") not in (None, getattr(model, "model_name", None)):
+        return  # another architecture: _check_belongs says so, which is the better message
     from ..export.artifact import weights_sha256
 
     own = weights_sha256(model)
