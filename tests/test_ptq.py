@@ -111,6 +111,30 @@ def test_export_graph_has_int8_ops_and_bias_on_the_int32_grid(relu6_results):
         torch.testing.assert_close(r.export_graph(x), r.graph(x), rtol=0, atol=1e-6)
 
 
+def test_export_graph_weights_lie_on_their_int8_grid(relu6_results):
+    """Every weight an int8 quantize op reads in export_graph is already dequantize(quantize(w)): the TFLite
+    converter quantizes it again with its own arithmetic, and a weight within ~1e-8 of a rounding tie had
+    taken the other code than torch's float32 rounding (SqueezeNext-23: 2 of 572,736 weights, each moving
+    a whole output channel of the file off its simulation). On the grid, any arithmetic gives the code."""
+    from mobilequant.quant.ptq import _DEQUANTIZE_OPS, _QUANTIZE_OPS, _evaluate, _qdtype
+
+    _, results = relu6_results
+    gm = results["clamped"].export_graph
+    checked = 0
+    for q in gm.graph.nodes:
+        if q.op != "call_function" or q.target not in _QUANTIZE_OPS or _qdtype(q) != torch.int8:
+            continue
+        if q.args[0].op != "get_attr":
+            continue
+        w = gm
+        for part in str(q.args[0].target).split("."):
+            w = getattr(w, part)
+        dq = next(u for u in q.users if u.target in _DEQUANTIZE_OPS)
+        torch.testing.assert_close(w, _evaluate(gm, dq), rtol=0, atol=0)
+        checked += 1
+    assert checked >= 3
+
+
 def test_cle_clamp_is_quantized_like_a_fused_relu6():
     """CLE's exact ReLU6 is a per-channel clamp.Tensor: its conv output shares one range with the clamp,
     observed after the clamp ([0, max_i hi_i], zero point −128), never the pre-activation range."""

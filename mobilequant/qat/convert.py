@@ -36,7 +36,7 @@ from ..fusion import fold_conv_bn
 from ..quant.config import QuantConfig
 from ..quant.observers import pin_qparams
 from ..quant.ptq import (Finding, QuantResult, calibrate, fold_bias_qdq, fusion_findings, is_captured,
-                         repair_degenerate_ranges)
+                         repair_degenerate_ranges, snap_weights_to_grid)
 from ..quant.quantizer import MobileQuantizer, snap_leaky_slopes
 from ..quant.table import QuantTable
 from .graph import tensor_key, trained_qparams
@@ -98,7 +98,7 @@ def convert_trained(prepared: GraphModule, float_model: nn.Module, config: Quant
     findings += repair_degenerate_ranges(ptq_prepared, config)
     snap_leaky_slopes(ptq_prepared)
     qdq_graph = convert_pt2e(copy.deepcopy(ptq_prepared), fold_quantize=False)
-    export_graph = fold_bias_qdq(copy.deepcopy(qdq_graph))
+    export_graph = snap_weights_to_grid(fold_bias_qdq(copy.deepcopy(qdq_graph)))
     graph = convert_pt2e(ptq_prepared, fold_quantize=True)
     return QuantResult(
         graph=graph, export_graph=export_graph, qdq_graph=qdq_graph, table=QuantTable.from_graph(qdq_graph),

@@ -400,7 +400,7 @@ def quantize(
     findings += repair_degenerate_ranges(prepared, config)
     snap_leaky_slopes(prepared)  # again: the range search and the repairs may have moved input ranges
     qdq_graph = convert_pt2e(copy.deepcopy(prepared), fold_quantize=False)
-    export_graph = fold_bias_qdq(copy.deepcopy(qdq_graph))
+    export_graph = snap_weights_to_grid(fold_bias_qdq(copy.deepcopy(qdq_graph)))
     graph = convert_pt2e(prepared, fold_quantize=True)
     return QuantResult(
         graph=graph,
@@ -479,6 +479,35 @@ def _evaluate(gm: GraphModule, node: Node) -> torch.Tensor:
 
     with torch.no_grad():
         return node.target(*[value(a) for a in node.args], **{k: value(v) for k, v in node.kwargs.items()}).detach()
+
+
+def snap_weights_to_grid(gm: GraphModule) -> GraphModule:
+    """Replace every float weight that an int8 quantize op reads by ``dequantize(quantize(w))``, in place.
+
+    The simulation's codes are torch's ``round(w · (1/s))`` in float32; the TFLite converter quantizes the
+    float weight of ``export_graph`` again with its own arithmetic (more precise than float32), so a weight
+    within ~1e-8 of a rounding tie got the other code (SqueezeNext-23: 2 of 572,736 weights, each shifting a
+    whole output channel). A weight already on the grid rounds to the same code under any arithmetic."""
+    for q in list(gm.graph.nodes):
+        if (q.op != "call_function" or q.target not in _QUANTIZE_OPS or _qdtype(q) != torch.int8
+                or not isinstance(q.args[0], Node) or q.args[0].op != "get_attr"):
+            continue
+        dq = next((u for u in q.users if u.target in _DEQUANTIZE_OPS), None)
+        if dq is None:
+            continue
+        obj = gm
+        *path, last = str(q.args[0].target).split(".")
+        for part in path:
+            obj = getattr(obj, part)
+        w = getattr(obj, last)
+        grid = _evaluate(gm, dq).to(w.dtype)
+        if isinstance(w, nn.Parameter):
+            with torch.no_grad():
+                w.copy_(grid)
+        else:
+            setattr(obj, last, grid)
+    gm.recompile()
+    return gm
 
 
 def is_captured(model) -> bool:
