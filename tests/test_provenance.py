@@ -92,8 +92,14 @@ def test_provenance_metadata(small, tmp_path):
 
 
 def test_weights_hash_is_of_the_values():
+    """Of the values, not the names: a captured graph of the model (whose state_dict keys differ and which
+    drops BN's num_batches_tracked) and a wrapper hash alike, so a QuantResult of a captured graph audits
+    against the module."""
+    from mobilequant.capture import capture
+
     a, b = _net(), _net()
     assert weights_sha256(a) == weights_sha256(b)
+    assert weights_sha256(capture(a, _images(1, 0))) == weights_sha256(nn.Sequential(a)) == weights_sha256(a)
     with torch.no_grad():
         b[7].bias[0] += 1e-3
     assert weights_sha256(a) != weights_sha256(b)

@@ -78,22 +78,23 @@ def metadata_json(metadata: dict) -> str:
 
 
 def weights_sha256(model) -> str:
-    """sha256 of a model's weights: over its ``state_dict`` in sorted name order, each entry's name, dtype,
-    shape and tensor bytes. The same weights give the same hash in any process (no pickling, no paths);
-    any changed value, name or shape gives another. Export records it as ``weights_sha256``; the audit
-    compares it with the model it is given."""
+    """sha256 of a model's float weights: of the sorted sha256s of its floating-point ``state_dict`` tensors
+    (each over dtype, shape and bytes). The same weights give the same hash in any process (no pickling, no
+    paths) and under any naming — the module, its captured graph, a DDP ``module.`` or ``torch.compile``
+    wrapper, whose state_dict keys differ; any changed value or shape gives another. Integer buffers (BN's
+    ``num_batches_tracked``, which a captured graph drops) are not weights. Export records it as
+    ``weights_sha256``; the audit compares it with the model it is given."""
     import torch
 
-    h = hashlib.sha256()
-    state = model.state_dict()
-    for name in sorted(state):
-        t = state[name]
-        if not isinstance(t, torch.Tensor):
+    digests = []
+    for t in model.state_dict().values():
+        if not isinstance(t, torch.Tensor) or not torch.is_floating_point(t):
             continue
-        t = t.detach().to("cpu").contiguous().reshape(-1)
-        h.update(f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{list(state[name].shape)}\0".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+        flat = t.detach().to("cpu").contiguous().reshape(-1)
+        h = hashlib.sha256(f"{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode())
+        h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+        digests.append(h.hexdigest())
+    return hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
 
 
 def sidecar_path(path: str | Path) -> Path:
