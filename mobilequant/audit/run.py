@@ -163,7 +163,8 @@ def _check_weights_hash(path: str, model: nn.Module, meta: dict, shipped: bool) 
     recorded = meta.get("weights_sha256")
     if not isinstance(recorded, str) or meta.get("fine_tuned"):
         return
-    if meta.get("model_name") not in (None, getattr(model, "model_name", None)):
+    aname, mname = meta.get("model_name"), getattr(model, "model_name", None)
+    if aname and mname and aname != mname:
         return  # another architecture: _check_belongs says so, which is the better message
     from ..export.artifact import weights_sha256
 
