@@ -81,7 +81,7 @@ def test_data_of_another_size_than_the_models_own_is_refused(tiny, tmp_path, mon
     model = Tiny().eval()
     model.preprocess = SimpleNamespace(input_size=(1, SIZE, SIZE))
     small = _images(8, size=6)
-    want = rf"expected \(N, 1, {SIZE}, {SIZE}\) \(the model's input size, model.preprocess.input_size\)"
+    want = rf"expected \(N, 1, {SIZE}, {SIZE}\) \(the model's input size, model.preprocess.input_size; for another size give example_input\)"
     with pytest.raises(InputError, match=rf"calibration data has shape \(8, 1, 6, 6\); {want}"):
         quantize(model, small, FAST)
     _no_work(monkeypatch)

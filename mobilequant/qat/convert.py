@@ -36,8 +36,8 @@ from ..fusion import fold_conv_bn
 from ..quant.config import QuantConfig
 from ..quant.observers import pin_qparams
 from ..quant.ptq import (Finding, QuantResult, calibrate, fold_bias_qdq, fusion_findings, is_captured,
-                         repair_degenerate_ranges, snap_weights_to_grid)
-from ..quant.quantizer import MobileQuantizer, snap_leaky_slopes
+                         kernel_findings, repair_degenerate_ranges, snap_weights_to_grid)
+from ..quant.quantizer import MobileQuantizer, snap_to_kernels
 from ..quant.table import QuantTable
 from .graph import tensor_key, trained_qparams
 
@@ -96,7 +96,7 @@ def convert_trained(prepared: GraphModule, float_model: nn.Module, config: Quant
     n = calibrate(ptq_prepared, [calibration_images], len(calibration_images))
     findings += _pin_trained(ptq_prepared, qparams, n)
     findings += repair_degenerate_ranges(ptq_prepared, config)
-    snap_leaky_slopes(ptq_prepared)
+    findings += kernel_findings(snap_to_kernels(ptq_prepared))
     qdq_graph = convert_pt2e(copy.deepcopy(ptq_prepared), fold_quantize=False)
     export_graph = snap_weights_to_grid(fold_bias_qdq(copy.deepcopy(qdq_graph)))
     graph = convert_pt2e(ptq_prepared, fold_quantize=True)

@@ -55,7 +55,7 @@ from ..errors import InputError, UsageError
 from ..fusion import FusionReport, fold_conv_bn
 from .config import QuantConfig
 from .observers import pin_qparams
-from .quantizer import FUSED_INTO, INT32_MAX, OP_RULES, MobileQuantizer, Rule, snap_leaky_slopes
+from .quantizer import FUSED_INTO, INT32_MAX, OP_RULES, MobileQuantizer, Rule, snap_to_kernels
 from .table import QuantTable
 
 __all__ = ["Finding", "QuantResult", "quantize", "calibrate", "image_batches", "repair_degenerate_ranges"]
@@ -266,7 +266,8 @@ def model_input_size(model, example_input=None) -> tuple[tuple[int, ...] | None,
         return tuple(example_input.shape[1:]), "the shape of example_input"
     size = getattr(getattr(model, "preprocess", None), "input_size", None)
     if size is not None and not is_captured(model):
-        return tuple(int(v) for v in size), "the model's input size, model.preprocess.input_size"
+        return (tuple(int(v) for v in size),
+                "the model's input size, model.preprocess.input_size; for another size give example_input")
     return None, ""
 
 
@@ -384,7 +385,7 @@ def quantize(
     if n == 0:
         raise InputError("calibration set is empty: the batches hold no images")
 
-    snap_leaky_slopes(prepared)  # before the walks below, so they simulate the slopes the kernels compute
+    snap_to_kernels(prepared)  # before the walks below, so they simulate what the kernels compute
     bc_report = ada_report = None
     if config.adaround:  # rounds the weights, then corrects the biases in the same walk
         ada = _optional_module("adaround", "adaround")
@@ -398,7 +399,7 @@ def quantize(
         range_report = _optional_module("range_search", "range_search").search_ranges(prepared, kept)
 
     findings += repair_degenerate_ranges(prepared, config)
-    snap_leaky_slopes(prepared)  # again: the range search and the repairs may have moved input ranges
+    findings += kernel_findings(snap_to_kernels(prepared))  # again: the range search and repairs move ranges
     qdq_graph = convert_pt2e(copy.deepcopy(prepared), fold_quantize=False)
     export_graph = snap_weights_to_grid(fold_bias_qdq(copy.deepcopy(qdq_graph)))
     graph = convert_pt2e(prepared, fold_quantize=True)
@@ -508,6 +509,12 @@ def snap_weights_to_grid(gm: GraphModule) -> GraphModule:
             setattr(obj, last, grid)
     gm.recompile()
     return gm
+
+
+def kernel_findings(unsnapped: list[tuple[str, str]]) -> list[Finding]:
+    """Findings for the layers :func:`~mobilequant.quant.quantizer.snap_to_kernels` could not make exact
+    (the TFLite kernel computes another code than the simulation for some inputs)."""
+    return [Finding("kernel_not_exact", layer, message) for layer, message in unsnapped]
 
 
 def is_captured(model) -> bool:

@@ -28,7 +28,7 @@ own parameters      hardswish, mean, global adaptive_avg_pool2d (MEAN; capture s
                     to one at which TFLite's fixed-point HARD_SWISH is exact (:func:`snap_hardswish_scales`)
 leaky_relu          the input's range through the op, scale snapped so that 256·s_in/s_out is an odd
                     integer, and the negative slope made the one the kernel computes (XNNPACK's
-                    LEAKY_RELU keeps 8 fractional bits of its multipliers; :func:`snap_leaky_slopes`)
+                    LEAKY_RELU keeps 8 fractional bits of its multipliers; :func:`snap_to_kernels`)
 ==================  ===============================================================================
 
 Each rule is one annotator parameterised by the op (:data:`OP_RULES` is the dispatch table); ops not in
@@ -94,7 +94,6 @@ __all__ = [
     "hardswish_kernel_table",
     "hardswish_exact_table",
     "snap_hardswish_scales",
-    "snap_leaky_slopes",
     "snap_to_kernels",
 ]
 
@@ -331,7 +330,7 @@ def _derive_leaky_qparams(obs_or_fqs, slope: float) -> tuple[torch.Tensor, torch
     return torch.tensor([scale], dtype=torch.float32), torch.tensor([zero_point], dtype=torch.int32)
 
 
-_LEAKY_SLOPE = "mobilequant_leaky_slope"  # node.meta: the model's own slope, before snap_leaky_slopes
+_LEAKY_SLOPE = "mobilequant_leaky_slope"  # node.meta: the model's own slope, before _snap_leaky_slopes
 
 
 def _snap_leaky_slopes(prepared) -> None:
@@ -353,12 +352,6 @@ def _snap_leaky_slopes(prepared) -> None:
         node.args = (x, kernel_slope, *node.args[2:])
         node.kwargs = {k: v for k, v in node.kwargs.items() if k != "negative_slope"}
     prepared.recompile()
-
-
-def snap_leaky_slopes(prepared) -> list[tuple[str, str]]:
-    """The former name of :func:`snap_to_kernels` (it snapped only LeakyReLU slopes); kept so that callers
-    snap hardswish output scales too."""
-    return snap_to_kernels(prepared)
 
 
 # ------------------------------------------------------------------------ TFLite's int8 HARD_SWISH kernel
@@ -519,7 +512,7 @@ def snap_hardswish_scales(prepared) -> list[tuple[str, str]]:
 
 def snap_to_kernels(prepared) -> list[tuple[str, str]]:
     """Make the quantized ops whose int8 TFLite kernels are not exact at arbitrary parameters compute what
-    the simulation computes: LeakyReLU slopes (:func:`snap_leaky_slopes`) and hardswish output scales
+    the simulation computes: LeakyReLU slopes (:func:`_snap_leaky_slopes`) and hardswish output scales
     (:func:`snap_hardswish_scales`, whose unsnapped layers it returns). Run after calibration and again
     after anything that moves ranges."""
     unsnapped = snap_hardswish_scales(prepared)  # first: a leaky slope depends on its input's scale
