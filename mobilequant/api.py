@@ -147,19 +147,22 @@ def _next_resolution(counts, resolution: int, limit: int = 256) -> str:
 DEFAULT_OUT = "out"
 
 
-def resolve_model(model: str | None = None, weights: str | None = None):
+def resolve_model(model: str | None = None, weights: str | None = None, resolution: int | None = None):
     """The float model a job runs on.
 
     * ``None``: the built-in default (MobileNetV2 0.5 with its shipped Fashion-MNIST weights);
     * a zoo name that has shipped weights, with no ``weights``: that model with its shipped weights;
     * otherwise ``load_model(model, checkpoint=weights)`` (zoo name, ``pkg.module:factory`` or
       ``file.py:factory``; the checkpoint is read with ``weights_only=True``).
+
+    ``resolution`` (``--resolution``): the input size of a zoo model built from its name — MobileNetV1's ρ,
+    a checkpoint trained at 128 px. A shipped model and a user factory have their own (refused if other).
     """
     from .models import load_model
     from .weights import DEFAULT_WEIGHTS, default_model, list_default_weights
 
     if model is None and weights is None:
-        return default_model(DEFAULT_WEIGHTS)
+        return _own_resolution(default_model(DEFAULT_WEIGHTS), resolution, "the shipped model")
     if model is None:
         model = DEFAULT_WEIGHTS
     _refuse_non_name(model, "model")
@@ -172,15 +175,26 @@ def resolve_model(model: str | None = None, weights: str | None = None):
 
         model_info(model)  # an unknown name fails here, with close matches
         if model in list_default_weights():
-            return default_model(model)
+            return _own_resolution(default_model(model), resolution, f"the shipped {model}")
     if weights is not None and model in list_default_weights():
         net = _shipped_with_checkpoint(model, weights)
         if net is not None:
-            return net
-    net = load_model(model, checkpoint=weights)
-    if ":" in model:  # a user factory: name artifacts after it
-        net.model_name = model.rsplit(":", 1)[-1]
+            return _own_resolution(net, resolution, f"{model} with a checkpoint of its shipped shapes")
+    if ":" in model:
+        net = _own_resolution(load_model(model, checkpoint=weights), resolution, model)
+        net.model_name = model.rsplit(":", 1)[-1]  # a user factory: name artifacts after it
+    else:
+        net = load_model(model, checkpoint=weights, **({} if resolution is None else {"resolution": resolution}))
     return net.eval()
+
+
+def _own_resolution(net, resolution: int | None, what: str):
+    """``net``, whose input size is its own: a ``resolution`` other than it is refused."""
+    size = tuple(net.preprocess.input_size[1:])
+    if resolution is not None and size != (resolution, resolution):
+        raise UsageError(f"--resolution {resolution}: {what} takes {size[0]}×{size[1]} inputs; --resolution sets "
+                         "the input size of a zoo model built from its name (a factory sets model.preprocess)")
+    return net
 
 
 def _shipped_with_checkpoint(model: str, weights: str):
@@ -438,7 +452,7 @@ class ExportSummary:
 def export_model(target: str | None = None, model: str | None = None, weights: str | None = None,
                  data: str = "builtin", eval_data: str = "builtin", recipe: str | None = None,
                  out: str | None = None, overrides=(), num_eval: int | None = None, verify: bool = True,
-                 audit: bool = False, progress: bool = True) -> ExportSummary:
+                 audit: bool = False, progress: bool = True, resolution: int | None = None) -> ExportSummary:
     """Quantize / convert a model, write the artifact atomically, verify it in its runtime, summarise.
 
     With no ``model`` this is the main job: the built-in MobileNetV2 0.5 (Fashion-MNIST), calibrated on
@@ -461,9 +475,9 @@ def export_model(target: str | None = None, model: str | None = None, weights: s
     # before the model and data load: a recipe / target mismatch or a bad override fails at once
     rec = resolve_recipe(recipe, "tflite-int8" if target is None and recipe is None else target, extra)
     spec = rec.spec
-    net = resolve_model(model, weights)
+    net = resolve_model(model, weights, resolution)
     name = _model_name(net)
-    path, created = _output_path(out, _file_model_label(name, weights), spec.suffix, spec.name,
+    path, created = _output_path(out, _file_model_label(name, weights, resolution), spec.suffix, spec.name,
                                  _file_recipe_label(recipe, rec))
     with _removed_if_left_empty(created):
         cfg = net.preprocess
@@ -533,11 +547,12 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _file_model_label(name: str, weights) -> str:
+def _file_model_label(name: str, weights, resolution: int | None = None) -> str:
     """What a default file name says about the model: its name, and for a checkpoint given (``--weights``)
     the checkpoint's file stem too, so that ``mobilenetv2_050-edited-tflite-int8.tflite`` does not replace
-    the shipped weights' export in the same folder."""
-    return name if weights is None else f"{name}-{Path(os.fspath(weights)).stem}"
+    the shipped weights' export in the same folder; ``-128px`` for a ``--resolution``."""
+    label = name if weights is None else f"{name}-{Path(os.fspath(weights)).stem}"
+    return label if resolution is None else f"{label}-{resolution}px"
 
 
 def _file_recipe_label(recipe: str | None, rec) -> str:
@@ -575,7 +590,7 @@ class CalibrateSummary:
 
 def calibrate(model: str | None = None, weights: str | None = None, data: str = "builtin",
               recipe: str | None = None, overrides=(), out: str = "quant_table.json",
-              progress: bool = True) -> CalibrateSummary:
+              progress: bool = True, resolution: int | None = None) -> CalibrateSummary:
     """Calibrate with the recipe's quantization settings (default: tflite-int8's) and write the table.
 
     Refused before any work: a float recipe (it has no quantization table), an override of anything but a
@@ -605,7 +620,7 @@ def calibrate(model: str | None = None, weights: str | None = None, data: str = 
         raise UsageError(f"out (-o) {out} is a directory (give the file to write, e.g. "
                          f"{out_path / 'quant_table.json'})")
     _probe_writable(out_path.parent)
-    net = resolve_model(model, weights)
+    net = resolve_model(model, weights, resolution)
     calib = _load(data, net.preprocess, "calibration", rec.quantization.num_calibration)
     result = quantize(net, calib.batches(64), rec.quantization.to_quant_config())
     atomic_write(out_path, result.table.to_json().encode())
@@ -656,16 +671,16 @@ def _artifact_model_name(artifact: str) -> str:
 def audit(artifact: str, model: str | None = None, weights: str | None = None, data: str = "builtin",
           num_images: int | None = 1000, max_drop: float | None = 0.5, min_sqnr: float | None = None,
           fail_on_dead_kernels: bool = False, report: str | None = None, html: str | None = None,
-          progress: bool = True) -> AuditSummary:
+          progress: bool = True, resolution: int | None = None) -> AuditSummary:
     """Audit an exported artifact against its float model; ``failed`` when the gate fails (exit 1)."""
     from .audit import run_audit
 
     from .audit.report import check_report_paths
 
     check_report_paths(artifact, report, html)  # before the audit runs: a path that cannot take a report
-    if model is None and weights is not None:  # --weights for the zoo model the artifact names
+    if model is None and (weights is not None or resolution is not None):  # for the zoo model the artifact names
         model = _artifact_model_name(artifact)
-    net = resolve_model(model, weights) if (model is not None or weights is not None) else None
+    net = resolve_model(model, weights, resolution) if (model is not None or weights is not None) else None
     rep = run_audit(artifact, data, model=net, max_drop=max_drop, min_sqnr=min_sqnr,
                     fail_on_dead_kernels=fail_on_dead_kernels, images=num_images, progress=progress)
     json_path = str(rep.write_json(report)) if report else None

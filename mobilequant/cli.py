@@ -192,13 +192,19 @@ def _common(p: argparse.ArgumentParser, quiet: bool = True) -> None:
 
 
 def _model_args(p: argparse.ArgumentParser, data_help: str,
-                model_default: str = "the built-in MobileNetV2 0.5 trained on Fashion-MNIST") -> None:
+                model_default: str = "the built-in MobileNetV2 0.5 trained on Fashion-MNIST",
+                resolution: bool = True) -> None:
     p.add_argument("--model", default=None,
                    help=f"zoo name, 'pkg.module:factory' or 'path/file.py:factory' (default: {model_default})")
     p.add_argument("--weights", default=None,
                    help="checkpoint (state_dict) to load, read with weights_only=True; a zoo --model with shipped "
                         "weights keeps their preprocessing when the checkpoint has their shapes, else takes the "
                         "class count and input channels the checkpoint was trained with")
+    if resolution:
+        p.add_argument("--resolution", type=_count(1), default=None,
+                       help="input size (pixels, square) of a zoo --model built from its name, e.g. MobileNetV1 "
+                            "at 128 for a checkpoint trained at 128 (default: the model's own; shipped models "
+                            "and factories have theirs)")
     p.add_argument("--data", default="builtin", help=data_help + " (rules: docs/data.md)")
 
 
@@ -236,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("qat", "quantization-aware fine-tuning job (single process or under torchrun)")
     _model_args(p, "training data: 'builtin' (Fashion-MNIST), a folder with class sub-folders, or an .npz "
-                   "with labels")
+                   "with labels", resolution=False)
     p.add_argument("--val-data", default=None,
                    help="evaluated after each epoch (default: the Fashion-MNIST test split for builtin training "
                         "data, else none)")
@@ -399,18 +405,20 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "export":
         if args.target is None and args.recipe is None:
             raise UsageError("export needs --target (or a --recipe, which names its target)")
-        result = api.export_model(target=args.target, model=args.model, weights=args.weights, data=args.data,
-                                  eval_data=args.eval_data, recipe=args.recipe, out=args.out,
-                                  overrides=args.overrides, num_eval=args.num_eval, verify=not args.no_verify,
-                                  audit=args.audit, progress=not (args.quiet or args.json))
+        result = api.export_model(target=args.target, model=args.model, weights=args.weights,
+                                  resolution=args.resolution, data=args.data, eval_data=args.eval_data,
+                                  recipe=args.recipe, out=args.out, overrides=args.overrides,
+                                  num_eval=args.num_eval, verify=not args.no_verify, audit=args.audit,
+                                  progress=not (args.quiet or args.json))
     elif args.command == "calibrate":
-        result = api.calibrate(model=args.model, weights=args.weights, data=args.data, recipe=args.recipe,
-                               overrides=args.overrides, out=args.out, progress=not (args.quiet or args.json))
+        result = api.calibrate(model=args.model, weights=args.weights, resolution=args.resolution, data=args.data,
+                               recipe=args.recipe, overrides=args.overrides, out=args.out,
+                               progress=not (args.quiet or args.json))
     elif args.command == "audit":
-        result = api.audit(args.artifact, model=args.model, weights=args.weights, data=args.data,
-                           num_images=args.num_images, max_drop=args.max_drop, min_sqnr=args.min_sqnr,
-                           fail_on_dead_kernels=args.fail_on_dead_kernels, report=args.report, html=args.html,
-                           progress=not (args.quiet or args.json))
+        result = api.audit(args.artifact, model=args.model, weights=args.weights, resolution=args.resolution,
+                           data=args.data, num_images=args.num_images, max_drop=args.max_drop,
+                           min_sqnr=args.min_sqnr, fail_on_dead_kernels=args.fail_on_dead_kernels,
+                           report=args.report, html=args.html, progress=not (args.quiet or args.json))
     elif args.command == "qat":
         result = api.qat(model=args.model, weights=args.weights, data=args.data, epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, recipe=args.recipe, out_dir=args.out_dir,

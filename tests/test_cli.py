@@ -464,6 +464,30 @@ def test_audit_weights_go_into_the_zoo_model_the_artifact_names(files, tmp_path,
     assert "exported from 'build', not a zoo model; give the model" in capsys.readouterr().err
 
 
+def test_resolution_builds_a_zoo_model_for_its_checkpoints_input_size(tmp_path, capsys):
+    """MobileNetV1 0.25 trained at ρ = 64 (here: random weights, 10 grey classes): --resolution builds the
+    zoo model for 64×64 inputs — before, a checkpoint of a zoo name always went out at 224 px — names the
+    file after it, and the audit takes the same option; the shipped model has its own size (exit 2)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from mobilequant.models import create_model
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "v1.pt"
+    torch.save(create_model("mobilenetv1_025", num_classes=10, in_chans=1).state_dict(), ckpt)
+    args = ["--model", "mobilenetv1_025", "--weights", str(ckpt), "--resolution", "64"]
+    assert main(["export", "--target", "tflite-fp32", *args, "--num-eval", "16", "-o", f"{tmp_path}/", "-q"]) == 0
+    out = tmp_path / "mobilenetv1_025-v1-64px-tflite-fp32.tflite"
+    assert list(Interpreter(str(out)).get_input_details()[0]["shape"]) == [1, 1, 64, 64]
+    assert main(["audit", str(out), "--weights", str(ckpt), "--resolution", "64", "--num-images", "16", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["export", "--target", "tflite-fp32", "--resolution", "64", "-o", str(tmp_path / "x.tflite")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("mobilequant: error: --resolution 64: the shipped model takes 32×32 inputs; --resolution sets "
+                   "the input size of a zoo model built from its name (a factory sets model.preprocess)")
+    assert not (tmp_path / "x.tflite").exists()
+
+
 def test_export_fp32_then_bench_and_audit_exit_codes(files, tmp_path, capsys):
     """A real export through the CLI, its file benchmarked, and the audit gate's exit code both ways."""
     out = tmp_path / "tiny.tflite"
