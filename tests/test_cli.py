@@ -488,6 +488,31 @@ def test_resolution_builds_a_zoo_model_for_its_checkpoints_input_size(tmp_path, 
     assert not (tmp_path / "x.tflite").exists()
 
 
+def test_a_file_the_runtime_refuses_fails_its_checks_in_one_line(tmp_path, capsys):
+    """A QAT job of a random-weight MobileNetV1 0.25 at 64 px on noise images: its classifier's output scale
+    falls to 2⁻²³ and XNNPACK refuses the int8 file ("failed to prepare"), which had escaped export as a
+    RuntimeError traceback. Now a failed check (runs_in_runtime, naming the smallest scale): exit 1, the
+    file kept as .failed beside the output, nothing at the output path."""
+    from mobilequant.models import create_model
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "v1.pt"
+    torch.save(create_model("mobilenetv1_025", num_classes=10, in_chans=1).state_dict(), ckpt)
+    rng = np.random.default_rng(0)
+    data = tmp_path / "t.npz"
+    np.savez(data, images=rng.integers(0, 255, (128, 28, 28), dtype=np.uint8), labels=rng.integers(0, 10, 128))
+    job = tmp_path / "job"
+    rc = main(["qat", "--model", "mobilenetv1_025", "--weights", str(ckpt), "--resolution", "64", "--data", str(data),
+               "--val-data", str(data), "--epochs", "1", "--batch-size", "32", "--out-dir", str(job),
+               "--export", "tflite-int8", "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1
+    assert len(err) == 1 and "runs_in_runtime: FAILED, LiteRT (XNNPACK) refused the file" in err[0], err
+    assert "smallest activation scale" in err[0]
+    assert (job / "mobilenetv1_025-qat-tflite-int8.failed.tflite").is_file()
+    assert not (job / "mobilenetv1_025-qat-tflite-int8.tflite").exists()
+
+
 def test_export_fp32_then_bench_and_audit_exit_codes(files, tmp_path, capsys):
     """A real export through the CLI, its file benchmarked, and the audit gate's exit code both ways."""
     out = tmp_path / "tiny.tflite"

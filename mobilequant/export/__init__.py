@@ -449,6 +449,26 @@ def _to_onnx(spec, qr, float_graph, example, metadata):
     return proto.SerializeToString(), graph, {"census": onnx_census(proto), "proto": proto}
 
 
+def _refused_by_runtime(error: Exception, spec, qr):
+    """The check a file fails when its runtime will not load or run it. XNNPACK refuses int8 ops whose
+    requantization scale ratio is outside what its kernels take — measured: a QAT job of a random-weight
+    MobileNetV1 at 64 px whose classifier's output scale fell to 2⁻²³ (outputs ~0): "failed to prepare",
+    which had escaped export as a RuntimeError traceback. The smallest activation scale is named."""
+    from .verify import Check
+
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    runtime = "LiteRT (XNNPACK)" if spec.format == "tflite" else "ONNX Runtime"
+    detail = ""
+    if qr is not None:
+        acts = [e for e in qr.table if e.role != "weight" and e.dtype == "int8" and e.scale]
+        if acts:
+            low = min(acts, key=lambda e: min(e.scale))
+            detail = (f"smallest activation scale {min(low.scale):.3g} at {low.name} ({low.role}): a layer whose "
+                      "values are ~0 on the calibration data gives scales a kernel cannot take")
+    return Check("runs_in_runtime", False, f"{runtime} refused the file: {first}", "the file loads and runs",
+                 detail)
+
+
 def _verify(artifact, data, spec, recipe, qr, model, x, labels, example, extra, seed):
     from ._run import onnx_runtime_ops, run_onnx_model, run_tflite_bytes
     from .verify import (numeric_checks, onnx_integer_check, onnx_param_check, perturbed_simulation,
@@ -468,9 +488,13 @@ def _verify(artifact, data, spec, recipe, qr, model, x, labels, example, extra, 
         else:
             ref = torch.cat([model(x[i:i + 256]) for i in range(0, len(x), 256)]).numpy()
     xs = x.numpy()
-    out = run_tflite_bytes(data, xs, recipe.io.layout) if spec.format == "tflite" else run_onnx_model(data, xs)
-    report.checks += numeric_checks(spec.precision, out, ref, None if labels is None else labels.numpy(), settings,
-                                    self_ref=self_ref)
+    try:
+        out = run_tflite_bytes(data, xs, recipe.io.layout) if spec.format == "tflite" else run_onnx_model(data, xs)
+    except (RuntimeError, ValueError) as e:  # the runtime refuses the file: a check that fails, not a crash
+        report.checks.append(_refused_by_runtime(e, spec, qr))
+    else:
+        report.checks += numeric_checks(spec.precision, out, ref, None if labels is None else labels.numpy(),
+                                        settings, self_ref=self_ref)
     report.checks += structure_checks(artifact.census, spec.quantized,
                                       float_fallback=spec.quantized and qr.config.float_fallback)
     if spec.quantized:
