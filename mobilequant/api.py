@@ -742,7 +742,7 @@ def qat(model: str | None = None, weights: str | None = None, data: str = "built
         out_dir: str | None = None, resume: bool = False, resume_from: str | None = None, seed: int = 0,
         export: list[str] | tuple[str, ...] = (), start: str = "float",
         freeze_bn_step: int | float | str | None = None, freeze_observer_step: int | float | str | None = None,
-        val_data: str | None = None, progress: bool = True) -> QATSummary:
+        val_data: str | None = None, progress: bool = True, resolution: int | None = None) -> QATSummary:
     """Quantization-aware fine-tuning (see ``docs/qat.md``); optionally export the result.
 
     ``epochs``, ``batch_size``, ``lr``, ``out_dir`` and the two freeze points default to
@@ -762,7 +762,8 @@ def qat(model: str | None = None, weights: str | None = None, data: str = "built
     targets = [get_target(t) for t in export]  # unknown targets fail before training
     rec = load_recipe(recipe) if recipe is not None else default_recipe("tflite-int8")
     train_data = "fashion-mnist" if data == "builtin" else data
-    net = resolve_model(model, weights) if (weights is not None or (model and ":" in model)) else None
+    by_name = weights is None and resolution is None and not (model and ":" in model)
+    net = None if by_name else resolve_model(model, weights, resolution)
     given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "out_dir": out_dir,
              "freeze_bn_step": freeze_bn_step, "freeze_observer_step": freeze_observer_step}
     given = {k: None if v == "never" else v for k, v in given.items() if v is not None}

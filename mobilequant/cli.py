@@ -192,19 +192,17 @@ def _common(p: argparse.ArgumentParser, quiet: bool = True) -> None:
 
 
 def _model_args(p: argparse.ArgumentParser, data_help: str,
-                model_default: str = "the built-in MobileNetV2 0.5 trained on Fashion-MNIST",
-                resolution: bool = True) -> None:
+                model_default: str = "the built-in MobileNetV2 0.5 trained on Fashion-MNIST") -> None:
     p.add_argument("--model", default=None,
                    help=f"zoo name, 'pkg.module:factory' or 'path/file.py:factory' (default: {model_default})")
     p.add_argument("--weights", default=None,
                    help="checkpoint (state_dict) to load, read with weights_only=True; a zoo --model with shipped "
                         "weights keeps their preprocessing when the checkpoint has their shapes, else takes the "
                         "class count and input channels the checkpoint was trained with")
-    if resolution:
-        p.add_argument("--resolution", type=_count(1), default=None,
-                       help="input size (pixels, square) of a zoo --model built from its name, e.g. MobileNetV1 "
-                            "at 128 for a checkpoint trained at 128 (default: the model's own; shipped models "
-                            "and factories have theirs)")
+    p.add_argument("--resolution", type=_count(1), default=None,
+                   help="input size (pixels, square) of a zoo --model built from its name, e.g. MobileNetV1 at "
+                        "128 for a checkpoint trained at 128 (default: the model's own; shipped models and "
+                        "factories have theirs)")
     p.add_argument("--data", default="builtin", help=data_help + " (rules: docs/data.md)")
 
 
@@ -242,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("qat", "quantization-aware fine-tuning job (single process or under torchrun)")
     _model_args(p, "training data: 'builtin' (Fashion-MNIST), a folder with class sub-folders, or an .npz "
-                   "with labels", resolution=False)
+                   "with labels")
     p.add_argument("--val-data", default=None,
                    help="evaluated after each epoch (default: the Fashion-MNIST test split for builtin training "
                         "data, else none)")
@@ -420,8 +418,8 @@ def _run(args: argparse.Namespace) -> int:
                            min_sqnr=args.min_sqnr, fail_on_dead_kernels=args.fail_on_dead_kernels,
                            report=args.report, html=args.html, progress=not (args.quiet or args.json))
     elif args.command == "qat":
-        result = api.qat(model=args.model, weights=args.weights, data=args.data, epochs=args.epochs,
-                         batch_size=args.batch_size, lr=args.lr, recipe=args.recipe, out_dir=args.out_dir,
+        result = api.qat(model=args.model, weights=args.weights, resolution=args.resolution, data=args.data,
+                         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, recipe=args.recipe, out_dir=args.out_dir,
                          resume=args.resume, resume_from=args.resume_from, val_data=args.val_data,
                          seed=args.seed, export=args.export, start=args.start,
                          freeze_bn_step=args.freeze_bn_step, freeze_observer_step=args.freeze_observer_step,
