@@ -465,6 +465,7 @@ def export_model(target: str | None = None, model: str | None = None, weights: s
     from .data import fit_labels
     from .errors import CheckFailed
     from .export import export, resolve_recipe
+    from .export.artifact import file_sha256
     from .export.recipes import VerificationSettings
     from .runtime import open_runner
 
@@ -534,17 +535,7 @@ def export_model(target: str | None = None, model: str | None = None, weights: s
         seconds=round(time.perf_counter() - t0, 3), verified=artifact.verified,
         checks=[] if ver is None else [asdict(c) for c in ver.checks],
         census=str(artifact.census) if artifact.census is not None else "", failed=failed, audit=report,
-        sha256=_file_sha256(path))
-
-
-def _file_sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        sha256=file_sha256(path))
 
 
 def _file_model_label(name: str, weights, resolution: int | None = None) -> str:

@@ -20,3 +20,17 @@ def pytest_configure(config) -> None:
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+def validate_audit_report(report: dict) -> None:
+    """Validate an audit report (``AuditReport.to_dict()``) against the published JSON schema, after a JSON
+    round trip (what a consumer of the file reads). jsonschema is in the dev extra the test command
+    installs: a missing install fails here rather than being skipped."""
+    import json
+
+    import jsonschema
+
+    from mobilequant.audit.schema import REPORT_SCHEMA
+
+    jsonschema.Draft202012Validator.check_schema(REPORT_SCHEMA)
+    jsonschema.validate(json.loads(json.dumps(report)), REPORT_SCHEMA, cls=jsonschema.Draft202012Validator)

@@ -14,6 +14,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import validate_audit_report
 import torch
 
 from mobilequant.audit import (AuditReport, EndToEnd, ErrorStats, Gate, LayerResult, compute_metrics,
@@ -21,7 +22,6 @@ from mobilequant.audit import (AuditReport, EndToEnd, ErrorStats, Gate, LayerRes
                                fused_layers, run_audit)
 from mobilequant.audit.artifact import open_artifact
 from mobilequant.export.layout import LayoutMismatch, to_file_layout, to_nchw
-from mobilequant.audit.schema import REPORT_SCHEMA
 from mobilequant.capture import capture
 from mobilequant.data import ImageData, builtin_dataset, calibration_set
 from mobilequant.errors import InputError
@@ -305,10 +305,6 @@ def tflite_report(tflite_artifact, trained, quantized, test_data):
                      max_drop=1.0, progress=False)
 
 
-def _validate(report_dict):
-    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema validates the report schema (dev extra)")
-    jsonschema.Draft202012Validator.check_schema(REPORT_SCHEMA)
-    jsonschema.validate(report_dict, REPORT_SCHEMA, cls=jsonschema.Draft202012Validator)
 
 
 @pytest.mark.slow
@@ -332,7 +328,7 @@ def test_tflite_audit_maps_every_layer_and_passes(tflite_report, tflite_artifact
     text = r.summary()
     assert text.startswith("mobilequant audit: PASS") and "Worst layers by isolated SQNR" in text
     d = json.loads(r.write_json(tmp_path / "r.json").read_text())
-    _validate(d)
+    validate_audit_report(d)
     assert d["verdict"] == "pass" and len(d["layers"]) == len(r.layers) and d["worst_layers"][0] == r.worst_layers(1)[0].name
 
 
@@ -425,7 +421,7 @@ def test_planted_dead_kernels_in_the_artifact(planted, tflite_report, test_data,
             assert f.why and "remove the dead channels" in f.remedy
     norms = r.kernel_norms["features.4.conv.1.0"]
     assert norms[3] == 0.0 and norms[17] == 0.0 and min(n for i, n in enumerate(norms) if i not in (3, 17)) > 0
-    _validate(r.to_dict())
+    validate_audit_report(r.to_dict())
 
 
 @pytest.mark.slow
@@ -449,7 +445,7 @@ def test_onnx_audit(quantized, trained, test_data, tmp_path):
     assert len(r.layers) >= 60 and all(l.isolated is not None for l in r.layers)
     assert all(15 < l.iso_sqnr < 80 for l in r.layers), [(l.name, l.iso_sqnr) for l in r.worst_layers(3)]
     assert r.end_to_end.top1_agreement > 0.95
-    _validate(r.to_dict())
+    validate_audit_report(r.to_dict())
     cut = tmp_path / "cut.onnx"
     cut.write_bytes(art.path.read_bytes()[:50_000])
     with pytest.raises(InputError, match="not an ONNX model|neither a TFLite nor an ONNX model"):

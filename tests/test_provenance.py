@@ -15,6 +15,7 @@ import hashlib
 import json
 
 import pytest
+from conftest import validate_audit_report
 import torch
 import torch.nn as nn
 
@@ -162,7 +163,7 @@ def test_audit_reads_the_verification_report_beside_the_file(small, tmp_path):
     report["artifact_sha256"] = "0" * 64  # the file is not the one export verified
     report_path.write_text(json.dumps(report))
     r = run_audit(art.path, small["data"], **kw)
-    _validate(r.to_dict())
+    validate_audit_report(r.to_dict())
     assert [f.check for f in r.failures] == ["artifact_changed"]
     assert f"changed after export's verification: sha256 {recorded}, its v.tflite.verify.json says {'0' * 64}" \
         in r.failures[0].message
@@ -176,14 +177,9 @@ def test_audit_reads_the_verification_report_beside_the_file(small, tmp_path):
     report_path.unlink()  # no report: nothing noted
     r = run_audit(art.path, small["data"], **kw)
     assert r.passed and r.artifact["verification"] is None
-    _validate(r.to_dict())
+    validate_audit_report(r.to_dict())
 
 
-def _validate(report: dict) -> None:
-    from mobilequant.audit.schema import REPORT_SCHEMA
-
-    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema validates the report schema (dev extra)")
-    jsonschema.validate(json.loads(json.dumps(report)), REPORT_SCHEMA, cls=jsonschema.Draft202012Validator)
 
 
 def test_calibrate_summary_says_which_sha256():

@@ -10,7 +10,6 @@ The pipeline (each step a plain function of the one before, see :mod:`mobilequan
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -42,14 +41,6 @@ DEFAULT_IMAGES = 1000
 _BATCH_BYTES = 768 << 20  # memory for one batch of intermediates
 _COPIES = 4  # float reference, artifact values, segment outputs, layout / dtype conversions
 _WEIGHT_MISMATCH_DB = 10.0  # int8 kernels sit 35-50 dB from their float source; another checkpoint is < 0 dB
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _export_for_audit(source, target: str, out_dir, calibration_data, recipe):
@@ -178,11 +169,11 @@ def _check_weights_hash(path: str, model: nn.Module, meta: dict, shipped: bool) 
                      f"file, {own[:12]}… for the model): pass {which} with --weights (Python: model=...)")
 
 
-def _check_sidecar(path: str) -> tuple[dict | None, list[GateFailure]]:
+def _check_sidecar(path: str, actual: str) -> tuple[dict | None, list[GateFailure]]:
     """What the ``.verify.json`` report export wrote beside the file says, and the gate failures it makes:
     a file whose sha256 is not the one export verified (changed after export: tampered, corrupted, or
     another file under its name), and a file whose export checks failed (the ``.failed`` file export writes
-    beside the output). ``(None, [])`` without a report: nothing to compare."""
+    beside the output); ``actual``: the file's sha256. ``(None, [])`` without a report: nothing to compare."""
     from ..export.artifact import sidecar_path
 
     report_path = sidecar_path(path)
@@ -202,7 +193,6 @@ def _check_sidecar(path: str) -> tuple[dict | None, list[GateFailure]]:
                 [GateFailure("export_verification", "artifact",
                              f"{path}: its {name} is not an export verification report ({why}): whether the "
                              "file is the one export verified cannot be told")])
-    actual = _sha256(path)
     failures = []
     if actual != recorded:
         failures.append(GateFailure("artifact_changed", "artifact",
@@ -401,7 +391,10 @@ def run_audit(
     model = _resolve_model(model, quant_result, meta)
     if not stale:
         _check_weights_hash(path, model, meta, shipped)  # before any work: the model is not the file's
-    verification, sidecar_failures = _check_sidecar(path)
+    from ..export.artifact import file_sha256
+
+    sha256 = file_sha256(path)
+    verification, sidecar_failures = _check_sidecar(path, sha256)
     data = _resolve_data(data, model, images)
     warnings = (_check_belongs(model, meta, quant_result, graph, data) + ([export_note] if export_note else [])
                 + ([stale] if stale else []))
@@ -511,7 +504,7 @@ def run_audit(
     recipe_meta = meta.get("recipe")
     return AuditReport(
         artifact={"path": path, "target": meta.get("target", actual), "format": graph.target,
-                  "sha256": _sha256(path), "model_name": meta.get("model_name"),
+                  "sha256": sha256, "model_name": meta.get("model_name"),
                   "quant_table_sha256": meta.get("quant_table_sha256"),
                   "recipe": (recipe_meta.get("name") or None) if isinstance(recipe_meta, dict) else None,
                   "mobilequant_version": meta.get("mobilequant_version"),

@@ -30,7 +30,7 @@ from typing import BinaryIO
 from ..errors import InputError
 from .tflite_file import TFLITE_METADATA_KEY, read_tflite
 
-__all__ = ["Artifact", "atomic_write", "atomic_write_all", "load_artifact", "metadata_json", "weights_sha256",
+__all__ = ["Artifact", "atomic_write", "atomic_write_all", "load_artifact", "metadata_json", "file_sha256", "weights_sha256",
            "sidecar_path", "METADATA_KEY", "FORMAT_VERSION"]
 
 METADATA_KEY = TFLITE_METADATA_KEY
@@ -75,6 +75,15 @@ class Artifact:
 def metadata_json(metadata: dict) -> str:
     """Canonical JSON of the metadata (what goes into the file)."""
     return json.dumps(metadata, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read a MiB at a time (what the ``.verify.json`` report records)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def weights_sha256(model) -> str:
