@@ -611,7 +611,22 @@ def test_a_float_file_of_another_model_fails_the_gate(tmp_path, test_data, monke
         assert [f.check for f in r.failures] == ["float_fidelity"], (target, r.failures)
         assert r.end_to_end.output_sqnr_db < FLOAT_FIDELITY_DB[target[-4:]]
         own = export(model, target, tmp_path / f"own{suffix}", example_input=data.images[:1], overrides=NO_VERIFY)
-        assert run_audit(own.path, data, model=model, max_drop=None, layer_checks=False, progress=False).passed
+        r = run_audit(own.path, data, model=model, max_drop=None, layer_checks=False, progress=False)
+        assert r.passed
+        # an untrained model guesses: the report says its drop means nothing (chance_warning)
+        assert r.end_to_end.float_top1 < 0.2 and any("near chance for 10 classes" in w for w in r.warnings)
+
+
+def test_chance_warning_only_near_chance():
+    from mobilequant.audit.endtoend import chance_warning, end_to_end
+
+    labels = np.arange(100) % 10
+    good = np.eye(10, dtype=np.float32)[labels]  # always right
+    guess = np.eye(10, dtype=np.float32)[np.zeros(100, int)]  # always class 0: 10 %
+    assert chance_warning(end_to_end(good, good, labels), 10) is None
+    assert chance_warning(end_to_end(good, good, None), 10) is None  # no labels: nothing to say
+    note = chance_warning(end_to_end(guess, guess, labels), 10)
+    assert note and "10.00 %" in note and "(10.0 %)" in note
 
 
 def test_not_an_artifact(tmp_path, trained, test_data):

@@ -7,7 +7,7 @@ import numpy as np
 from .metrics import ErrorStats, sqnr_db
 from .report import EndToEnd
 
-__all__ = ["end_to_end"]
+__all__ = ["end_to_end", "chance_warning"]
 
 
 def end_to_end(float_logits: np.ndarray, quant_logits: np.ndarray, labels: np.ndarray | None, k: int = 5) -> EndToEnd:
@@ -34,3 +34,16 @@ def end_to_end(float_logits: np.ndarray, quant_logits: np.ndarray, labels: np.nd
     f_right, q_right = f_top1 == labels, q_top1 == labels
     return EndToEnd(n, True, float(f_right.mean()), float(q_right.mean()), agreement, containment, sq,
                     float_only_right=int(np.sum(f_right & ~q_right)), quant_only_right=int(np.sum(q_right & ~f_right)))
+
+
+def chance_warning(e2e: EndToEnd, classes: int) -> str | None:
+    """A warning when the float model is near chance on the evaluation images (top-1 below twice
+    1/``classes``): both models then guess, an accuracy drop of ~0 says nothing about the file, and a
+    degenerate file passes a drop gate (measured: an untrained model's int8 file, logits SQNR 0 dB, drop
+    0 pp). Wrong weights, labels or preprocessing give the same figure."""
+    if not e2e.labels_used or e2e.float_top1 is None or classes < 2 or e2e.float_top1 >= 2.0 / classes:
+        return None
+    return (f"the float model scores {100 * e2e.float_top1:.2f} % on these images, near chance for {classes} "
+            f"classes ({100 / classes:.1f} %): the accuracy drop says nothing about the file here — check the "
+            f"weights, labels and preprocessing; the file's logits are {e2e.output_sqnr_db:.1f} dB from the "
+            f"model's, top-1 agreement {100 * e2e.top1_agreement:.2f} %")

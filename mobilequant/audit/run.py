@@ -26,7 +26,7 @@ from ..fusion import move_activation_before_concat
 from ..errors import CheckFailed, InputError, UsageError
 from .artifact import artifact_provenance, constant_tensors, content_target, open_artifact
 from .compare import build_segments, check_shapes, compare_batches, layer_results, match_layers
-from .endtoend import end_to_end
+from .endtoend import chance_warning, end_to_end
 from .gate import evaluate_gate
 from .health import (HealthThresholds, dead_activation_findings, float_weight_findings, kernel_mismatch_findings,
                      kernel_norms, quantized_weight_findings)
@@ -484,6 +484,9 @@ def run_audit(
         warnings.append(f"end to end: the file run whole gives outputs of shape {deployed.shape[1:]}, the "
                         f"per-layer run {q_logits.shape[1:]}: end-to-end figures from the per-layer run")
     e2e = end_to_end(f_logits, q_logits, None if data.labels is None else data.labels.numpy())
+    chance = chance_warning(e2e, f_logits.shape[1])
+    if chance:
+        warnings.append(chance)
     results = layer_results(matches, res, segments, metrics)
     for r in results:
         r.accumulated.setdefault("weight_sqnr_db", wsqnr.get(r.name, math.nan))
