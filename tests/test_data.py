@@ -425,6 +425,16 @@ def test_load_data_builtin():
     assert len(calib) == 512 and calib.classes[9] == "Ankle boot"
     with pytest.raises(UsageError, match="split"):
         load_data("builtin", FASHION_MNIST, "val")
+    with pytest.raises(UsageError, match="needs a split: one of"):
+        load_data("builtin", FASHION_MNIST)
+
+
+def test_load_data_of_a_path_needs_no_split(tmp_path):
+    """docs/data.md calls load_data(path, model.preprocess): the split, meaningless for a path, was a
+    required argument (TypeError)."""
+    np.save(tmp_path / "few.npy", np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8))
+    data = load_data(tmp_path / "few.npy", FASHION_MNIST)
+    assert data.images.shape == (3, 1, 32, 32)
     with pytest.raises(InputError, match="did you mean"):
         load_data("fashion-mnst", FASHION_MNIST, "test")
     with pytest.raises(UsageError):

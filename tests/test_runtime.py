@@ -195,6 +195,14 @@ def test_an_onnx_file_named_tflite_is_called_what_it_is(tmp_path):
     path.write_bytes(helper.make_model(graph).SerializeToString())
     with pytest.raises(InputError, match="it is an ONNX model"):
         check_tflite_file(path)
+    # bench (open_runner) picks the runtime by content, as audit does: it had refused the file
+    from mobilequant.runtime import OrtRunner, open_runner
+    from mobilequant.runtime.bench import measure_latency
+
+    assert isinstance(open_runner(path), OrtRunner)
+    assert measure_latency(path, runs=2, warmup=0).runtime == "onnxruntime"
     path.write_text("hello")
     with pytest.raises(InputError, match="no 'TFL3'"):
         check_tflite_file(path)
+    with pytest.raises(InputError, match="no 'TFL3'"):
+        open_runner(path)

@@ -102,12 +102,16 @@ def calibration_set(name: str = "fashion-mnist", cfg: PreprocessConfig = FASHION
     return ImageData(preprocess_images(images, cfg), torch.from_numpy(labels), f"{name}:calibration", CLASSES)
 
 
-def load_data(spec: str | os.PathLike, cfg: PreprocessConfig, split: str, on_bad_image: str = "skip") -> ImageData:
+def load_data(spec: str | os.PathLike, cfg: PreprocessConfig, split: str | None = None,
+              on_bad_image: str = "skip") -> ImageData:
     """Resolve a data spec: a built-in name ("builtin", "fashion-mnist") with ``split``, or a path.
 
-    ``split`` is "calibration", "train" or "test" for built-in data and is ignored for a path.
+    ``split`` is "calibration", "train" or "test" for built-in data (required there) and is ignored for
+    a path.
     """
     if isinstance(spec, str) and spec.lower() in _ALIASES:
+        if split is None:
+            raise UsageError(f"built-in data {spec!r} needs a split: one of {', '.join(SPLITS)}")
         if split not in SPLITS:
             raise UsageError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
         if split == "calibration":

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from .onnx import OrtRunner, load_onnx_model, with_intermediate_outputs
-from .tflite import TensorInfo, TFLiteRunner, check_tflite_file, interpreter_class
+from .tflite import TensorInfo, TFLiteRunner, _is_onnx, check_tflite_file, interpreter_class
 
 __all__ = [
     "TFLiteRunner",
@@ -34,6 +34,6 @@ def open_runner(path: str | Path, num_threads: int = 1, preserve_all_tensors: bo
         raise InputError(f"cannot read model {path}: {e.strerror or e}") from None
     if head[4:8] == b"TFL3":
         return TFLiteRunner(path, num_threads=num_threads, preserve_all_tensors=preserve_all_tensors)
-    if path.suffix == ".tflite":
+    if path.suffix.lower() == ".tflite" and not _is_onnx(path.read_bytes()):
         check_tflite_file(path)  # raises the TFLite-specific message
     return OrtRunner(path, num_threads=num_threads)
