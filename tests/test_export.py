@@ -116,6 +116,14 @@ def test_zoo_family_exports_and_verifies(family, target, tmp_path):
     if spec.precision == "fp16":
         kinds = census.ops if spec.format == "tflite" else census.output.get("initializers", {})
         assert ("DEQUANTIZE" in kinds) if spec.format == "tflite" else ("float16" in kinds)
+    if spec.format == "tflite":  # every buffer inside the flatbuffer: the fp16 rewrite stored them by offset,
+        # where a reader of the standard schema saw an empty metadata buffer
+        from ai_edge_litert import schema_py_generated as schema
+
+        fb = schema.Model.GetRootAsModel(path.read_bytes(), 0)
+        assert not [i for i in range(fb.BuffersLength()) if fb.Buffers(i).Offset() > 1]
+        meta = {fb.Metadata(i).Name(): fb.Buffers(fb.Metadata(i).Buffer()) for i in range(fb.MetadataLength())}
+        assert meta[b"mobilequant"].DataLength() > 1000
     if spec.precision == "fp32":
         _float_file_matches_the_model_layer_by_layer(artifact, setup)
     if spec.format == "onnx" and spec.precision == "fp16":  # weights in float16, biases kept in float32

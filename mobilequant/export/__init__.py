@@ -423,7 +423,9 @@ def _tflite_fp16_weights(data: bytes) -> bytes:
     sink = io.StringIO()
     with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), root_logging_kept():
         result = q.quantize()
-    return bytes(result.quantized_model)
+    from .tflite_file import inline_buffers
+
+    return inline_buffers(bytes(result.quantized_model))
 
 
 def _to_onnx(spec, qr, float_graph, example, metadata):

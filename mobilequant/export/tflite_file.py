@@ -13,8 +13,8 @@ import numpy as np
 
 from ..errors import InputError
 
-__all__ = ["TFLiteOp", "TFLiteTensor", "TFLiteModelInfo", "read_tflite", "rename_tensors", "TFLITE_METADATA_KEY",
-           "WEIGHTED_OPS"]
+__all__ = ["TFLiteOp", "TFLiteTensor", "TFLiteModelInfo", "read_tflite", "rename_tensors", "inline_buffers",
+           "TFLITE_METADATA_KEY", "WEIGHTED_OPS"]
 
 TFLITE_METADATA_KEY = "mobilequant"
 # Builtin ops whose input 1 is the weight and input 2 the bias.
@@ -182,4 +182,16 @@ def rename_tensors(data: bytes, names: dict[int, str]) -> bytes:
     tensors = model.subgraphs[0].tensors
     for index, name in names.items():
         tensors[index].name = name
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def inline_buffers(data: bytes) -> bytes:
+    """``data`` with every buffer stored inside the flatbuffer (LiteRT's flatbuffer helpers resolve
+    ``Buffer.offset`` / ``size`` on reading). ai-edge-quantizer writes the float16 file's buffers — the
+    ``mobilequant`` metadata among them — after the flatbuffer, by offset: a reader of the standard schema
+    sees empty buffers there, and only runtimes that know buffer offsets load the file, while its
+    ``min_runtime_version`` still says 2.0.0. Files under 2 GiB need no offsets."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(data))
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
