@@ -84,12 +84,27 @@ def test_provenance_metadata(small, tmp_path):
     assert meta["weights_sha256"] == weights_sha256(small["model"])
     assert meta["class_names"] == [f"c{i}" for i in range(10)]
     assert meta["preprocess"] == {"input_size": [1, 32, 32], "mean": [0.286], "std": [0.353], "resize": None,
-                                  "layout": "NCHW", "frame": [28, 28]}
+                                  "layout": "NCHW", "frame": [28, 28], "pixel_scale": 1 / 255}
     assert meta["versions"]["torch"] == torch.__version__ and meta["versions"]["litert-torch"]
     assert meta["model_spec"] == "mynet.py:build" and meta["weights_file"] == "mine.pt"
     assert str(tmp_path).encode() not in art.path.read_bytes(), "no absolute path in an artifact"
     onnx = export(small["qr"], "onnx-fp32", tmp_path / "p.onnx", overrides=["verification.enabled=false"])
     assert set(load_artifact(onnx.path).metadata["versions"]) == {"torch", "onnx", "onnxscript"}
+
+
+def test_metadata_input_is_the_files_input(small, tmp_path):
+    """An io.layout=NHWC file said input_shape [1, 1, 32, 32] and preprocess layout NCHW: an app sizing its
+    buffer from the metadata got the wrong shape. Both now describe the file's own input tensor."""
+    from mobilequant.runtime import open_runner
+
+    for layout in ("NCHW", "NHWC"):
+        art = export(small["qr"], "tflite-int8", tmp_path / f"{layout}.tflite",
+                     overrides=["verification.enabled=false", f"io.layout={layout}"])
+        meta = load_artifact(art.path).metadata
+        runner = open_runner(art.path)
+        assert meta["input_shape"] == [int(d) for d in runner.input.shape], layout
+        assert meta["input_layout"] == meta["preprocess"]["layout"] == layout
+        assert meta["preprocess"]["input_size"] == [1, 32, 32]  # the model's (C, H, W), whatever the layout
 
 
 def test_weights_hash_is_of_the_values():

@@ -247,11 +247,11 @@ def export(
         "versions": _converter_versions(spec),
         "quant_table_sha256": qr.table.sha256() if spec.quantized else None,
         "quant_config": qr.config.to_dict() if spec.quantized else None,
-        "input_shape": [1, *example.shape[1:]],
+        "input_shape": _file_input_shape(example, recipe.io.layout),
         "input_layout": recipe.io.layout,
         "io_dtype": recipe.io.dtype,
         "class_names": _class_names(model),
-        "preprocess": _preprocess(model),
+        "preprocess": _preprocess(model, recipe.io.layout),
     }
     if qr is not None and qr.fine_tuned:  # QAT: not the weights model_name ships with
         metadata["fine_tuned"] = qr.fine_tuned
@@ -313,13 +313,27 @@ def _class_names(model: nn.Module) -> list[str] | None:
     return None if names is None else [str(n) for n in names]
 
 
-def _preprocess(model: nn.Module) -> dict | None:
+def _file_input_shape(example: torch.Tensor, layout: str) -> list[int]:
+    """The file's input tensor shape for one image: ``io.layout=NHWC`` files take ``[1, H, W, C]``."""
+    c, h, w = (int(d) for d in example.shape[1:4]) if example.dim() == 4 else (None, None, None)
+    if layout == "NHWC" and c is not None:
+        return [1, h, w, c]
+    return [1, *(int(d) for d in example.shape[1:])]
+
+
+def _preprocess(model: nn.Module, layout: str) -> dict | None:
     """The model's preprocessing (:class:`~mobilequant.models.PreprocessConfig`) as plain JSON: what an app
-    does to a camera frame before it feeds the file."""
+    does to a camera frame before it feeds the file — with the file's input layout (an ``io.layout=NHWC``
+    file of an NCHW model takes NHWC) and ``pixel_scale``, the factor from uint8 pixels to the [0, 1]
+    units ``mean`` / ``std`` are in."""
     pre = getattr(model, "preprocess", None)
     if pre is None or not dataclasses.is_dataclass(pre):
         return None
-    return json.loads(json.dumps(dataclasses.asdict(pre)))  # tuples → lists
+    out = json.loads(json.dumps(dataclasses.asdict(pre)))  # tuples → lists
+    if "layout" in out:
+        out["layout"] = layout
+    out["pixel_scale"] = 1 / 255
+    return out
 
 
 def _converter_versions(spec: Target) -> dict[str, str]:
