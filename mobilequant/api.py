@@ -396,6 +396,7 @@ class ExportSummary:
     # True / False: the read-back checks ran and passed / failed; None: they did not run (--no-verify)
     verified: bool | None = None
     checks: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # verification figures measured, not gated
     census: str = ""
     failed: bool = False
     audit: dict | None = None
@@ -435,6 +436,7 @@ class ExportSummary:
                 for c in self.checks))
         elif self.verified is None:
             lines.append("checks     not run (verification off)")
+        lines += [f"note       {n}" for n in self.notes]
         if self.census:
             lines.append("census     " + self.census.replace("\n", "\n           "))
         audit_failed = self.audit is not None and self.audit.get("verdict") != "pass"
@@ -534,6 +536,7 @@ def export_model(target: str | None = None, model: str | None = None, weights: s
         agreement=_percent(file_logits.argmax(1) == float_logits.argmax(1)),
         seconds=round(time.perf_counter() - t0, 3), verified=artifact.verified,
         checks=[] if ver is None else [asdict(c) for c in ver.checks],
+        notes=[] if ver is None else list(ver.notes),
         census=str(artifact.census) if artifact.census is not None else "", failed=failed, audit=report,
         sha256=file_sha256(path))
 

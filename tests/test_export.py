@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from mobilequant.errors import CheckFailed, InputError, UsageError
 from mobilequant.export import TARGETS, export, list_recipes, load_artifact, load_recipe
-from mobilequant.export.artifact import atomic_write
+from mobilequant.export.artifact import atomic_write, sidecar_path
 from mobilequant.export.tflite_file import read_tflite
 from mobilequant.models import create_model, list_models, model_info
 from mobilequant.quant import QuantConfig, quantize
@@ -88,6 +88,13 @@ def test_zoo_family_exports_and_verifies(family, target, tmp_path):
     artifact = export(setup["qr"], target, path, verify_data=setup["x"], overrides=VERIFY)
     assert artifact.verified, str(artifact.verification)
     assert path.is_file() and artifact.metadata["model_name"] == setup["name"]
+    if spec.format == "tflite":
+        _takes_a_batch(path)
+    if spec.quantized and spec.format == "tflite":  # the built-in kernels measured beside XNNPACK, not gated
+        note = artifact.verification.notes[0]
+        assert note.startswith("LiteRT's built-in kernels") and "agreement with the simulation" in note, note
+        assert float(note.split("simulation ")[1].split(" %")[0]) > 50.0, note
+        assert json.loads(sidecar_path(path).read_text())["notes"] == [note]
     assert artifact.name_map, "layers are mapped to tensors of the file"
     if spec.format == "tflite":
         info = read_tflite(path.read_bytes())
@@ -110,6 +117,11 @@ def test_zoo_family_exports_and_verifies(family, target, tmp_path):
         assert census.float_compute_ops == []
         assert any(k.startswith(("CONV_2D:int8", "DEPTHWISE_CONV_2D:int8")) for k in census.ops)
         assert not any(k.startswith("ADD:") and "float" in k for k in census.ops)
+    if spec.format == "onnx":  # the dynamic batch dimension has a name an app can read (it was "s77")
+        import onnx
+
+        g = onnx.load(str(path)).graph
+        assert [v.type.tensor_type.shape.dim[0].dim_param for v in (g.input[0], g.output[0])] == ["batch", "batch"]
     if spec.format == "onnx" and spec.quantized:
         assert census.ops.get("DequantizeLinear", 0) > 0 and census.ops.get("QuantizeLinear", 0) > 0
         _name_map_follows_the_table(path, artifact.name_map, setup["qr"].table)
@@ -134,6 +146,47 @@ def test_zoo_family_exports_and_verifies(family, target, tmp_path):
         conv_inputs = [n.input for n in graph.node if n.op_type == "Conv"]
         assert all(dtypes.get(f"{ins[1]}_fp16") == onnx.TensorProto.FLOAT16 for ins in conv_inputs)
         assert all(dtypes[ins[2]] == onnx.TensorProto.FLOAT for ins in conv_inputs if len(ins) > 2)
+
+
+def _takes_a_batch(path, n=3):
+    """The file resized to a batch of ``n`` (``resize_tensor_input``) gives what ``n`` single-image runs give.
+    A one-channel NCHW file had refused: its first RESHAPE carried the example's batch of 1."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(str(path))
+    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+    rng = np.random.default_rng(0)
+    xs = (rng.integers(-100, 100, (n, *inp["shape"][1:])) if inp["dtype"] == np.int8
+          else rng.standard_normal((n, *inp["shape"][1:]))).astype(inp["dtype"])
+    interp.allocate_tensors()
+    singles = []
+    for v in xs:
+        interp.set_tensor(inp["index"], v[None])
+        interp.invoke()
+        singles.append(interp.get_tensor(out["index"]).copy())
+    interp.resize_tensor_input(inp["index"], [n, *inp["shape"][1:]])
+    interp.allocate_tensors()
+    interp.set_tensor(inp["index"], xs)
+    interp.invoke()
+    batched = interp.get_tensor(out["index"])
+    assert batched.shape[0] == n
+    if np.issubdtype(batched.dtype, np.floating):
+        assert np.allclose(batched, np.concatenate(singles), rtol=1e-4, atol=1e-4 * float(np.abs(batched).max()))
+    else:
+        assert np.array_equal(batched, np.concatenate(singles))
+
+
+def test_one_channel_nchw_tflite_takes_a_batch(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 4)).eval()
+    x = torch.rand(64, 1, 16, 16)
+    for target in ("tflite-int8", "tflite-fp32"):
+        art = export(model, target, tmp_path / f"{target}.tflite", calibration_data=[x], verify_data=x,
+                     overrides=VERIFY)
+        assert art.verification.passed, art.verification.failed
+        assert "RESHAPE" in str(art.census)  # the NCHW → NHWC move of one channel is a RESHAPE
+        _takes_a_batch(art.path)
 
 
 # ------------------------------------------------------------------------------------------- one model

@@ -92,6 +92,23 @@ def test_provenance_metadata(small, tmp_path):
     assert set(load_artifact(onnx.path).metadata["versions"]) == {"torch", "onnx", "onnxscript"}
 
 
+def test_a_quant_result_records_its_own_settings(small, tmp_path):
+    """A per-tensor QuantResult exported with the default recipe recorded the recipe's quantization
+    (per_channel true, mse, 512 images) beside a quant_config saying per_channel false."""
+    cfg = QuantConfig(per_channel=False, calibration="minmax", num_calibration=64)
+    qr = quantize(small["model"], [_images(64, 0)], cfg)
+    meta = load_artifact(export(qr, "tflite-int8", tmp_path / "pt.tflite",
+                                overrides=["verification.enabled=false"]).path).metadata
+    recorded = meta["recipe"]["quantization"]
+    assert recorded["per_channel"] is False and recorded["calibration"] == "minmax"
+    assert recorded["num_calibration"] == 64 and meta["quant_config"]["per_channel"] is False
+    # a model quantized by the recipe records the recipe as it is
+    plain = export(small["model"], "tflite-int8", tmp_path / "r.tflite", calibration_data=[_images(64, 0)],
+                   overrides=["verification.enabled=false"])
+    assert load_artifact(plain.path).metadata["recipe"]["quantization"] == \
+        load_recipe("tflite-int8").file_settings()["quantization"]
+
+
 def test_metadata_input_is_the_files_input(small, tmp_path):
     """An io.layout=NHWC file said input_shape [1, 1, 32, 32] and preprocess layout NCHW: an app sizing its
     buffer from the metadata got the wrong shape. Both now describe the file's own input tensor."""

@@ -46,6 +46,7 @@ def test_numbers_in_exponent_form_are_numbers(tmp_path):
     ("verification.int8_accuracy_drop_pp=-5", "int8_accuracy_drop_pp must be ≥ 0"),
     ("verification.scale_rtol=-1", "scale_rtol must be ≥ 0"),
     ("quantization.percentile=150", "percentile must lie in"),
+    ("quantization.percentile=50", r"percentile must lie in \(50, 100\]"),  # QuantConfig refused it after calibrating
     ("quantization.adaround_iterations=-3", "adaround_iterations must be at least 1"),
 ])
 def test_values_out_of_range_are_refused_by_their_recipe_key(override, message):

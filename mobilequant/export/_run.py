@@ -13,11 +13,14 @@ import numpy as np
 __all__ = ["onnx_runtime_ops", "run_onnx_model", "run_tflite_bytes"]
 
 
-def run_tflite_bytes(data: bytes, x: np.ndarray, layout: str, num_threads: int = 1) -> np.ndarray:
-    """First output of a TFLite model for a float32 N×C×H×W batch (dequantized), image by image."""
-    from ai_edge_litert.interpreter import Interpreter
+def run_tflite_bytes(data: bytes, x: np.ndarray, layout: str, num_threads: int = 1,
+                     builtin_kernels: bool = False) -> np.ndarray:
+    """First output of a TFLite model for a float32 N×C×H×W batch (dequantized), image by image; with
+    ``builtin_kernels`` in LiteRT's own kernels instead of the default XNNPACK delegate."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    interp = Interpreter(model_content=data, num_threads=num_threads)
+    kwargs = {"experimental_op_resolver_type": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES} if builtin_kernels else {}
+    interp = Interpreter(model_content=data, num_threads=num_threads, **kwargs)
     interp.allocate_tensors()
     inp = interp.get_input_details()[0]
     out = interp.get_output_details()[0]

@@ -51,10 +51,28 @@ def lower_to_onnx(module: nn.Module, example_input: torch.Tensor, *, precision: 
     finally:
         registry_log.setLevel(level)
     model = onnx_program.model_proto
+    _name_batch_dim(model)
     if precision == "fp16":
         store_initializers_fp16(model)
     # the decomposed program the ONNX nodes were made from (its node names are in the node metadata)
     return model, getattr(onnx_program, "exported_program", None) or program
+
+
+def _name_batch_dim(model) -> None:
+    """Call the dynamic batch dimension ``batch`` (the exporter names it after an internal symbol, ``s77``,
+    which an app or a shape-inference tool would have to read from the file): in the graph's inputs,
+    outputs and value infos, also inside a symbolic expression such as ``2*s77``."""
+    import re
+
+    dims = model.graph.input[0].type.tensor_type.shape.dim if model.graph.input else []
+    symbol = dims[0].dim_param if dims and dims[0].HasField("dim_param") else ""
+    if not symbol or symbol == "batch":
+        return
+    pattern = re.compile(rf"\b{re.escape(symbol)}\b")
+    for info in (*model.graph.input, *model.graph.output, *model.graph.value_info):
+        for d in info.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") and pattern.search(d.dim_param):
+                d.dim_param = pattern.sub("batch", d.dim_param)
 
 
 # The weight input of each op, by index: what float16 storage is for (biases are a fraction of a percent

@@ -94,6 +94,12 @@ class QuantizationSettings:
     percentile: float = 99.99  # for calibration: percentile
     float_fallback: bool = False  # ops with no int8 rule run in float inside the int8 file (else refused)
 
+    @classmethod
+    def from_quant_config(cls, config) -> QuantizationSettings:
+        """The settings a :class:`~mobilequant.quant.QuantConfig` was quantized with (what a file made from
+        a ``QuantResult`` records: not the recipe's, which did not quantize it)."""
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+
     def to_quant_config(self):
         from ..quant import QuantConfig
 
@@ -184,8 +190,8 @@ class Recipe:
             raise UsageError("recipe quantization.num_calibration must be at least 1")
         if q.adaround_iterations < 1:
             raise UsageError(f"recipe quantization.adaround_iterations must be at least 1, got {q.adaround_iterations}")
-        if not 0 < q.percentile <= 100:
-            raise UsageError(f"recipe quantization.percentile must lie in (0, 100], got {q.percentile!r}")
+        if not 50 < q.percentile <= 100:  # QuantConfig's own limit: the percentile of |activation| kept
+            raise UsageError(f"recipe quantization.percentile must lie in (50, 100], got {q.percentile!r}")
 
     @property
     def spec(self) -> Target:

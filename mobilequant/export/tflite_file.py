@@ -14,6 +14,7 @@ import numpy as np
 from ..errors import InputError
 
 __all__ = ["TFLiteOp", "TFLiteTensor", "TFLiteModelInfo", "read_tflite", "rename_tensors", "inline_buffers",
+           "dynamic_batch",
            "TFLITE_METADATA_KEY", "WEIGHTED_OPS"]
 
 TFLITE_METADATA_KEY = "mobilequant"
@@ -194,4 +195,64 @@ def inline_buffers(data: bytes) -> bytes:
     from ai_edge_litert.tools import flatbuffer_utils
 
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(data))
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def dynamic_batch(data: bytes) -> bytes:
+    """``data`` resizable to any batch (``resize_tensor_input``): each RESHAPE and SLICE that keeps the batch
+    dimension takes any batch — a constant new shape ``[1, d1, …]`` applied to a ``[1, …]`` input of the same
+    per-image size becomes ``[-1, d1, …]``, a SLICE of a ``[1, …]`` input from batch 0 with size ``[1, …]``
+    gets size ``[-1, …]`` (all of it) — and every computed tensor of batch 1 gets the shape signature
+    ``[-1, …]`` (the SLICE kernel otherwise checks its output against the batch-1 shape stored in the file).
+
+    The converter writes the example's batch (1) into these shape operands. A file whose first op is such
+    a RESHAPE — a one-channel NCHW input is moved to NHWC by a RESHAPE, not a TRANSPOSE — could not be
+    resized to a batch of 4 (``resize_tensor_input``: "RESHAPE num_input_elements != num_output_elements"),
+    and ShuffleNetV2's channel-split SLICEs cut any batch back to one image. A constant buffer shared by
+    several ops is changed only when every one of them keeps the batch."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    schema = _schema()
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(data))
+    sg = model.subgraphs[0]
+    codes = {i: max(code.builtinCode, code.deprecatedBuiltinCode) for i, code in enumerate(model.operatorCodes)}
+    operand = {schema.BuiltinOperator.RESHAPE: 1, schema.BuiltinOperator.SLICE: 2}  # the shape / size input
+
+    def ints(tensor_index: int) -> np.ndarray | None:
+        t = sg.tensors[tensor_index]
+        raw = model.buffers[t.buffer].data
+        if t.type != schema.TensorType.INT32 or raw is None or len(raw) < 8:
+            return None
+        return np.frombuffer(bytes(raw), np.int32)
+
+    def keeps_batch(op) -> bool:
+        kind, src = codes[op.opcodeIndex], sg.tensors[op.inputs[0]]
+        values = ints(op.inputs[operand[kind]])
+        old = None if src.shape is None else [int(d) for d in src.shape]
+        if values is None or not old or len(old) < 2 or old[0] != 1 or values[0] != 1:
+            return False
+        if kind == schema.BuiltinOperator.RESHAPE:
+            return int(np.prod(values[1:])) == int(np.prod(old[1:])) and bool((values[1:] > 0).all())
+        begin = ints(op.inputs[1])
+        return begin is not None and begin[0] == 0
+
+    users: dict[int, list] = {}
+    for op in sg.operators:
+        k = operand.get(codes[op.opcodeIndex])
+        if k is not None and len(op.inputs) > k and op.inputs[k] >= 0:
+            users.setdefault(sg.tensors[op.inputs[k]].buffer, []).append(op)
+    for buffer, ops in users.items():
+        if not all(keeps_batch(op) for op in ops):
+            continue
+        new = np.frombuffer(bytes(model.buffers[buffer].data), np.int32).copy()
+        new[0] = -1
+        model.buffers[buffer].data = np.frombuffer(new.tobytes(), np.uint8)
+        for op in ops:
+            options = op.builtinOptions
+            if options is not None and getattr(options, "newShape", None) is not None and len(options.newShape):
+                options.newShape = [-1, *[int(d) for d in options.newShape[1:]]]
+    for t in sg.tensors:
+        raw = model.buffers[t.buffer].data if t.buffer < len(model.buffers) else None
+        if t.shape is not None and len(t.shape) >= 1 and int(t.shape[0]) == 1 and (raw is None or len(raw) == 0):
+            t.shapeSignature = [-1, *(int(d) for d in t.shape[1:])]
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))

@@ -99,6 +99,7 @@ class VerificationReport:
     target: str
     checks: list[Check] = field(default_factory=list)
     num_images: int = 0
+    notes: list[str] = field(default_factory=list)  # measured and reported, not gated
 
     @property
     def passed(self) -> bool:
@@ -110,10 +111,10 @@ class VerificationReport:
 
     def to_dict(self) -> dict:
         return {"target": self.target, "passed": self.passed, "num_images": self.num_images,
-                "checks": [asdict(c) for c in self.checks]}
+                "checks": [asdict(c) for c in self.checks], "notes": list(self.notes)}
 
     def __str__(self) -> str:
-        return "\n".join(str(c) for c in self.checks)
+        return "\n".join([str(c) for c in self.checks] + [f"note: {n}" for n in self.notes])
 
 
 # --------------------------------------------------------------------------------------------- census
