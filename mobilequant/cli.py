@@ -31,7 +31,7 @@ import tempfile
 import threading
 from collections.abc import Sequence
 
-from .errors import MobileQuantError, UsageError, did_you_mean
+from .errors import MobileQuantError, Terminated, UsageError, did_you_mean, note_stop, raise_if_stopped
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT / SIGTERM, what a shell reports for a killed job
@@ -477,28 +477,33 @@ def _native_stderr_held(enabled: bool):
         held.close()
 
 
-class Terminated(KeyboardInterrupt):
-    """Raised by the SIGTERM handler. Not an ``Exception``, so nothing on the way swallows it and the cleanup
-    a failed job runs (temporary files, an output folder the job created) runs for a killed job too; a
-    KeyboardInterrupt, so libraries treat it as the stop Ctrl-C is (torch's DataLoader workers exit quietly)."""
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated()
+def _raise_stop(signum, frame):
+    """The handler of SIGINT and SIGTERM while a command runs: record the signal, then raise. A library
+    that catches the exception and carries on (jax's garbage-collection callback does) still cannot make
+    the command write its files or exit 0 (:func:`mobilequant.errors.raise_if_stopped`)."""
+    note_stop(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 @contextlib.contextmanager
-def _sigterm_raises():
+def _stop_signals_raise():
     """SIGTERM (``kill``, a scheduler's timeout, torchrun stopping its workers) raises :class:`Terminated`
-    while the command runs; the previous handler is restored after (``main`` runs in-process in tests)."""
+    and Ctrl-C ``KeyboardInterrupt`` while the command runs, each recorded as well; the previous handlers
+    are restored after (``main`` runs in-process in tests). A SIGINT that is ignored (a job started with
+    ``nohup`` or in the background of a non-interactive shell) or handled by the caller is left so."""
+    note_stop(None)
     if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_stop)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _raise_stop)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        note_stop(None)
 
 
 class _MarkedStdout:
@@ -577,29 +582,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    with _sigterm_raises():
+    with _stop_signals_raise():
         try:
-            if argv and argv[0] == "help":  # `help [COMMAND [SUBCOMMAND]]` is `[COMMAND [SUBCOMMAND]] --help`
-                if len(argv) > 1 and argv[1] not in _EXAMPLES:
-                    raise UsageError(f"help: unknown command {argv[1]!r}{did_you_mean(argv[1], _EXAMPLES)}")
-                try:
-                    parser.parse_args([*argv[1:], "--help"])
-                except SystemExit as e:  # argparse has printed the help
-                    return e.code if isinstance(e.code, int) else EXIT_OK
-            if argv and not argv[0].startswith("-") and argv[0] not in _EXAMPLES:
-                raise UsageError(f"unknown command {argv[0]!r}{did_you_mean(argv[0], [*_EXAMPLES, 'help'])}")
-            args, extra = parser.parse_known_args(argv)
-            if extra:
-                raise UsageError(_unrecognized(parser, args, extra))
-            if args.command is None:
-                parser.print_help()
-                return EXIT_USAGE
-            with _native_stderr_held(getattr(args, "quiet", False)):
-                return _run(args)
-        except MobileQuantError as e:
-            _say(f"mobilequant: error: {e}")
-            return e.exit_code
+            try:
+                code = _command(argv)
+            except MobileQuantError as e:
+                raise_if_stopped()  # an error that followed a swallowed stop is the stop's doing
+                _say(f"mobilequant: error: {e}")
+                return e.exit_code
+            raise_if_stopped()  # a stop a library swallowed: the command went on, but it was stopped
+            return code
         except Terminated:
             # what reached the output path depends on where the job was stopped: say nothing about it
             # (temporary files and an output folder the job created and left empty are removed)
@@ -608,6 +600,28 @@ def _main(argv: Sequence[str] | None) -> int:
         except KeyboardInterrupt:
             _say("mobilequant: interrupted" + _qat_note(argv))
             return EXIT_INTERRUPTED
+
+
+def _command(argv: list[str]) -> int:
+    """Parse ``argv`` and run its command; its exit code."""
+    parser = build_parser()
+    if argv and argv[0] == "help":  # `help [COMMAND [SUBCOMMAND]]` is `[COMMAND [SUBCOMMAND]] --help`
+        if len(argv) > 1 and argv[1] not in _EXAMPLES:
+            raise UsageError(f"help: unknown command {argv[1]!r}{did_you_mean(argv[1], _EXAMPLES)}")
+        try:
+            parser.parse_args([*argv[1:], "--help"])
+        except SystemExit as e:  # argparse has printed the help
+            return e.code if isinstance(e.code, int) else EXIT_OK
+    if argv and not argv[0].startswith("-") and argv[0] not in _EXAMPLES:
+        raise UsageError(f"unknown command {argv[0]!r}{did_you_mean(argv[0], [*_EXAMPLES, 'help'])}")
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        raise UsageError(_unrecognized(parser, args, extra))
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    with _native_stderr_held(getattr(args, "quiet", False)):
+        return _run(args)
 
 
 def _qat_note(argv: list[str]) -> str:

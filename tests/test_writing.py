@@ -9,6 +9,7 @@ import errno
 import io
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -21,7 +22,7 @@ import pytest
 
 from mobilequant import cli
 from mobilequant.cli import main
-from mobilequant.errors import InputError, UsageError
+from mobilequant.errors import InputError, Terminated, UsageError, note_stop, stop_signal
 from mobilequant.export.artifact import atomic_write
 
 TINY = textwrap.dedent("""
@@ -307,3 +308,43 @@ def test_closed_stderr_keeps_error_lines_off_stdout(monkeypatch, capsys):
     monkeypatch.setattr(sys, "stderr", None)  # 2>&-
     assert main(["exprot"]) == 2
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("signum, stop", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)])
+def test_a_recorded_stop_replaces_no_file(tmp_path, signum, stop):
+    """A Ctrl-C raised inside jax's garbage-collection callback was swallowed ("Exception ignored in"): the
+    export carried on and replaced the file. A stop the CLI recorded raises again before the rename."""
+    out = tmp_path / "m.tflite"
+    out.write_bytes(b"old")
+    note_stop(signum)
+    try:
+        with pytest.raises(stop):
+            atomic_write(out, b"new")
+    finally:
+        note_stop(None)
+    assert out.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tflite"]  # no .mq-XXXXXXXX.tmp left
+    atomic_write(out, b"new")  # nothing recorded: written
+    assert out.read_bytes() == b"new"
+
+
+@pytest.mark.parametrize("signum, code, line", [(signal.SIGINT, 130, "mobilequant: interrupted"),
+                                                (signal.SIGTERM, 143, "mobilequant: terminated (SIGTERM)")])
+def test_a_stop_a_library_swallowed_still_ends_the_command(monkeypatch, capsys, signum, code, line):
+    """The command returns normally after the handler's exception was caught and dropped: the CLI exits
+    130 / 143 with its one line, not 0; the next command starts with nothing recorded."""
+    import mobilequant.api as api
+
+    def swallowed(*args, **kwargs):
+        try:
+            cli._raise_stop(signum, None)  # what the handler does on the signal
+        except KeyboardInterrupt:
+            pass  # what jax's gc callback did with it
+        return []
+
+    monkeypatch.setattr(api, "zoo_list", swallowed)
+    assert main(["zoo", "list"]) == code
+    assert capsys.readouterr().err.strip().splitlines()[-1] == line
+    assert stop_signal() is None
+    monkeypatch.undo()
+    assert main(["zoo", "list", "mobilenetv2_050"]) == 0

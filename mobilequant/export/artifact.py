@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import InputError
+from ..errors import InputError, raise_if_stopped
 from .tflite_file import TFLITE_METADATA_KEY, read_tflite
 
 __all__ = ["Artifact", "atomic_write", "atomic_write_all", "load_artifact", "metadata_json", "file_sha256", "weights_sha256",
@@ -130,8 +130,9 @@ def atomic_write(path: str | Path, data: bytes | Callable[[BinaryIO], None]) -> 
 def atomic_write_all(files: Sequence[tuple[str | Path, bytes | Callable[[BinaryIO], None]]]) -> list[Path]:
     """Write several files (``(path, data)`` pairs, as :func:`atomic_write`) as one step: every temporary
     file is written and fsync'ed before any is renamed into place, so a failure while writing (no space,
-    a name too long) leaves every destination as it was. Only a failing rename (rare: an immutable
-    destination) can leave the earlier ones replaced; its error names them."""
+    a name too long) leaves every destination as it was, and so does a stop (Ctrl-C, SIGTERM) the CLI
+    received before the renames, even one a library caught and dropped. Only a failing rename (rare: an
+    immutable destination) can leave the earlier ones replaced; its error names them."""
     pending: list[tuple[str, Path, Path]] = []  # (temporary file, file it replaces, path given)
     done: list[Path] = []
     try:
@@ -154,6 +155,7 @@ def atomic_write_all(files: Sequence[tuple[str | Path, bytes | Callable[[BinaryI
                     os.fsync(f.fileno())
             except OSError as e:
                 raise _cannot_write(path, e) from None
+        raise_if_stopped()  # a Ctrl-C / SIGTERM a library swallowed while the files were made: replace nothing
         while pending:
             tmp, dest, path = pending[0]
             try:
