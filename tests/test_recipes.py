@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 
@@ -80,3 +81,58 @@ def test_a_recipe_files_bad_key_or_value_names_the_file(tmp_path):
     bad_value.write_text("target: tflite-int8\nquantization:\n  per_channel: 3\n")
     with pytest.raises(UsageError, match=rf"recipe {bad_value} quantization.per_channel must be bool, got 3"):
         load_recipe(bad_value)
+
+
+def _laughs(levels: int) -> str:
+    """A "billion laughs" YAML document: each level is nine aliases of the one before (9**levels values)."""
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def test_an_alias_bomb_is_refused_in_linear_time(tmp_path):
+    """_duplicate_key walked each alias again: ×9 time per level (5.5 s at 8 levels, minutes at 10)."""
+    import time
+
+    from mobilequant.export.recipes import _duplicate_key
+
+    for levels in (8, 12):  # 8 first: the old walk fails it in seconds rather than hours
+        start = time.perf_counter()
+        assert _duplicate_key(_laughs(levels)) is None
+        assert time.perf_counter() - start < 0.5
+    text = _laughs(12)
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("target: tflite-int8\n" + text)
+    start = time.perf_counter()
+    with pytest.raises(InputError, match=rf"^recipe {bomb} stands for more than 10,000 values once its aliases"):
+        load_recipe(bomb)
+    assert time.perf_counter() - start < 0.5
+    selfref = tmp_path / "self.yaml"
+    selfref.write_text("target: tflite-int8\nname: &n [*n]\n")
+    with pytest.raises(InputError, match="stands for more than"):
+        load_recipe(selfref)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(InputError, match="nested too deeply"):  # was a RecursionError traceback
+        load_recipe(deep)
+    shared = tmp_path / "shared.yaml"  # aliases within reason still load
+    shared.write_text("target: tflite-int8\nquantization: &q {per_channel: false}\nname: x\n")
+    assert load_recipe(shared).quantization.per_channel is False
+
+
+def test_a_recipe_that_is_not_utf8_or_not_a_recipe_sized_file(tmp_path, monkeypatch):
+    """Latin-1 bytes were a UnicodeDecodeError traceback; /dev/zero was read without end."""
+    import mobilequant.export.recipes as recipes
+
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("target: tflite-int8\nname: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(InputError, match=rf"^recipe {latin} is not UTF-8 text \(byte 0xe9 on line 2\)"):
+        load_recipe(latin)
+    monkeypatch.setattr(recipes, "MAX_RECIPE_BYTES", 64)
+    big = tmp_path / "big.yaml"
+    big.write_text("target: tflite-int8\n" + "# padding\n" * 10)
+    with pytest.raises(InputError, match=rf"^recipe {big} is larger than"):
+        load_recipe(big)
+    if os.path.exists("/dev/zero"):
+        with pytest.raises(InputError, match="^recipe /dev/zero is larger than"):
+            load_recipe("/dev/zero")

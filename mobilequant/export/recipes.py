@@ -336,14 +336,24 @@ def list_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; a bigger file is not one
+MAX_RECIPE_NODES = 10_000  # values in the document with each alias counted where it is used (a recipe has ~40)
+
+
 def _duplicate_key(text: str):
     """The first mapping key given twice in ``text`` (``safe_load`` keeps the last silently), as
-    ``(key, mark)``, or None. Reads the node tree only (``yaml.compose``): no object is constructed."""
+    ``(key, mark)``, or None. Reads the node tree only (``yaml.compose``): no object is constructed, and
+    each node is visited once however many aliases point at it (walking every alias again took ×9 time per
+    level of a nine-alias "billion laughs" document)."""
     import yaml
 
     stack = [yaml.compose(text, Loader=yaml.SafeLoader)]
+    visited: set[int] = set()  # id() of the nodes walked; the tree keeps them alive, so ids are not reused
     while stack:
         node = stack.pop()
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
         if isinstance(node, yaml.MappingNode):
             seen = set()
             for key, value in node.value:
@@ -355,6 +365,65 @@ def _duplicate_key(text: str):
         elif isinstance(node, yaml.SequenceNode):
             stack.extend(node.value)
     return None
+
+
+def _expanded_size(text: str, limit: int) -> int:
+    """How many values ``text`` stands for once its aliases are expanded, counted up to ``limit + 1`` (a
+    document that refers to itself counts as over). Linear in the nodes written: each node's count is
+    computed once and reused wherever an alias repeats it."""
+    import yaml
+
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if root is None:
+        return 0
+    size: dict[int, int] = {}
+    open_nodes: set[int] = set()  # nodes whose children are being counted: reaching one again is a cycle
+    stack = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in size:
+            continue
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        else:
+            size[id(node)] = 1
+            continue
+        if children_done:
+            open_nodes.discard(id(node))
+            size[id(node)] = min(limit + 1, 1 + sum(size[id(c)] for c in children))
+            continue
+        if id(node) in open_nodes:
+            return limit + 1
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        for child in children:
+            if id(child) in open_nodes:
+                return limit + 1
+            if id(child) not in size:
+                stack.append((child, False))
+    return size[id(root)]
+
+
+def _read_recipe_text(path: Path) -> str:
+    """The recipe file as text: one-line :class:`InputError` for an unreadable file, one over
+    :data:`MAX_RECIPE_BYTES` (read no further: ``--recipe /dev/zero`` never ends) or bytes that are not
+    UTF-8."""
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as e:
+        raise InputError(f"cannot read recipe {path}: {e.strerror or e}") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise InputError(f"recipe {path} is larger than {MAX_RECIPE_BYTES >> 20} MiB; a recipe is a short YAML "
+                         "file (see export_recipes/)")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise InputError(f"recipe {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); "
+                         "save it as UTF-8") from None
 
 
 def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -372,13 +441,15 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...]
             known = sorted(set(list_recipes()) | set(TARGETS))
             raise UsageError(f"unknown recipe {str(name_or_path)!r}{did_you_mean(str(name_or_path), known)}; "
                              f"recipes: {', '.join(known)}")
+    text = _read_recipe_text(path)
     try:
-        text = path.read_text()
-    except OSError as e:
-        raise InputError(f"cannot read recipe {path}: {e.strerror or e}") from None
-    try:
+        if _expanded_size(text, MAX_RECIPE_NODES) > MAX_RECIPE_NODES:  # before anything walks the values
+            raise InputError(f"recipe {path} stands for more than {MAX_RECIPE_NODES:,} values once its aliases "
+                             "(*name) are expanded; a recipe has a few dozen")
         data = yaml.safe_load(text)
         twice = _duplicate_key(text)
+    except RecursionError:  # PyYAML composes nested values recursively
+        raise InputError(f"recipe {path} is not valid YAML: values nested too deeply") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
