@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -206,3 +208,40 @@ def test_an_onnx_file_named_tflite_is_called_what_it_is(tmp_path):
         check_tflite_file(path)
     with pytest.raises(InputError, match="no 'TFL3'"):
         open_runner(path)
+
+
+def test_huge_or_endless_model_files_are_refused_before_reading(tmp_path, monkeypatch):
+    """A 20 GB sparse .tflite / .onnx was read into memory whole (audit, bench); /dev/zero until the OOM
+    killer came. A file over 2 GiB (the most a flatbuffer or a protobuf without external data can be) or one
+    that is not a regular file is one line, from its size and type alone."""
+    import pathlib
+
+    from mobilequant.export.artifact import MAX_MODEL_BYTES, check_model_file, load_artifact
+    from mobilequant.runtime import load_onnx_model
+    from mobilequant.runtime.tflite import check_tflite_file
+
+    def no_whole_read(self):
+        raise AssertionError(f"{self} was read whole")
+
+    monkeypatch.setattr(pathlib.Path, "read_bytes", no_whole_read)
+    for name in ("big.tflite", "big.onnx"):
+        big = tmp_path / name
+        with open(big, "wb"):
+            pass
+        os.truncate(big, MAX_MODEL_BYTES + 1)  # sparse: no disk space used
+        for read in (open_runner, check_tflite_file, load_onnx_model, load_artifact, TFLiteRunner, OrtRunner):
+            with pytest.raises(InputError, match=rf"^cannot read (\w+ )*model {big}: it is 2\.0 GiB, larger than "
+                                                 r"the 2 GiB"):
+                read(big)
+    if os.path.exists("/dev/zero"):
+        for read in (open_runner, check_tflite_file, load_onnx_model, load_artifact):
+            with pytest.raises(InputError, match="^cannot read (\\w+ )*model /dev/zero: not a regular file$"):
+                read("/dev/zero")
+    fifo = tmp_path / "pipe.onnx"
+    os.mkfifo(fifo)  # opening it would wait for a writer
+    with pytest.raises(InputError, match="not a regular file"):
+        check_model_file(fifo)
+    with pytest.raises(InputError, match="not a regular file"):
+        open_runner(fifo)
+    with pytest.raises(InputError, match="it is a directory"):
+        open_runner(tmp_path)

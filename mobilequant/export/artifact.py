@@ -31,10 +31,13 @@ from ..errors import InputError, raise_if_stopped
 from .tflite_file import TFLITE_METADATA_KEY, read_tflite
 
 __all__ = ["Artifact", "atomic_write", "atomic_write_all", "load_artifact", "metadata_json", "file_sha256", "weights_sha256",
-           "sidecar_path", "METADATA_KEY", "FORMAT_VERSION"]
+           "sidecar_path", "read_model_bytes", "check_model_file", "METADATA_KEY", "FORMAT_VERSION", "MAX_MODEL_BYTES"]
 
 METADATA_KEY = TFLITE_METADATA_KEY
 FORMAT_VERSION = 1
+# the largest model file read: a TFLite flatbuffer (32-bit offsets) and an ONNX protobuf without external
+# data (protobuf's message limit) cannot be larger than 2 GiB
+MAX_MODEL_BYTES = 2 << 30
 
 
 @dataclass
@@ -213,6 +216,42 @@ def _cannot_write(path: Path, e: OSError, done: Sequence[Path] = ()) -> InputErr
     return InputError(f"cannot write {path}: {e.strerror or e}{replaced}")
 
 
+def check_model_file(path: str | Path, what: str = "model") -> int:
+    """The size of the model file at ``path``, or :class:`InputError` (``cannot read WHAT PATH: REASON``)
+    when it is missing, not a regular file (``/dev/zero``, a pipe: read without end) or larger than
+    :data:`MAX_MODEL_BYTES` (a 20 GB sparse file was read into memory whole). Checked before any read."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise InputError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InputError(f"cannot read {what} {path}: it is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"cannot read {what} {path}: not a regular file")
+    if st.st_size > MAX_MODEL_BYTES:
+        raise InputError(f"cannot read {what} {path}: it is {st.st_size / (1 << 30):.1f} GiB, larger than the "
+                         f"{MAX_MODEL_BYTES / (1 << 30):g} GiB a TFLite file or an ONNX file without external data "
+                         "can be")
+    return st.st_size
+
+
+def read_model_bytes(path: str | Path, what: str = "model") -> bytes:
+    """The bytes of a model file, checked first by :func:`check_model_file`; read no further than its limit
+    even if the file grows meanwhile."""
+    check_model_file(path, what)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_MODEL_BYTES + 1)
+    except OSError as e:
+        raise InputError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    except MemoryError:
+        raise InputError(f"cannot read {what} {path}: not enough memory to hold it") from None
+    if len(data) > MAX_MODEL_BYTES:
+        raise InputError(f"cannot read {what} {path}: larger than {MAX_MODEL_BYTES / (1 << 30):g} GiB")
+    return data
+
+
 def _read_metadata_tflite(data: bytes, path: Path) -> dict:
     info = read_tflite(data, str(path))
     raw = info.metadata.get(METADATA_KEY)
@@ -252,10 +291,7 @@ def load_artifact(path: str | Path) -> Artifact:
     loads with empty metadata (target guessed from the format).
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise InputError(f"cannot read {path}: {e.strerror or e}") from None
+    data = read_model_bytes(path, "model")
     if len(data) >= 8 and data[4:8] == b"TFL3":
         meta = _read_metadata_tflite(data, path)
         fmt = "tflite"

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import InputError
+from ..export.artifact import check_model_file, read_model_bytes
 from .onnx import OrtRunner, load_onnx_model, with_intermediate_outputs
 from .tflite import TensorInfo, TFLiteRunner, _is_onnx, check_tflite_file, interpreter_class
 
@@ -25,8 +26,11 @@ __all__ = [
 
 
 def open_runner(path: str | Path, num_threads: int = 1, preserve_all_tensors: bool = False):
-    """A :class:`TFLiteRunner` or :class:`OrtRunner` for ``path``, chosen by content (not suffix)."""
+    """A :class:`TFLiteRunner` or :class:`OrtRunner` for ``path``, chosen by content (not suffix).
+    :class:`InputError` for a missing file, one that is not a regular file or one over 2 GiB
+    (:func:`mobilequant.export.artifact.check_model_file`), checked before it is read."""
     path = Path(path)
+    check_model_file(path)  # before opening it: a pipe would block the open, /dev/zero the read below
     try:
         with path.open("rb") as f:
             head = f.read(8)
@@ -34,6 +38,6 @@ def open_runner(path: str | Path, num_threads: int = 1, preserve_all_tensors: bo
         raise InputError(f"cannot read model {path}: {e.strerror or e}") from None
     if head[4:8] == b"TFL3":
         return TFLiteRunner(path, num_threads=num_threads, preserve_all_tensors=preserve_all_tensors)
-    if path.suffix.lower() == ".tflite" and not _is_onnx(path.read_bytes()):
+    if path.suffix.lower() == ".tflite" and not _is_onnx(read_model_bytes(path)):
         check_tflite_file(path)  # raises the TFLite-specific message
     return OrtRunner(path, num_threads=num_threads)

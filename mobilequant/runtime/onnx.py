@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..export.artifact import read_model_bytes
 
 __all__ = ["OrtRunner", "load_onnx_model", "with_intermediate_outputs"]
 
@@ -23,10 +24,7 @@ def load_onnx_model(path: str | Path):
     from google.protobuf.message import DecodeError
 
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise InputError(f"cannot read ONNX model {path}: {e.strerror or e}") from None
+    data = read_model_bytes(path, "ONNX model")
     try:
         model = onnx.load_model_from_string(data)
     except (DecodeError, ValueError, RuntimeError) as e:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..export.artifact import read_model_bytes
 
 __all__ = ["interpreter_class", "TFLiteRunner", "TensorInfo", "check_tflite_file"]
 
@@ -53,12 +54,10 @@ def _resolver_without_delegates(cls):
 
 
 def check_tflite_file(path: str | Path) -> bytes:
-    """The file's bytes, or :class:`InputError` naming the file when it is missing or not a TFLite model."""
+    """The file's bytes, or :class:`InputError` naming the file when it is missing, not a regular file, over
+    2 GiB (:func:`mobilequant.export.artifact.check_model_file`) or not a TFLite model."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise InputError(f"cannot read TFLite model {path}: {e.strerror or e}") from None
+    data = read_model_bytes(path, "TFLite model")
     if len(data) < 8 or data[4:8] != _TFLITE_IDENTIFIER:
         if _is_onnx(data):
             raise InputError(f"{path} is not a TFLite model: it is an ONNX model (name it .onnx)")
