@@ -204,6 +204,22 @@ def test_degenerate_ranges_get_positive_scales_and_findings(dead_result):
     assert bool(torch.isfinite(out).all())
 
 
+def test_per_tensor_reports_dead_weight_channels():
+    """Per-tensor weights report all-zero output channels like per-channel ones (nothing reported them:
+    the tensor's scale needs no repair, so the dead channels went unmentioned); the scale stays the
+    tensor's."""
+    torch.manual_seed(0)
+    model = DeadNet().eval()
+    r = quantize(model, _batches(), QuantConfig(per_channel=False))
+    dw = [f for f in r.findings if f.kind == "dead_weight_channels" and f.layer == "dw.0"]
+    assert len(dw) == 1 and "[2, 5]" in dw[0].message, r.findings
+    w = r.table.get("dw.0", "weight")
+    bn = model.dw[1]
+    folded = model.dw[0].weight.detach() * (bn.weight.detach() / (bn.running_var + bn.eps).sqrt()).view(-1, 1, 1, 1)
+    assert w.scale == (pytest.approx(float(folded.abs().max()) / r.config.weight_qmax, rel=1e-5),), "the tensor's scale"
+    assert not [f for f in r.findings if f.kind == "dead_weight_channels" and f.layer in ("stem.0", "head")]
+
+
 def test_nan_batch_is_refused_by_index():
     batches = _batches(3)
     batches[2][0, 0, 0, 0] = float("nan")

@@ -608,10 +608,8 @@ def _repair_weight(obs, w, in_obs, bias, layer: str, config: QuantConfig) -> lis
     (input scale × weight scale) beyond half the int32 range) gets a weight scale large enough."""
     scale, zp = obs.calculate_qparams()
     scale = scale.reshape(-1).to(torch.float32).clone()
-    if config.per_channel:
-        dead = w.reshape(w.shape[0], -1).abs().amax(dim=1) == 0
-    else:
-        dead = (w.abs().max() == 0).reshape(1)
+    dead_rows = w.reshape(w.shape[0], -1).abs().amax(dim=1) == 0 if w.numel() else torch.zeros(0, dtype=torch.bool)
+    dead = dead_rows if config.per_channel else (w.abs().max() == 0).reshape(1)
     dead = dead | ~torch.isfinite(scale) | (scale <= 0)
     healthy = scale[~dead]
     base = float(healthy.median()) if healthy.numel() else 1.0 / config.weight_qmax
@@ -623,10 +621,17 @@ def _repair_weight(obs, w, in_obs, bias, layer: str, config: QuantConfig) -> lis
         need = need if need.numel() == scale.numel() else need.max().reshape(1).expand_as(scale)
     raised = need > new
     new = torch.maximum(new, need)
-    if not bool(dead.any() or raised.any()):
-        return []
-    pin_qparams(obs, new, torch.zeros_like(zp))
     findings = []
+    if not config.per_channel and not bool(dead.any()) and bool(dead_rows.any()):
+        # Per-tensor: the tensor's scale covers the dead rows too (nothing to repair), but the channels
+        # are as dead as in per-channel mode and reported the same way.
+        channels = dead_rows.nonzero().reshape(-1).tolist()
+        findings.append(Finding("dead_weight_channels", layer,
+                                f"all-zero weight channel(s) {channels[:8]}{'...' if len(channels) > 8 else ''}"
+                                f"; per-tensor scale {float(new[0]):.3g} (the tensor's)"))
+    if not bool(dead.any() or raised.any()):
+        return findings
+    pin_qparams(obs, new, torch.zeros_like(zp))
     if bool(dead.any()):
         channels = dead.nonzero().reshape(-1).tolist()
         what = f"channel(s) {channels[:8]}{'...' if len(channels) > 8 else ''}" if config.per_channel else "tensor"
