@@ -330,6 +330,64 @@ def test_cle_recipe_gives_per_tensor_int8_without_transposes(small, tmp_path):
     assert all(len(t.scales) == 1 for t in info.tensors if t.constant and t.dtype == "int8"), "per tensor"
 
 
+class InvertedResidual(nn.Module):
+    """stem → expand (1×1) → depthwise → project, ReLU6 after each but the last: CLE pairs a CONV_2D and a
+    DEPTHWISE_CONV_2D whose ReLU6 becomes the per-channel clamp (RELU + MINIMUM). One depthwise channel
+    is dead (all-zero weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.expand = _cbr(3, 8, s=2), _cbr(8, 16, k=1)
+        self.dw, self.project = _cbr(16, 16, g=16), _cbr(16, 8, k=1, act=False)
+        self.fc = nn.Linear(8, 5)
+        with torch.no_grad():
+            self.dw[0].weight[3] = 0.0
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.fc((x + self.project(self.dw(self.expand(x)))).mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def cle_block(tmp_path_factory):
+    torch.manual_seed(0)
+    recipe = load_recipe("per-tensor-dsp-cle", ["verification.enabled=false"])
+    calib = smooth_images(N_CALIB, size=16)
+    qr = quantize(calibrated_copy(InvertedResidual()), [calib], recipe.quantization.to_quant_config(),
+                  example_input=calib[:1])
+    art = export(qr, "tflite-int8", tmp_path_factory.mktemp("cle") / "ir.tflite", recipe=recipe)
+    return qr, art
+
+
+def test_cle_tflite_weights_carry_their_layer_names(cle_block):
+    """Every weight and bias is ``<layer>/weight|bias`` in a CLE file too: a conv whose ReLU6 became the
+    per-channel clamp has no tensor of its own in the name map (the layer's output is the MINIMUM's), and
+    its weight and bias had been named ``conv_2d_N`` / ``depthwise_conv_2d_N`` (70 of 106 in MobileNetV2)."""
+    qr, art = cle_block
+    info = read_tflite(art.path.read_bytes())
+    weighted = [op for op in info.ops if op.name in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")]
+    clamped = {op.name for op in weighted
+               if any(r.name == "MINIMUM" for r in info.ops if op.outputs[0] in r.inputs)}
+    assert clamped == {"CONV_2D", "DEPTHWISE_CONV_2D"}, "both kinds of conv feed a per-channel clamp"
+    layers = []
+    for op in weighted:
+        for pos, role in ((1, "weight"), (2, "bias")):
+            layer, _, suffix = info.tensors[op.inputs[pos]].name.rpartition("/")
+            assert suffix == role and layer in art.name_map and qr.table.get(layer, role) is not None, \
+                (op.name, info.tensors[op.inputs[pos]].name)
+        layers.append(layer)
+    assert layers == ["stem.0", "expand.0", "dw.0", "project.0", "fc"]
+
+
+def test_artifact_carries_the_quantization_findings_and_cle_summary(cle_block):
+    """Export reported none of the QuantResult's findings (a dead depthwise channel went unmentioned) nor
+    what CLE did; the artifact carries both for the caller's summary."""
+    qr, art = cle_block
+    assert art.findings == qr.findings
+    assert any(f.kind == "dead_weight_channels" and f.layer == "dw.0" and "[3]" in f.message for f in art.findings)
+    assert art.cle_summary == qr.cle.summary() and art.cle_summary.startswith("CLE: 2 pairs")
+
+
 def test_adaround_weights_reach_the_file_unchanged(small, tmp_path):
     """The learned rounding is what the file stores: the int8 weights read back from the TFLite file are
     the AdaRound codes, not round-to-nearest of the float weights."""

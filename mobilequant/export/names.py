@@ -242,8 +242,15 @@ def tflite_tensor_names(info, tensor_layer: dict[int, str]) -> dict[int, str]:
     for index, layer in tensor_layer.items():
         if index not in names:
             put(index, layer)
+    readers: dict[int, list] = {}
+    for op in info.ops:
+        for index in op.inputs:
+            if index >= 0:
+                readers.setdefault(index, []).append(op)
     for op in info.ops:
         layer = tensor_layer.get(op.outputs[0]) if op.outputs else None
+        if layer is None and op.name in WEIGHTED_OPS:
+            layer = _clamped_layer(info, readers, tensor_layer, op.outputs[0])
         for pos, index in enumerate(op.inputs):
             if index >= 0 and index not in names and info.tensors[index].constant:
                 role = {1: "weight", 2: "bias"}.get(pos) if op.name in WEIGHTED_OPS and layer else None
@@ -255,6 +262,27 @@ def tflite_tensor_names(info, tensor_layer: dict[int, str]) -> dict[int, str]:
         if t.index not in names:
             put(t.index, f"t{t.index}")
     return names
+
+
+def _clamped_layer(info, readers: dict[int, list], tensor_layer: dict[int, str], t: int) -> str | None:
+    """The layer of a conv / linear whose output ``t`` feeds CLE's per-channel clamp: the clamp's tensor.
+
+    CLE makes ``conv → ReLU6`` a ``conv → clamp`` with per-channel bounds; the converter fuses the lower
+    bound into the conv (RELU) and writes the upper one as a MINIMUM with a constant ``[C]`` operand
+    (MAXIMUM too for other bounds). The layer's output is the clamp's, so the conv's own tensor is no
+    layer's; its weight and bias belong to the layer the clamp's output is mapped to.
+    """
+    for _ in range(2):  # MAXIMUM → MINIMUM at most
+        if t in tensor_layer:
+            return tensor_layer[t]
+        ops = readers.get(t, [])
+        if len(ops) != 1 or ops[0].name not in ("MINIMUM", "MAXIMUM") or not ops[0].outputs:
+            return None
+        bounds = [i for i in ops[0].inputs if i >= 0 and i != t]
+        if len(bounds) != 1 or not info.tensors[bounds[0]].constant:
+            return None
+        t = ops[0].outputs[0]
+    return tensor_layer.get(t)
 
 
 def onnx_name_map(model, program, gm: GraphModule, quantized: bool) -> dict[str, str]:
