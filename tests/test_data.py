@@ -481,3 +481,77 @@ def test_tampered_calibration_file_is_refused(tmp_path, monkeypatch):
             calibration_set()
     finally:
         builtin_mod.calibration_manifest.cache_clear()
+
+
+def _npy_header(shape, dtype="<f4") -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def test_array_headers_are_checked_before_any_data_are_read(tmp_path, monkeypatch):
+    """A header claiming 1e11 images was numpy's MemoryError traceback; a 3 MB compressed .npz was inflated
+    to 3.4 GB before its shape was refused; arrays of Python objects in an .npz were "not a NumPy .npy file".
+    Each is now one line from the headers alone: numpy's read_array is never reached."""
+    import os
+    import zipfile
+
+    import mobilequant.data.readers as readers
+
+    def no_data_read(*args, **kwargs):
+        raise AssertionError("array data read before the header was checked")
+
+    huge = tmp_path / "huge.npy"
+    huge.write_bytes(_npy_header((10**11, 1, 32, 32)) + b"\0" * 1000)
+    zipped = tmp_path / "huge.npz"
+    with zipfile.ZipFile(zipped, "w") as z:
+        z.writestr("images.npy", _npy_header((10**10, 1, 32, 32)) + b"\0" * 1000)
+    wrong = tmp_path / "wrong.npz"  # compressed zeros of the wrong image size: refused by shape, not inflated
+    with zipfile.ZipFile(wrong, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("images.npy", _npy_header((1000, 1, 28, 28)) + bytes(1000 * 28 * 28 * 4))
+    fits = tmp_path / "fits.npz"  # the model's size, more than the (lowered) memory limit
+    with zipfile.ZipFile(fits, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("images.npy", _npy_header((64, 1, 32, 32)) + bytes(64 * 32 * 32 * 4))
+    raw = tmp_path / "raw.npy"  # uint8: small as stored, 4 bytes per model input value once preprocessed
+    np.save(raw, np.zeros((64, 8, 8), np.uint8))
+    objects = tmp_path / "objects.npz"
+    np.savez(objects, images=np.zeros((2, 1, 32, 32), np.float32), labels=np.array([1, 2], dtype=object))
+    labels = tmp_path / "labels.npz"
+    with zipfile.ZipFile(labels, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("images.npy", _npy_header((2, 1, 32, 32)) + bytes(2 * 32 * 32 * 4))
+        z.writestr("labels.npy", _npy_header((10**6,), "<i8") + bytes(8 * 10**6))
+    device = tmp_path / "zero.npy"
+    device.symlink_to("/dev/zero")
+
+    monkeypatch.setattr(readers, "MAX_ARRAY_BYTES", 64 * 32 * 32 * 2)
+    monkeypatch.setattr(np.lib.format, "read_array", no_data_read)
+    cases = [
+        (huge, rf"^cannot read {huge}: truncated \(its header declares float32 of shape \(100000000000, 1, 32, 32\)"),
+        (zipped, rf"^cannot read {zipped}: truncated"),
+        (wrong, rf"^{wrong}: float arrays are preprocessed model input and must be N×1×32×32, got shape "
+                r"\(1000, 1, 28, 28\)"),
+        (fits, rf"^{fits}: 64 images of float32 stored as \(64, 1, 32, 32\) would take 256\.0 KiB in memory, "
+               r"more than the 128\.0 KiB read at once; pass fewer images$"),
+        (raw, rf"^{raw}: 64 preprocessed images would take"),
+        (objects, rf"^cannot read {objects}: it holds Python objects, which are not loaded"),
+        (labels, rf"^{labels}: labels must be 2 integers, got int64 of shape \(1000000,\)$"),
+    ]
+    if os.path.exists("/dev/zero"):
+        cases.append((device, rf"^cannot read {device}: not a regular file$"))
+    for path, message in cases:
+        with pytest.raises(InputError, match=message):
+            read_images(path, FASHION_MNIST)
+
+    monkeypatch.undo()
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(np.lib.format, "read_array", out_of_memory)
+    with pytest.raises(InputError, match=rf"^cannot read {fits}: not enough memory"):
+        read_images(fits, FASHION_MNIST)
+    monkeypatch.undo()
+    with pytest.warns(DataWarning):  # zeros look like [0, 1] pixels
+        assert read_images(fits, FASHION_MNIST).images.shape == (64, 1, 32, 32)  # within the limit: read

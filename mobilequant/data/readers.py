@@ -17,7 +17,10 @@ labels under ``labels`` (or ``y``); an ``.npz`` holding a single array is that a
       taken as channels-first and transposed.
     * float arrays are already-preprocessed model input, used as is: ``N×C×H×W`` equal to the model's
       ``input_size``, finite values (a :class:`DataWarning` when they look like raw or [0, 1] pixels).
-    * any other dtype is an error.
+    * any other dtype is an error, and so is an array of Python objects (never loaded: no pickle is read).
+    * each array's ``.npy`` header is checked before its data are read: the shape against these rules and
+      the bytes that follow it, the size against :data:`MAX_ARRAY_BYTES` (8 GiB) as stored and as the
+      float32 images made from it; running out of memory all the same is one error line.
 
 An unreadable image is skipped with a :class:`BadImageWarning` naming it (``on_bad_image="skip"``, the
 default) or raises :class:`~mobilequant.errors.InputError` naming it (``on_bad_image="error"``).
@@ -25,12 +28,15 @@ default) or raises :class:`~mobilequant.errors.InputError` naming it (``on_bad_i
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -213,72 +219,164 @@ def read_image_file(path: str | os.PathLike, cfg: PreprocessConfig) -> ImageData
     return ImageData(preprocess_images(images, cfg), None, str(path))
 
 
-def _pick(arrays: dict[str, np.ndarray], names: tuple[str, ...], path: Path) -> np.ndarray | None:
-    present = [n for n in names if n in arrays]
+MAX_ARRAY_BYTES = 8 << 30  # the most an array read from a data file, or the float32 images made from it, may take
+
+
+@dataclass(frozen=True)
+class _Declared:
+    """What an ``.npy`` header (a file's, or an ``.npz`` member's) says the array is, read before its data."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    available: int  # bytes that follow the header in the file (member)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _read_header(stream: BinaryIO, size: int, path: Path) -> _Declared:
+    """The header at the start of ``stream`` (``size`` bytes in all); :class:`InputError` when it is none."""
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(stream)
+        read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, _, dtype = read(stream)
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile, zlib.error):
+        raise InputError(f"cannot read {path}: not a NumPy .npy file") from None
+    if dtype.hasobject:  # their data are a pickle: never loaded (allow_pickle=False)
+        raise InputError(f"cannot read {path}: it holds Python objects, which are not loaded "
+                         "(save a plain numeric array)")
+    declared = _Declared(tuple(int(n) for n in shape), dtype, size - stream.tell())
+    if declared.nbytes > declared.available:
+        raise InputError(f"cannot read {path}: truncated (its header declares {dtype} of shape {declared.shape}, "
+                         f"{declared.nbytes:,} bytes, but {max(declared.available, 0):,} follow it)")
+    return declared
+
+
+def _size(nbytes: int) -> str:
+    """``3.1 GiB``, ``256.0 KiB``, ``12 bytes``."""
+    for shift, unit in ((40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")):
+        if nbytes >= 1 << shift:
+            return f"{nbytes / (1 << shift):.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
+def _too_big(nbytes: int, what: str, path: Path) -> None:
+    if nbytes > MAX_ARRAY_BYTES:
+        raise InputError(f"{path}: {what} would take {_size(nbytes)} in memory, more than the "
+                         f"{_size(MAX_ARRAY_BYTES)} read at once; pass fewer images")
+
+
+def _check_declared(images: _Declared, labels: _Declared | None, cfg: PreprocessConfig, path: Path) -> None:
+    """Refuse, from the headers alone, arrays that could not be used or would not fit in memory: the shape
+    and type rules of the module docstring, and :data:`MAX_ARRAY_BYTES` for the array as stored and the
+    float32 images made from it (a file whose header claimed 1e11 images ended in numpy's MemoryError
+    traceback; a 3 MB compressed .npz was inflated to 3.4 GB before its shape was refused)."""
+    _check_images(images.shape, images.dtype, cfg, path)
+    count = images.shape[0]
+    _too_big(images.nbytes, f"{count:,} images of {images.dtype} stored as {images.shape}", path)
+    _too_big(count * math.prod(cfg.input_size) * 4, f"{count:,} preprocessed images", path)
+    if labels is not None:
+        _check_labels(labels.shape, labels.dtype, count, path)
+
+
+def _read_arrays(path: Path, cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    """The images and labels arrays of an ``.npy`` / ``.npz`` file, their headers checked before any data
+    are read (:func:`_check_declared`)."""
+    fmt = np.lib.format
+    if not path.is_file():  # a pipe or a device (/dev/zero) would be read without end
+        raise InputError(f"cannot read {path}: " + ("not a regular file" if path.exists() else "no such file"))
+    if path.suffix.lower() != ".npz":
+        with path.open("rb") as f:
+            images = _read_header(f, os.fstat(f.fileno()).st_size, path)
+            _check_declared(images, None, cfg, path)
+            f.seek(0)
+            return fmt.read_array(f, allow_pickle=False), None
+    with zipfile.ZipFile(path) as z:
+        members = {(i.filename[:-4] if i.filename.endswith(".npy") else i.filename): i for i in z.infolist()}
+        images_name = _pick(members, ("images", "x"), path)
+        labels_name = _pick(members, ("labels", "y"), path)
+        if images_name is None:
+            if len(members) != 1:
+                raise InputError(f"{path} holds {sorted(members)}; name the images array 'images' "
+                                 "(and the labels 'labels')")
+            images_name = next(iter(members))
+        names = [images_name] if labels_name is None else [images_name, labels_name]
+        declared = []
+        for name in names:
+            with z.open(members[name]) as member:
+                declared.append(_read_header(member, members[name].file_size, path))
+        _check_declared(declared[0], declared[1] if labels_name else None, cfg, path)
+        arrays = []
+        for name in names:
+            with z.open(members[name]) as member:
+                arrays.append(fmt.read_array(member, allow_pickle=False))
+    return arrays[0], (arrays[1] if labels_name else None)
+
+
+def _pick(members: dict, names: tuple[str, ...], path: Path) -> str | None:
+    present = [n for n in names if n in members]
     if len(present) > 1:
         raise InputError(f"{path} holds both {present[0]!r} and {present[1]!r}; keep one")
-    return arrays[present[0]] if present else None
+    return present[0] if present else None
 
 
 def read_array_file(path: str | os.PathLike, cfg: PreprocessConfig) -> ImageData:
-    """Read a ``.npy`` or ``.npz`` file of images (see the module docstring for the rules)."""
+    """Read a ``.npy`` or ``.npz`` file of images (see the module docstring for the rules). Each array's
+    header is checked before its data are read: its shape against the model's input and its size against
+    the file and :data:`MAX_ARRAY_BYTES`; arrays of Python objects are never loaded."""
     path = Path(path)
     try:
-        if path.suffix.lower() == ".npz":
-            with np.load(path, allow_pickle=False) as loaded:
-                arrays = {k: loaded[k] for k in loaded.files}
-        else:
-            arrays = {"images": np.load(path, allow_pickle=False)}
-    except ValueError as e:
-        # numpy's message for anything it cannot parse ends with advice to load the file with
-        # allow_pickle=True — advice never to take with a file from elsewhere
-        why = str(e)
-        if "pickle" in why:
-            with open(path, "rb") as f:
-                npy = f.read(6) == b"\x93NUMPY"
-            why = ("it holds Python objects, which are not loaded (save a plain numeric array)" if npy
-                   else "not a NumPy .npy file")
-        raise InputError(f"cannot read {path}: {why}") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        images, labels = _read_arrays(path, cfg)
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:
         raise InputError(f"cannot read {path}: {e}") from None
-    if not isinstance(arrays.get("images", np.empty(0)), np.ndarray):
-        raise InputError(f"{path} is not a .npy array file")
-    images = _pick(arrays, ("images", "x"), path)
-    labels = _pick(arrays, ("labels", "y"), path)
-    if images is None:
-        if len(arrays) != 1:
-            raise InputError(f"{path} holds {sorted(arrays)}; name the images array 'images' "
-                             "(and the labels 'labels')")
-        images = next(iter(arrays.values()))
-    return ImageData(_array_images(images, cfg, path), _array_labels(labels, len(images), path), str(path))
+    except MemoryError:
+        raise InputError(f"cannot read {path}: not enough memory for its arrays; pass fewer images") from None
+    try:
+        return ImageData(_array_images(images, cfg, path), _array_labels(labels, len(images), path), str(path))
+    except MemoryError:
+        raise InputError(f"cannot preprocess {path}: not enough memory for its images; pass fewer") from None
+
+
+def _check_images(shape: tuple[int, ...], dtype: np.dtype, cfg: PreprocessConfig, path: Path) -> bool:
+    """Whether images of ``shape`` and ``dtype`` are uint8 channels-first (to be transposed), or
+    :class:`InputError` saying why they cannot be the model's images."""
+    if dtype == np.uint8:
+        channels_first = len(shape) == 4 and shape[1] in (1, 3) and shape[3] not in (1, 3, 4)
+        if channels_first:
+            shape = (shape[0], shape[2], shape[3], shape[1])
+        if len(shape) not in (3, 4) or shape[0] == 0:
+            raise InputError(f"{path}: uint8 images must be N×H×W or N×H×W×C with N ≥ 1, got shape {shape}")
+        if len(shape) == 3 and shape[2] in (3, 4) and shape[1] > 4:
+            # N×H×W with a width of 3 or 4 pixels is no image set anyone has: this is one H×W×C image
+            raise InputError(f"{path}: shape {shape} reads as {shape[0]} grey images {shape[1]} "
+                             f"× {shape[2]} pixels; for one colour image save it as 1×H×W×C "
+                             "(image[None])")
+        return channels_first
+    if np.issubdtype(dtype, np.floating):
+        want = tuple(cfg.input_size)
+        if len(shape) != 4 or tuple(shape[1:]) != want or shape[0] == 0:
+            c, h, w = want
+            hint = "; it looks channels-last: transpose it to N×C×H×W" if tuple(shape[1:]) == (h, w, c) else ""
+            raise InputError(f"{path}: float arrays are preprocessed model input and must be N×{c}×{h}×{w}, "
+                             f"got shape {shape}{hint}")
+        return False
+    raise InputError(f"{path}: images must be uint8 (raw pixels) or float (preprocessed), got {dtype}")
 
 
 def _array_images(images: np.ndarray, cfg: PreprocessConfig, path: Path) -> torch.Tensor:
+    channels_first = _check_images(images.shape, images.dtype, cfg, path)
     if images.dtype == np.uint8:
-        if images.ndim == 4 and images.shape[1] in (1, 3) and images.shape[3] not in (1, 3, 4):
-            images = images.transpose(0, 2, 3, 1)  # channels-first raw images
-        if images.ndim not in (3, 4) or len(images) == 0:
-            raise InputError(f"{path}: uint8 images must be N×H×W or N×H×W×C with N ≥ 1, got shape {images.shape}")
-        if images.ndim == 3 and images.shape[2] in (3, 4) and images.shape[1] > 4:
-            # N×H×W with a width of 3 or 4 pixels is no image set anyone has: this is one H×W×C image
-            raise InputError(f"{path}: shape {images.shape} reads as {images.shape[0]} grey images {images.shape[1]} "
-                             f"× {images.shape[2]} pixels; for one colour image save it as 1×H×W×C "
-                             "(image[None])")
+        if channels_first:
+            images = images.transpose(0, 2, 3, 1)
         return preprocess_images(images, cfg)
-    if np.issubdtype(images.dtype, np.floating):
-        want = tuple(cfg.input_size)
-        if images.ndim != 4 or tuple(images.shape[1:]) != want or len(images) == 0:
-            c, h, w = want
-            hint = "; it looks channels-last: transpose it to N×C×H×W" if images.shape[1:] == (h, w, c) else ""
-            raise InputError(f"{path}: float arrays are preprocessed model input and must be N×{c}×{h}×{w}, "
-                             f"got shape {images.shape}{hint}")
-        bad, shown = nonfinite_images(images)
-        if bad:
-            raise InputError(f"{path}: float images contain NaN or infinite values (image {shown}; "
-                             f"{len(bad)} of {len(images)})")
-        _warn_unnormalised(images, cfg, path)
-        return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-    raise InputError(f"{path}: images must be uint8 (raw pixels) or float (preprocessed), got {images.dtype}")
+    bad, shown = nonfinite_images(images)
+    if bad:
+        raise InputError(f"{path}: float images contain NaN or infinite values (image {shown}; "
+                         f"{len(bad)} of {len(images)})")
+    _warn_unnormalised(images, cfg, path)
+    return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
 
 
 def nonfinite_images(images) -> tuple[list[int], str]:
@@ -308,11 +406,15 @@ def _warn_unnormalised(images: np.ndarray, cfg: PreprocessConfig, path: Path) ->
                   "pass raw uint8 pixels to have them preprocessed", DataWarning, stacklevel=3)
 
 
+def _check_labels(shape: tuple[int, ...], dtype: np.dtype, count: int, path: Path) -> None:
+    if not np.issubdtype(dtype, np.integer) or tuple(shape) != (count,):
+        raise InputError(f"{path}: labels must be {count} integers, got {dtype} of shape {tuple(shape)}")
+
+
 def _array_labels(labels: np.ndarray | None, count: int, path: Path) -> torch.Tensor | None:
     if labels is None:
         return None
-    if not np.issubdtype(labels.dtype, np.integer) or labels.shape != (count,):
-        raise InputError(f"{path}: labels must be {count} integers, got {labels.dtype} of shape {labels.shape}")
+    _check_labels(labels.shape, labels.dtype, count, path)
     if count and labels.min() < 0:
         raise InputError(f"{path}: labels must be non-negative")
     return torch.from_numpy(labels.astype(np.int64))
