@@ -325,6 +325,40 @@ def _output_path(out: str | None, name: str, suffix: str, target: str, variant: 
     return path, created
 
 
+def _refuse_overwriting_inputs(out, option: str, model=None, weights=None, recipe=None, data=()) -> None:
+    """Refuse an output path that is a file the command reads (``calibrate --weights w.pt -o w.pt`` had
+    replaced the checkpoint by the table, exit 0): the checkpoint (``weights``), a recipe file, a
+    ``file.py:factory`` model file, a data file (``data``: ``(option, spec)`` pairs), or an image inside a
+    data folder (any other file in one is not an input). Compared as files (``os.path.samefile``: links and
+    other spellings of the same path), so only an output that exists can be one."""
+    from .data.readers import IMAGE_SUFFIXES
+
+    out = os.fspath(out)
+    if not os.path.exists(out):
+        return
+    inputs = [("the checkpoint given as weights (--weights)", weights),
+              ("the recipe file given as recipe (--recipe)", recipe)]
+    if model is not None and ":" in os.fspath(model):
+        inputs.append(("the model file given as model (--model)", os.fspath(model).rpartition(":")[0]))
+    inputs += [(f"the data file given as {what}", spec) for what, spec in data]
+    for what, value in inputs:
+        if value is None or not isinstance(value, (str, os.PathLike)):
+            continue
+        value = os.fspath(value)
+        try:
+            same = os.path.samefile(out, value)
+        except (OSError, ValueError):  # no such input (a name: a zoo model, a built-in data set)
+            continue
+        folder = os.path.realpath(value)
+        inside = (not same and os.path.isdir(folder) and what.startswith("the data")
+                  and os.path.realpath(out).startswith(folder.rstrip(os.sep) + os.sep)
+                  and Path(out).suffix.lower() in IMAGE_SUFFIXES and not Path(out).name.startswith("."))
+        if same or inside:
+            what = what.replace("the data file", "an image of the data folder") if inside else what
+            raise UsageError(f"{option} {out} is {what} {value}, which this command reads: writing there "
+                             "would replace it (give another output path)")
+
+
 def _probe_writable(directory: Path) -> None:
     import tempfile
 
@@ -464,6 +498,7 @@ def export_model(target: str | None = None, model: str | None = None, weights: s
     """
     import time
 
+    from .audit.report import check_name_lengths
     from .data import fit_labels
     from .errors import CheckFailed
     from .export import export, resolve_recipe
@@ -472,6 +507,8 @@ def export_model(target: str | None = None, model: str | None = None, weights: s
     from .runtime import open_runner
 
     t0 = time.perf_counter()
+    if out is not None:  # before any work: a name the file system cannot take
+        check_name_lengths(out, "out (-o)")
     if num_eval is not None and num_eval < 1:
         raise UsageError(f"num_eval (--num-eval) must be at least 1, got {num_eval}")
     extra = [*overrides, *([] if verify else ["verification.enabled=false"])]
@@ -483,6 +520,8 @@ def export_model(target: str | None = None, model: str | None = None, weights: s
     path, created = _output_path(out, _file_model_label(name, weights, resolution), spec.suffix, spec.name,
                                  _file_recipe_label(recipe, rec))
     with _removed_if_left_empty(created):
+        _refuse_overwriting_inputs(path, "out (-o)", model, weights, recipe,
+                                   [("data (--data)", data), ("eval_data (--eval-data)", eval_data)])
         cfg = net.preprocess
         if num_eval is None and rec.verification.num_images != VerificationSettings.num_images:
             # a recipe or --set that asks for N verification images: the summary and the checks take N
@@ -592,10 +631,12 @@ def calibrate(model: str | None = None, weights: str | None = None, data: str = 
     silently dropped), and an output path that cannot take the file.
     """
 
+    from .audit.report import check_name_lengths
     from .export import default_recipe, load_recipe
     from .export.artifact import atomic_write
     from .quant import quantize
 
+    check_name_lengths(out, "out (-o)")  # before any work: Path.is_dir raised OSError on such a name
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         if not key.startswith("quantization."):
@@ -614,6 +655,7 @@ def calibrate(model: str | None = None, weights: str | None = None, data: str = 
         raise UsageError(f"out (-o) {out} is a directory (give the file to write, e.g. "
                          f"{out_path / 'quant_table.json'})")
     _probe_writable(out_path.parent)
+    _refuse_overwriting_inputs(out_path, "out (-o)", model, weights, recipe, [("data (--data)", data)])
     net = resolve_model(model, weights, resolution)
     calib = _load(data, net.preprocess, "calibration", rec.quantization.num_calibration)
     result = quantize(net, calib.batches(64), rec.quantization.to_quant_config())
@@ -672,6 +714,9 @@ def audit(artifact: str, model: str | None = None, weights: str | None = None, d
     from .audit.report import check_report_paths
 
     check_report_paths(artifact, report, html)  # before the audit runs: a path that cannot take a report
+    for path, option in ((report, "report (--report)"), (html, "html (--html)")):
+        if path:
+            _refuse_overwriting_inputs(path, option, model, weights, data=[("data (--data)", data)])
     if model is None and (weights is not None or resolution is not None):  # for the zoo model the artifact names
         model = _artifact_model_name(artifact)
     net = resolve_model(model, weights, resolution) if (model is not None or weights is not None) else None
@@ -746,13 +791,17 @@ def qat(model: str | None = None, weights: str | None = None, data: str = "built
     ``export`` target is written and verified; one that fails its checks is reported, the others still run
     (``failed``). In a torchrun job only the main process exports.
     """
+    from .audit.report import check_name_lengths
     from .errors import CheckFailed
     from .export import default_recipe, get_target, load_recipe
     from .export import export as export_artifact
     from .qat import QATJobConfig, run_qat
+    from .qat.job import out_dir_lock
     from .weights import DEFAULT_WEIGHTS
 
     _refuse_non_name(model, "model")
+    if out_dir is not None:  # before any work: Path.exists raised OSError on a name the file system cannot take
+        check_name_lengths(out_dir, "out_dir (--out-dir)")
     targets = [get_target(t) for t in export]  # unknown targets fail before training
     rec = load_recipe(recipe) if recipe is not None else default_recipe("tflite-int8")
     train_data = "fashion-mnist" if data == "builtin" else data
@@ -775,22 +824,31 @@ def qat(model: str | None = None, weights: str | None = None, data: str = "built
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot create out_dir (--out-dir) {folder}: {e.strerror or e}") from None
-    with _removed_if_left_empty(created):
+    # One job per folder, from training to the last export: run_qat takes the folder's lock (in the main
+    # process of a torchrun job); a single process takes it here already, so that it covers the exports.
+    single = int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 and not _distributed_initialized()
+    with _removed_if_left_empty(created), (out_dir_lock(folder) if single else contextlib.nullcontext()):
         result = run_qat(config, model=net)
-    main = result.rank == 0
-    exports = []
-    for spec in targets if main else ():  # one process writes the files
-        path = _qat_artifact_path(config.out_dir, config.model, spec, recipe)
-        try:
-            art = export_artifact(result, spec.name, path, model_name=config.model)
-            exports.append({"target": spec.name, "path": str(art.path), "passed": True})
-        except CheckFailed as e:  # written beside as <name>.failed<suffix>; the other targets still run
-            failed = getattr(e, "artifact", None)
-            exports.append({"target": spec.name, "path": str(failed.path if failed is not None else path),
-                            "passed": False, "failure": str(e)})
+        main = result.rank == 0
+        exports = []
+        for spec in targets if main else ():  # one process writes the files
+            path = _qat_artifact_path(config.out_dir, config.model, spec, recipe)
+            try:
+                art = export_artifact(result, spec.name, path, model_name=config.model)
+                exports.append({"target": spec.name, "path": str(art.path), "passed": True})
+            except CheckFailed as e:  # written beside as <name>.failed<suffix>; the other targets still run
+                failed = getattr(e, "artifact", None)
+                exports.append({"target": spec.name, "path": str(failed.path if failed is not None else path),
+                                "passed": False, "failure": str(e)})
     return QATSummary(config.model, None if result.checkpoint is None else str(result.checkpoint),
                       None if result.csv_log is None else str(result.csv_log), result.steps,
                       result.val_accuracy, result.int8_accuracy, exports, main)
+
+
+def _distributed_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 # -------------------------------------------------------------------------------------------- bench

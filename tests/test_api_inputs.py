@@ -274,3 +274,26 @@ def test_int8_agreement_always_allows_one_disagreement():
     big = np.random.default_rng(1).standard_normal((400, 10)).astype(np.float32)
     (check,) = numeric_checks("int8", big, big, None, VerificationSettings())
     assert check.passed and check.threshold == "≥ 99.50 %"
+
+
+def test_an_output_in_a_data_folder_is_refused_only_where_it_is_one_of_its_images(tmp_path):
+    """A table written into the image folder it was calibrated on is fine (and again on a second run); an
+    image of that folder, the data file itself, or the checkpoint is an input and is refused."""
+    folder = tmp_path / "imgs"
+    (folder / "cat").mkdir(parents=True)
+    (folder / "cat" / "0.png").write_bytes(b"png")
+    (folder / "table.json").write_text("{}")
+    data = [("data (--data)", str(folder))]
+    api._refuse_overwriting_inputs(folder / "table.json", "out (-o)", data=data)  # not an input: fine
+    api._refuse_overwriting_inputs(folder / "new.png", "out (-o)", data=data)  # does not exist yet
+    with pytest.raises(UsageError, match=r"^out \(-o\) .*0\.png is an image of the data folder given as data "
+                                         r"\(--data\) .*imgs, which this command reads"):
+        api._refuse_overwriting_inputs(folder / "cat" / "0.png", "out (-o)", data=data)
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"w")
+    link = tmp_path / "link.pt"
+    link.symlink_to(weights)
+    with pytest.raises(UsageError, match=r"link\.pt is the checkpoint given as weights \(--weights\) .*w\.pt"):
+        api._refuse_overwriting_inputs(link, "out (-o)", weights=str(weights))  # the same file by another name
+    api._refuse_overwriting_inputs(tmp_path / "other.pt", "out (-o)", weights=str(weights), recipe="tflite-int8",
+                                   model="mobilenetv2_050", data=[("data (--data)", "builtin")])

@@ -600,3 +600,78 @@ def test_quiet_holds_back_the_native_libraries_log_lines(files, tmp_path):
     assert "XNNPACK" in loud.stderr  # the line this test is about: it is there without -q
     quiet = subprocess.run([*audit, "-q"], capture_output=True, text=True, timeout=600)
     assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "", "")
+
+
+def _one_error_line(rc, capsys, code=2) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == code, err
+    assert "Traceback" not in "\n".join(err)
+    message = [line for line in err if line.startswith("mobilequant: error:")]
+    assert len(message) == 1, err
+    return message[0]
+
+
+LONG_NAME = "a" * 300  # over NAME_MAX (255 bytes): Path.exists / is_dir raised OSError Errno 36, a traceback
+
+
+@pytest.mark.parametrize("argv, option", [
+    (lambda d: ["export", "--target", "tflite-fp32", *_tiny(d), "-o", str(d / f"{LONG_NAME}.tflite")], "out (-o)"),
+    (lambda d: ["calibrate", *_tiny(d), "-o", str(d / f"{LONG_NAME}.json")], "out (-o)"),
+    (lambda d: ["audit", str(d / "truncated.tflite"), "--report", str(d / f"{LONG_NAME}.json")], "report"),
+    (lambda d: ["qat", "--data", str(d / "good.npy"), "--out-dir", str(d / LONG_NAME)], "out_dir (--out-dir)"),
+], ids=["export", "calibrate", "audit", "qat"])
+def test_a_name_over_the_file_systems_limit_is_one_line_before_any_work(argv, option, files, capsys, monkeypatch):
+    import mobilequant.api as api
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output path was refused")
+
+    monkeypatch.setattr(api, "resolve_model", no_work)
+    before = {p.name for p in files.rglob("*")}
+    message = _one_error_line(main(argv(files)), capsys)
+    assert option in message and "bytes long, over the file system's limit of 255" in message, message
+    assert len(message) < 400, message  # the name is shortened in the message
+    assert {p.name for p in files.rglob("*")} == before
+
+
+@pytest.mark.parametrize("case", ["calibrate-weights", "calibrate-recipe", "calibrate-data", "calibrate-model-file",
+                                  "export-weights", "audit-report-weights"])
+def test_an_output_that_is_one_of_the_inputs_is_refused_and_left_as_it_was(case, files, tmp_path, capsys):
+    """``calibrate --weights w.pt -o w.pt`` had replaced the checkpoint by the JSON table (exit 0)."""
+    import hashlib
+    import shutil
+
+    tiny = tmp_path / "tiny.py"
+    shutil.copy(files / "tiny.py", tiny)
+    data = tmp_path / "good.npy"
+    shutil.copy(files / "good.npy", data)
+    weights = tmp_path / ("w.tflite" if case == "export-weights" else "w.pt")
+    from mobilequant.models import load_model
+
+    torch.save(load_model(f"{tiny}:build").state_dict(), weights)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("target: tflite-int8\n")
+    model = ["--model", f"{tiny}:build"]
+    argv, given, option = {
+        "calibrate-weights": (["calibrate", *model, "--weights", str(weights), "-o", str(weights)], weights,
+                              "--weights"),
+        "calibrate-recipe": (["calibrate", *model, "--recipe", str(recipe), "-o", str(recipe)], recipe, "--recipe"),
+        "calibrate-data": (["calibrate", *model, "--data", str(data), "-o", str(data)], data, "--data"),
+        "calibrate-model-file": (["calibrate", *model, "-o", str(tiny)], tiny, "--model"),
+        "export-weights": (["export", "--target", "tflite-fp32", *model, "--weights", str(weights), "-o",
+                            str(weights)], weights, "--weights"),
+        "audit-report-weights": (["audit", str(files / "truncated.tflite"), *model, "--weights", str(weights),
+                                  "--report", str(weights)], weights, "--weights"),
+    }[case]
+    digest = hashlib.sha256(given.read_bytes()).hexdigest()
+    message = _one_error_line(main(argv), capsys)
+    assert f"{given} is the" in message and option in message and "which this command reads" in message, message
+    assert hashlib.sha256(given.read_bytes()).hexdigest() == digest
+
+
+def test_a_factory_that_raises_is_one_line_naming_it(tmp_path, capsys):
+    (tmp_path / "nets.py").write_text("def boom():\n    raise RuntimeError('boom in user code')\n")
+    message = _one_error_line(main(["calibrate", "--model", f"{tmp_path / 'nets.py'}:boom", "-o",
+                                    str(tmp_path / "t.json")]), capsys)
+    assert "the factory boom() raised RuntimeError: boom in user code" in message, message
+    assert not (tmp_path / "t.json").exists()

@@ -325,3 +325,41 @@ def test_a_zoo_name_with_a_checkpoint_of_the_shipped_model_keeps_its_preprocessi
     torch.save(other.state_dict(), tmp_path / "other.pt")
     fitted = resolve_model("mobilenetv2_050", str(tmp_path / "other.pt"))
     assert fitted.preprocess.input_size[0] == 3 and fitted.classifier[-1].out_features == 5
+
+
+class _CallsSystem:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("true",))  # pickled as posix.system: a module torch's unpickler blocks outright
+
+
+def test_a_file_that_calls_os_system_is_refused_without_torchs_advice(tmp_path):
+    """torch's text for a blocked module advises re-running with weights_only=False: never passed on."""
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": _CallsSystem()}, path)
+    with pytest.raises(InputError) as e:
+        read_state_dict(path)
+    message = str(e.value)
+    assert "\n" not in message
+    assert "refused because it carries code (it pickles posix.system)" in message, message
+    assert "weights_only" not in message and "trusted source" not in message, message
+
+
+def test_a_model_file_that_is_not_a_file_says_what_it_is(tmp_path):
+    (tmp_path / "pydir.py").mkdir()
+    with pytest.raises(InputError, match=r"^model file .*pydir\.py is a directory, not a Python file$"):
+        load_model(f"{tmp_path / 'pydir.py'}:build")
+    with pytest.raises(InputError, match=r"^model file /dev/null is a character device, not a Python file$"):
+        load_model("/dev/null:x")
+    with pytest.raises(InputError, match=r"^model file .*missing\.py: no such file$"):
+        load_model(f"{tmp_path / 'missing.py'}:build")
+
+
+def test_a_factory_that_raises_names_the_factory_and_the_error(tmp_path):
+    path = tmp_path / "nets.py"
+    path.write_text("def boom(**kw):\n    raise RuntimeError('boom in user code\\nsecond line')\n")
+    with pytest.raises(InputError) as e:
+        load_model(f"{path}:boom")
+    assert str(e.value) == f"model spec '{path}:boom': the factory boom() raised RuntimeError: boom in user code"
+    assert isinstance(e.value.__cause__, RuntimeError)  # kept for a debugger / --traceback

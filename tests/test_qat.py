@@ -494,3 +494,61 @@ def test_channels_with_zero_bn_variance_are_kept_silent(float_state, tmp_path):
     trained = result.float_model.features[1].conv[0][0].weight
     assert float(trained[:2].abs().max()) == 0.0 and float(trained[2:].abs().max()) > 0
     assert float(model.features[1].conv[0][0].weight[:2].abs().sum()) > 0  # the caller's model is untouched
+
+
+class _CallsSystem:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def test_resume_from_a_file_that_carries_code_says_so(tmp_path):
+    """It was called "corrupt", with torch's advice to load it with weights_only=False."""
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "mobilequant-qat-checkpoint", "graph": _CallsSystem()}, path)
+    with pytest.raises(InputError) as e:
+        load_checkpoint(path)
+    msg = _one_line(e)
+    assert "refused because it carries code (it pickles posix.system)" in msg, msg
+    assert "corrupt" not in msg and "weights_only" not in msg, msg
+
+
+_HOLDER = ("import fcntl, os, sys, time\n"
+           "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+           "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+           "os.write(fd, str(os.getpid()).encode())\n"
+           "print('held', flush=True)\n"
+           "time.sleep(120)\n")
+
+
+def test_a_second_job_in_the_same_out_dir_is_refused_and_a_killed_ones_files_cleared(tmp_path):
+    """Two jobs started a second apart in one folder had both run and mixed their checkpoints; a job killed
+    while saving left ``.qat-last.pt.PID.tmp`` for ever."""
+    import mobilequant.api as api
+    from mobilequant.qat.job import LOCK_NAME, out_dir_lock
+
+    out = tmp_path / "job"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out / LOCK_NAME)], stdout=subprocess.PIPE,
+                              text=True)  # another job, as far as the lock goes
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (out / f".{LAST}.{holder.pid}.tmp").write_bytes(b"half a checkpoint")
+        with pytest.raises(UsageError) as e:  # refused before the model or the data load
+            run_qat(make_config(out))
+        assert f"is in use by another QAT job (process {holder.pid})" in _one_line(e)
+        with pytest.raises(UsageError, match="is in use by another QAT job"):
+            api.qat(out_dir=str(out), progress=False)
+        assert (out / f".{LAST}.{holder.pid}.tmp").exists()  # its process runs: not ours to remove
+    finally:
+        holder.send_signal(signal.SIGKILL)  # the kernel releases the lock of a killed process
+        holder.wait()
+    alive = out / f".{LAST}.{os.getppid()}.tmp"
+    alive.write_bytes(b"")
+    with out_dir_lock(out):
+        assert (out / LOCK_NAME).read_text().strip() == str(os.getpid())
+        assert not (out / f".{LAST}.{holder.pid}.tmp").exists()  # the killed job's temporary file
+        assert alive.exists()  # a running process's is kept
+        with out_dir_lock(out):  # re-entrant in one process (api.qat holds it around run_qat)
+            pass
+        assert (out / LOCK_NAME).exists()
+    assert not (out / LOCK_NAME).exists()

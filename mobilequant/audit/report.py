@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, UsageError
 from .health import DEAD_CHECKS, Finding
 
 __all__ = ["SCHEMA", "LayerResult", "EndToEnd", "GateFailure", "Gate", "AuditReport", "write_json", "format_terminal"]
@@ -233,6 +233,31 @@ class AuditReport:
         return format_terminal(self, top)
 
 
+def check_name_lengths(path: str | os.PathLike, what: str) -> None:
+    """Refuse, as a :class:`UsageError` naming ``what`` (``-o``, ``--report``), a path with a file or folder
+    name longer than the file system takes (``NAME_MAX``, 255 bytes on most) or longer than ``PATH_MAX`` in
+    all: ``Path.exists`` / ``is_dir`` / ``stat`` raise ``OSError`` (Errno 36) on it, which had come out as a
+    traceback. Shared by every command that writes to a path it is given."""
+    text = os.fspath(path)
+    raw = os.fsencode(text)
+    shown = text if len(text) <= 80 else f"{text[:40]}…{text[-20:]} ({len(text)} characters)"
+    base = Path(text).parent
+    while not os.path.isdir(base) and base != base.parent:  # os.path.isdir returns False on any OSError
+        base = base.parent
+    try:
+        name_max, path_max = (os.pathconf(base, "PC_NAME_MAX"), os.pathconf(base, "PC_PATH_MAX"))
+    except (OSError, ValueError):
+        name_max, path_max = -1, -1
+    name_max, path_max = (name_max if name_max > 0 else 255), (path_max if path_max > 0 else 4096)
+    if len(raw) >= path_max:
+        raise UsageError(f"{what} {shown}: the path is {len(raw)} bytes long, over the file system's limit of "
+                         f"{path_max - 1} (shorten it)")
+    longest = max((os.fsencode(part) for part in Path(text).parts), key=len, default=b"")
+    if len(longest) > name_max:
+        raise UsageError(f"{what} {shown}: a file or folder name in it is {len(longest)} bytes long, over the "
+                         f"file system's limit of {name_max} bytes for a name (shorten it)")
+
+
 def check_report_paths(artifact: str | os.PathLike, *paths: str | os.PathLike | None) -> None:
     """Refuse, before an audit runs, report paths it could only fail on (or lose data through) after it:
     a name ending in a slash (``--report out/`` had written a *file* named ``out``), the artifact itself
@@ -243,6 +268,8 @@ def check_report_paths(artifact: str | os.PathLike, *paths: str | os.PathLike | 
     import tempfile
 
     given = [str(p) for p in paths if p]
+    for text in given:
+        check_name_lengths(text, "cannot write the report")
     resolved = [Path(p).expanduser().resolve() for p in given]
     art = Path(artifact).expanduser().resolve()
     for text, path in zip(given, resolved):

@@ -98,6 +98,9 @@ def _call_factory(spec: str, kwargs: dict) -> nn.Module:
         model = factory(**kwargs)
     except TypeError as e:
         raise UsageError(f"model spec {spec!r}: calling {attr}({_fmt_kwargs(kwargs)}) failed: {e}") from e
+    except Exception as e:  # the user's factory raised: one line naming it (the cause keeps the traceback)
+        raise InputError(f"model spec {spec!r}: the factory {attr}({_fmt_kwargs(kwargs)}) raised "
+                         f"{type(e).__name__}: {_first_line(e)}") from e
     if not isinstance(model, nn.Module):
         raise InputError(f"model spec {spec!r}: {attr}() returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -138,7 +141,7 @@ def _import_source(source: str):
             raise InputError(f"importing module {source!r} failed: {type(e).__name__}: {e}") from e
     path = Path(source).expanduser()
     if not path.is_file():
-        raise InputError(f"model file {path}: no such file")
+        raise InputError(f"model file {path}{_not_a_file(path)}")
     resolved = path.resolve()
     digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:10]
     name = f"mobilequant_user_{re.sub(r'[^0-9a-zA-Z_]', '_', path.stem)}_{digest}"
@@ -153,6 +156,25 @@ def _import_source(source: str):
         del sys.modules[name]
         raise InputError(f"model file {path} failed to import: {type(e).__name__}: {e}") from e
     return module
+
+
+def _not_a_file(path: Path) -> str:
+    """What ``path`` is, for one that is not a regular file, to follow its name: ": no such file",
+    " is a directory, not a Python file", " is a character device, not a Python file" (``/dev/null``)."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return ": no such file"
+    except OSError as e:
+        return f": cannot be read ({e.strerror or e})"
+    if stat.S_ISDIR(mode):
+        return " is a directory, not a Python file"
+    kinds = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a named pipe"),
+             (stat.S_ISSOCK, "a socket"))
+    kind = next((name for test, name in kinds if test(mode)), "not a regular file")
+    return f" is {kind}, not a Python file"
 
 
 def _fmt_kwargs(kwargs: dict) -> str:
@@ -179,15 +201,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if found:
+        code = pickled_code(e)
+        if code:
             raise InputError(
-                f"checkpoint {path} was refused because it carries code (it pickles {found.group(1)}), which "
+                f"checkpoint {path} was refused because it carries code (it pickles {code}), which "
                 "weights-only loading never runs; save and share model.state_dict() instead"
             ) from None
-        reason = str(e).partition("WeightsUnpickler error:")[2].strip() or str(e)
         raise InputError(f"checkpoint {path} is not a PyTorch weights file that loads safely "
-                         f"(weights-only unpickling stopped: {_first_line(reason)})") from None
+                         f"(weights-only unpickling stopped: {unpickling_reason(e)})") from None
     except EOFError:
         raise InputError(f"checkpoint {path} is empty or truncated") from None
     except Exception as e:  # a malformed file can break the unpickler in many ways
@@ -211,6 +232,26 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise InputError(f"checkpoint {path}: {len(not_tensors)} entries are not tensors "
                          f"({_names(not_tensors)}); expected a state_dict, optionally under 'state_dict' or 'model'")
     return state
+
+
+def pickled_code(error: BaseException) -> str | None:
+    """The global (``posix.system``, ``pkg.MyModel``) a file pickles that ``torch.load(weights_only=True)``
+    refused to load, from its error; ``None`` when the error is not such a refusal."""
+    found = re.search(r"\bGLOBAL (\S+)", str(error))
+    return found.group(1) if found else None
+
+
+def unpickling_reason(error: BaseException) -> str:
+    """Why weights-only unpickling stopped, in one line: torch's own reason, without the advice around it
+    (torch suggests re-running with ``weights_only=False``, which runs whatever code the file carries)."""
+    text = str(error)
+    text = text.partition("WeightsUnpickler error:")[2] or text
+    for line in text.splitlines():
+        line = line.strip().removeprefix("Weights only load failed.").strip()
+        if line and "weights_only" not in line and "trusted source" not in line \
+                and not line.startswith(("Check the documentation", "Please file an issue")):
+            return line
+    return type(error).__name__
 
 
 def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:

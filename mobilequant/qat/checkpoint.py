@@ -101,10 +101,24 @@ def find_checkpoint(folder: str | os.PathLike) -> Path | None:
     return None
 
 
+class _CarriesCode(Exception):
+    """A file that pickles code, which weights-only loading refuses: not corrupt, and never to be run."""
+
+
 def _read(path: Path) -> dict[str, Any]:
-    """Load and check the structure; raises ``ValueError`` with the reason when it is not usable."""
+    """Load and check the structure; raises ``ValueError`` with the reason when it is not usable, and
+    :class:`_CarriesCode` (the global it pickles) for a file that carries code."""
+    import pickle
+
+    from ..models.loading import pickled_code, unpickling_reason
+
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's text advises weights_only=False: never pass that on
+        code = pickled_code(e)
+        if code:
+            raise _CarriesCode(code) from None
+        raise ValueError(f"weights-only unpickling stopped: {unpickling_reason(e)}") from None
     except Exception as e:  # torch.load raises many types (pickle, zip, EOF, runtime) for a bad file
         first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]  # its first sentence
         raise ValueError(f"{type(e).__name__}: {first if len(first) <= 200 else first[:199] + '…'}") from None
@@ -125,6 +139,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise InputError(f"no checkpoint at {path}")
     try:
         return _read(path)
+    except _CarriesCode as code:
+        raise InputError(f"checkpoint {path} was refused because it carries code (it pickles {code}), which "
+                         "weights-only loading never runs; resume from a qat-last.pt / qat-prev.pt that "
+                         "`mobilequant qat` wrote") from None
     except ValueError as why:
         hint = ""
         other = path.with_name(PREV if path.name == LAST else LAST)
@@ -133,7 +151,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                 ok = _read(other)
                 hint = (f"; the other checkpoint {other} (step {ok['step']}) is intact: "
                         f"resume from it with --resume-from {other} (resume_from={str(other)!r})")
-            except ValueError:
+            except (ValueError, _CarriesCode):
                 hint = f"; {other} is unusable too"
         raise InputError(f"checkpoint {path} is corrupt ({why}); refusing to resume from it{hint}") from None
 

@@ -25,6 +25,7 @@ import hashlib
 import io
 import math
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -45,6 +46,7 @@ from ..errors import InputError, UsageError
 from ..quant.ptq import Finding, QuantResult, is_captured
 from ..quant.table import QuantTable
 from .checkpoint import (
+    LAST,
     find_checkpoint,
     load_checkpoint,
     rng_state,
@@ -69,7 +71,8 @@ from .graph import (
 from .oscillation import OscillationControl
 from .quantizer import qat_quantizer
 
-__all__ = ["QATResult", "QATWarning", "run_qat", "ranges_from_table", "CSV_NAME", "CSV_COLUMNS"]
+__all__ = ["QATResult", "QATWarning", "run_qat", "ranges_from_table", "out_dir_lock", "CSV_NAME", "CSV_COLUMNS",
+           "LOCK_NAME"]
 
 
 class QATWarning(UserWarning):
@@ -77,6 +80,7 @@ class QATWarning(UserWarning):
 
 
 CSV_NAME = "qat-log.csv"
+LOCK_NAME = ".lock"  # in the job's folder while a job runs there (out_dir_lock)
 CSV_COLUMNS = ("epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s", "seconds",
                "lr", "bn_frozen", "observers_frozen", "osc_freq", "osc_frozen")
 _CROP_PADDING = 2
@@ -343,6 +347,136 @@ def _ptq_fingerprint(ptq_result: QuantResult) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
+# One job per folder
+
+_held_locks: dict[str, list[int]] = {}  # real path of a folder → [lock file descriptor, depth]
+_TEMP_FILE = re.compile(rf"^\.({re.escape(LAST)}|{re.escape(CSV_NAME)})\.(\d+)\.tmp$")  # save_checkpoint, _write_csv
+
+
+@contextlib.contextmanager
+def out_dir_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold ``folder/.lock`` (``fcntl.flock``, exclusive) while the block runs: a second job in the same
+    folder is refused with one line (two jobs started a second apart had both run and mixed their
+    checkpoints). The kernel releases the lock when the process ends, however it ends; the file is removed
+    on the way out. Re-entrant in one process (``api.qat`` holds it over the training and the exports).
+    Taking it also removes the temporary files a killed job left (``.qat-last.pt.PID.tmp`` of a PID no
+    longer running). The folder must exist. A file system without locks (``ENOLCK``) runs unlocked."""
+    key = os.path.realpath(folder)
+    if key in _held_locks:
+        _held_locks[key][1] += 1
+        try:
+            yield
+        finally:
+            _held_locks[key][1] -= 1
+        return
+    path = Path(folder) / LOCK_NAME
+    fd = _acquire(path, Path(folder))
+    if fd is not None:
+        _held_locks[key] = [fd, 1]
+    try:
+        if fd is not None:
+            _remove_stale_temp_files(Path(folder))
+        yield
+    finally:
+        if fd is not None:
+            del _held_locks[key]
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # while still held: a job waiting on this file retries on the new one
+            os.close(fd)
+
+
+def _acquire(path: Path, folder: Path) -> int | None:
+    import fcntl
+
+    for _ in range(100):  # a retry only when the holder removed the file between our open and our flock
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise UsageError(f"cannot create the lock file {path} in out_dir (--out-dir) {folder}: "
+                             f"{e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip()
+            os.close(fd)
+            by = f" (process {holder})" if holder.isdigit() else ""
+            raise UsageError(f"out_dir (--out-dir) {folder} is in use by another QAT job{by}; wait for it to end "
+                             "or choose another output folder") from None
+        except OSError:  # no locks on this file system
+            os.close(fd)
+            return None
+        try:
+            mine, there = os.fstat(fd), os.stat(path)
+            same = (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)
+    raise UsageError(f"out_dir (--out-dir) {folder}: could not take its lock file {path} (other jobs keep "
+                     "replacing it)")
+
+
+def _remove_stale_temp_files(folder: Path) -> None:
+    """The temporary files of checkpoints and logs that a killed job left (its PID no longer runs)."""
+    for entry in os.scandir(folder):
+        found = _TEMP_FILE.match(entry.name)
+        if found and not _running(int(found.group(2))):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():  # this process holds the lock: a file of its PID is an earlier process's
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _job_lock(out_dir: Path, ctx: DistContext) -> Iterator[None]:
+    """:func:`out_dir_lock` for a job, creating the folder (removed again if the job leaves it empty): taken
+    by the main process, the one that writes there; under torchrun every process learns whether it was
+    taken, so that all stop together when another job holds the folder."""
+    refused: UsageError | None = None
+    with contextlib.ExitStack() as stack:
+        if ctx.is_main:
+            existed = out_dir.is_dir()
+            try:
+                out_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                refused = UsageError(f"cannot create out_dir (--out-dir) {out_dir}: {e.strerror or e}")
+            if refused is None:
+                if not existed:
+                    stack.callback(_remove_if_empty, out_dir)  # runs last, after the lock file is gone
+                try:
+                    stack.enter_context(out_dir_lock(out_dir))
+                except UsageError as e:
+                    refused = e
+        if ctx.distributed:
+            flag = torch.tensor([0.0 if refused is None else 1.0], device=ctx.device)
+            if float(all_sum(flag, ctx)[0]) and refused is None:
+                refused = UsageError(f"out_dir (--out-dir) {out_dir}: the main process of this job could not "
+                                     "take the folder (its error says why)")
+        if refused is not None:
+            raise refused
+        yield
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+# ---------------------------------------------------------------------------------------------------
 # The job
 
 
@@ -368,7 +502,7 @@ def run_qat(
         raise UsageError(f"config must be a QATJobConfig, got {type(config).__name__}")
     ctx = setup(config.device)
     try:
-        with _reproducible(config.threads, ctx.device):
+        with _job_lock(Path(config.out_dir), ctx), _reproducible(config.threads, ctx.device):
             return _run(config, ctx, model, train_data, val_data, ptq_result, on_step)
     finally:
         teardown(ctx)
