@@ -241,6 +241,11 @@ def test_huge_or_endless_model_files_are_refused_before_reading(tmp_path, monkey
     os.mkfifo(fifo)  # opening it would wait for a writer
     with pytest.raises(InputError, match="not a regular file"):
         check_model_file(fifo)
+    from mobilequant.audit.artifact import open_artifact  # audit opened the file first: a pipe blocked it
+
+    for path in (fifo, tmp_path / "big.onnx"):
+        with pytest.raises(InputError, match=f"^cannot read artifact {path}: (not a regular file|it is 2.0 GiB)"):
+            open_artifact(path)
     with pytest.raises(InputError, match="not a regular file"):
         open_runner(fifo)
     with pytest.raises(InputError, match="it is a directory"):

@@ -22,7 +22,10 @@ METADATA_KEY = "mobilequant"
 
 def open_artifact(path: str | os.PathLike, num_threads: int | None = 1):
     """A :class:`TFLiteGraph` or :class:`OnnxGraph` for ``path``; :class:`InputError` for anything else."""
+    from ..export.artifact import check_model_file
+
     path = Path(path)
+    check_model_file(path, "artifact")  # a pipe or /dev/zero would block or be read without end below
     try:
         with path.open("rb") as f:
             head = f.read(8)
