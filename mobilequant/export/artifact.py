@@ -46,7 +46,10 @@ class Artifact:
 
     ``metadata`` is what the file carries under ``"mobilequant"``; ``name_map`` maps stable layer names
     (``node.meta["mq_name"]``) to the names of the tensors holding their outputs in the file.
-    ``census`` and ``verification`` are filled in by :func:`mobilequant.export.export`.
+    ``census``, ``verification``, ``findings`` (the quantization's :class:`~mobilequant.quant.ptq.Finding`
+    list: dead channels, repaired ranges, float fallbacks) and ``cle_summary`` (one line on cross-layer
+    equalization, None when it did not run) are filled in by :func:`mobilequant.export.export`; an
+    artifact read back with :func:`load_artifact` has neither of the last two.
     """
 
     path: Path
@@ -56,6 +59,8 @@ class Artifact:
     census: object | None = None
     verification: object | None = None
     rewrites: list = field(default_factory=list)
+    findings: list = field(default_factory=list)
+    cle_summary: str | None = None
 
     @property
     def format(self) -> str:
