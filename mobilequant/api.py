@@ -431,6 +431,8 @@ class ExportSummary:
     verified: bool | None = None
     checks: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # verification figures measured, not gated
+    findings: list[str] = field(default_factory=list)  # what quantization found (dead channels, repaired ranges)
+    cle: str | None = None  # what cross-layer equalization did, when it ran
     census: str = ""
     failed: bool = False
     audit: dict | None = None
@@ -471,6 +473,9 @@ class ExportSummary:
         elif self.verified is None:
             lines.append("checks     not run (verification off)")
         lines += [f"note       {n}" for n in self.notes]
+        if self.cle:
+            lines.append(f"cle        {self.cle.removeprefix('CLE: ')}")
+        lines += [f"finding    {f}" for f in self.findings]
         if self.census:
             lines.append("census     " + self.census.replace("\n", "\n           "))
         audit_failed = self.audit is not None and self.audit.get("verdict") != "pass"
@@ -576,6 +581,7 @@ def export_model(target: str | None = None, model: str | None = None, weights: s
         seconds=round(time.perf_counter() - t0, 3), verified=artifact.verified,
         checks=[] if ver is None else [asdict(c) for c in ver.checks],
         notes=[] if ver is None else list(ver.notes),
+        findings=[str(f) for f in artifact.findings], cle=artifact.cle_summary,
         census=str(artifact.census) if artifact.census is not None else "", failed=failed, audit=report,
         sha256=file_sha256(path))
 

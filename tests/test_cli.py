@@ -551,6 +551,12 @@ def test_export_with_audit_reports_the_gate(files, tmp_path, capsys):
                 artifact_accuracy=None, agreement=100.0, seconds=1.0)
     failing = ExportSummary(**base, failed=True, audit={"verdict": "fail", "failures": [{"message": "drop 0.9 pp"}]})
     assert "audit      FAIL: drop 0.9 pp" in failing.summary() and "AUDIT FAILED" in failing.summary()
+    # what quantization found and what CLE did reach the summary (export had printed neither)
+    found = ExportSummary(**base, findings=["features.4.conv.1.0: all-zero weight channel(s) [5]"],
+                          cle="CLE: 37 pairs, 29 passes (converged)")
+    assert "finding    features.4.conv.1.0: all-zero weight channel(s) [5]" in found.summary()
+    assert "cle        37 pairs, 29 passes (converged)" in found.summary()
+    assert found.to_dict()["findings"] and found.to_dict()["cle"].startswith("CLE: 37 pairs")
 
 
 @pytest.mark.parametrize("script, doc", [("gen_cli_docs.py", "cli.md"), ("gen_recipe_docs.py", "recipes.md")])
