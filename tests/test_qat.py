@@ -551,4 +551,8 @@ def test_a_second_job_in_the_same_out_dir_is_refused_and_a_killed_ones_files_cle
         with out_dir_lock(out):  # re-entrant in one process (api.qat holds it around run_qat)
             pass
         assert (out / LOCK_NAME).exists()
-    assert not (out / LOCK_NAME).exists()
+    # released: another process takes it at once (filelock keeps the file, unlocked)
+    taker = subprocess.run([sys.executable, "-c", _HOLDER.replace("fcntl.LOCK_EX", "fcntl.LOCK_EX | fcntl.LOCK_NB")
+                            .replace("time.sleep(120)", "pass"), str(out / LOCK_NAME)],
+                           capture_output=True, text=True, timeout=60)
+    assert taker.returncode == 0 and taker.stdout.strip() == "held", taker.stderr

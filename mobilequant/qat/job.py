@@ -349,74 +349,51 @@ def _ptq_fingerprint(ptq_result: QuantResult) -> str:
 # ---------------------------------------------------------------------------------------------------
 # One job per folder
 
-_held_locks: dict[str, list[int]] = {}  # real path of a folder → [lock file descriptor, depth]
 _TEMP_FILE = re.compile(rf"^\.({re.escape(LAST)}|{re.escape(CSV_NAME)})\.(\d+)\.tmp$")  # save_checkpoint, _write_csv
 
 
 @contextlib.contextmanager
 def out_dir_lock(folder: str | os.PathLike) -> Iterator[None]:
-    """Hold ``folder/.lock`` (``fcntl.flock``, exclusive) while the block runs: a second job in the same
-    folder is refused with one line (two jobs started a second apart had both run and mixed their
-    checkpoints). The kernel releases the lock when the process ends, however it ends; the file is removed
-    on the way out. Re-entrant in one process (``api.qat`` holds it over the training and the exports).
-    Taking it also removes the temporary files a killed job left (``.qat-last.pt.PID.tmp`` of a PID no
-    longer running). The folder must exist. A file system without locks (``ENOLCK``) runs unlocked."""
-    key = os.path.realpath(folder)
-    if key in _held_locks:
-        _held_locks[key][1] += 1
-        try:
-            yield
-        finally:
-            _held_locks[key][1] -= 1
-        return
+    """Hold ``folder/.lock`` (filelock: ``flock`` on Unix, exclusive) while the block runs: a second job in
+    the same folder is refused with one line naming the holder's process (two jobs started a second apart
+    had both run and mixed their checkpoints). The kernel releases the lock when the process ends, however
+    it ends; filelock removes the file on release. Re-entrant in one process (one lock object per path;
+    ``api.qat`` holds it over the training and the exports). Taking it also removes the temporary files a
+    killed job left (``.qat-last.pt.PID.tmp`` of a PID no longer running). The folder must exist."""
+    import filelock
+
     path = Path(folder) / LOCK_NAME
-    fd = _acquire(path, Path(folder))
-    if fd is not None:
-        _held_locks[key] = [fd, 1]
+    lock = filelock.FileLock(path, is_singleton=True, thread_local=False, on_acquired=_write_pid)
     try:
-        if fd is not None:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        holder = _read_pid(path)
+        by = f" (process {holder})" if holder else ""
+        raise UsageError(f"out_dir (--out-dir) {folder} is in use by another QAT job{by}; wait for it to end "
+                         "or choose another output folder") from None
+    except OSError as e:
+        raise UsageError(f"cannot create the lock file {path} in out_dir (--out-dir) {folder}: "
+                         f"{e.strerror or e}") from None
+    try:
+        if lock.lock_counter == 1:
             _remove_stale_temp_files(Path(folder))
         yield
     finally:
-        if fd is not None:
-            del _held_locks[key]
-            with contextlib.suppress(OSError):
-                os.unlink(path)  # while still held: a job waiting on this file retries on the new one
-            os.close(fd)
+        lock.release()
 
 
-def _acquire(path: Path, folder: Path) -> int | None:
-    import fcntl
+def _write_pid(fd: int) -> None:
+    """filelock's ``on_acquired``: the holder's PID in the lock file, for the message a second job gets."""
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
 
-    for _ in range(100):  # a retry only when the holder removed the file between our open and our flock
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            raise UsageError(f"cannot create the lock file {path} in out_dir (--out-dir) {folder}: "
-                             f"{e.strerror or e}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode("ascii", "replace").strip()
-            os.close(fd)
-            by = f" (process {holder})" if holder.isdigit() else ""
-            raise UsageError(f"out_dir (--out-dir) {folder} is in use by another QAT job{by}; wait for it to end "
-                             "or choose another output folder") from None
-        except OSError:  # no locks on this file system
-            os.close(fd)
-            return None
-        try:
-            mine, there = os.fstat(fd), os.stat(path)
-            same = (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
-        except FileNotFoundError:
-            same = False
-        if same:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-            return fd
-        os.close(fd)
-    raise UsageError(f"out_dir (--out-dir) {folder}: could not take its lock file {path} (other jobs keep "
-                     "replacing it)")
+
+def _read_pid(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="ascii", errors="replace").strip()
+    except OSError:
+        return ""
+    return text if text.isdigit() else ""
 
 
 def _remove_stale_temp_files(folder: Path) -> None:
@@ -471,8 +448,10 @@ def _job_lock(out_dir: Path, ctx: DistContext) -> Iterator[None]:
 
 
 def _remove_if_empty(folder: Path) -> None:
+    """Remove a folder the job created and left with nothing but its released lock file."""
     with contextlib.suppress(OSError):
-        if folder.is_dir() and not any(folder.iterdir()):
+        if folder.is_dir() and {p.name for p in folder.iterdir()} <= {LOCK_NAME}:
+            (folder / LOCK_NAME).unlink(missing_ok=True)
             folder.rmdir()
 
 
