@@ -40,6 +40,9 @@ def _artifact(tmp: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mobilequant.cli import quiet_library_logs
+
+    quiet_library_logs()  # as the CLI does
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifact", default=None, help="audit this file instead of exporting the default model")
     ap.add_argument("--images", type=int, default=1000)

@@ -12,7 +12,7 @@ simulation.
 
 * Fashion-MNIST models (the shipped checkpoints listed in ``mobilequant/weights/manifest.json``):
   calibration on the shipped 512-image subset (``calibration/fashion-mnist-512.npz``), top-1 on the full
-  10k test split (``--quick``: the first 1,000), drop vs the float torch model, top-1 agreement with it.
+  10k test split (``--quick``: 1,000 spread over it), drop vs the float torch model, top-1 agreement with it.
 * ``imagenet``: torchvision's ImageNet MobileNetV2 (``mobilequant.models.pretrained``) on crops of real
   photos (``mobilequant.data.photo_crops``, 8 crops per photo): calibrated on the crops of one half of
   the photos, evaluated on the crops of the other half. ``--photos offline`` (the default): the 62 real
@@ -74,6 +74,8 @@ import json
 import math
 import os
 import platform
+import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -277,6 +279,17 @@ def _measure_without_xnnpack(row: Row, path: Path, images, float_logits, labels,
 
 
 # ------------------------------------------------------------------------------------------- routes
+def _slug(label: str) -> str:
+    """``per-channel mse + BC (default)`` → ``per-channel-mse-bc-default``: a variant's part of a file name."""
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+
+
+def _selected(variants: list[str], labels: list[str]) -> dict[str, list[str]]:
+    """The int8 variant labels each ``--variants`` text selects: a text that is a whole label picks that
+    label alone, any other text every label containing it."""
+    return {v: ([v] if v in labels else [lab for lab in labels if v in lab]) for v in variants}
+
+
 def _mobilequant_rows(net, calib, work: Path, measure, full: bool, ctx: dict,
                       variants: list[str] | None = None) -> list[Row]:
     from mobilequant.export import default_recipe, export
@@ -285,13 +298,11 @@ def _mobilequant_rows(net, calib, work: Path, measure, full: bool, ctx: dict,
     batches = list(calib.batches(64))
     quantized = {}  # label → (QuantResult, seconds): each int8 variant is quantized once for both files
     rows = []
-    labels = {label for label, _, _ in MQ_INT8}
-
-    def wanted(label: str) -> bool:  # a text that is a whole label picks that label alone
-        return any(v == label if v in labels else v in label for v in variants)
-
+    # the core rows (all rows in a full run), or the default and what --variants names, --quick or not
+    named = set() if variants is None else {lab for labs in _selected(variants, [m[0] for m in MQ_INT8]).values()
+                                            for lab in labs}
     chosen = [(label, over) for i, (label, over, core) in enumerate(MQ_INT8)
-              if (core or full) and (variants is None or i == 0 or wanted(label))]
+              if (variants is None and (core or full)) or (variants is not None and (i == 0 or label in named))]
     jobs = [(label, target, over) for label, over in chosen for target in ("tflite-int8", "onnx-int8")]
     jobs += [("float16", t, ()) for t in ("tflite-fp16", "onnx-fp16")]
     jobs += [("float32", t, ()) for t in ("tflite-fp32", "onnx-fp32")]
@@ -299,7 +310,9 @@ def _mobilequant_rows(net, calib, work: Path, measure, full: bool, ctx: dict,
         row = Row("mobilequant", label, target)
         rows.append(row)
         suffix = ".tflite" if target.startswith("tflite") else ".onnx"
-        path = work / f"mq-{i:02d}-{target}{suffix}"
+        # named after the variant, not its place in this run: the latency_ab.py command of
+        # docs/benchmarks.md names the same files whichever variants ran
+        path = work / f"mq-{_slug(label)}-{target}{suffix}"
         _log(f"  mobilequant {target} {label}")
         try:
             source, quantize_s = net, 0.0
@@ -839,7 +852,10 @@ def write_results(out: Path, text: str, info: dict, commands: list[str], seconds
 
 # ---------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
+    from mobilequant.cli import quiet_library_logs
     from mobilequant.weights import DEFAULT_WEIGHTS, _manifest, list_default_weights
+
+    quiet_library_logs()  # as the CLI does: no FutureWarning / torchao chatter per export
 
     shipped = list_default_weights()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -872,6 +888,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="render the .json results of earlier runs as one document (with --out) and exit")
     args = ap.parse_args(argv)
+    if args.variants:
+        empty = [v for v, labs in _selected(args.variants, [m[0] for m in MQ_INT8]).items() if not labs]
+        if empty:
+            ap.error(f"--variants {', '.join(map(repr, empty))} selects no variant; the labels are: "
+                     + "; ".join(m[0] for m in MQ_INT8))
     if args.merge:
         loaded = [load_results(Path(p)) for p in args.merge]
         info, seconds = loaded[0][0], max(x[2] for x in loaded)  # runs side by side: the longest
@@ -897,7 +918,9 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     info = machine_info()
-    command = "python " + " ".join([os.path.relpath(__file__, Path.cwd())] + (sys.argv[1:] if argv is None else argv))
+    # as it can be run again from the repository's root (quoted: variant labels have spaces)
+    command = "python " + shlex.join([os.path.relpath(__file__, Path(__file__).resolve().parents[1])]
+                                     + (sys.argv[1:] if argv is None else argv))
     t0 = time.perf_counter()
     results = []
     with tempfile.TemporaryDirectory(prefix="mq-compare-") as tmp:
@@ -917,7 +940,9 @@ def main(argv: list[str] | None = None) -> int:
     text = render(results, info, [command], time.perf_counter() - t0)
     if args.out:
         write_results(Path(args.out), text, info, [command], time.perf_counter() - t0, results)
-    print(text.split("\n### ", 1)[0])
+    # the header and the summary (the model sections were printed as each model finished)
+    print("\n\n".join([header(info, [command], time.perf_counter() - t0),
+                       "### Summary: mobilequant against the best other tool", ratio_summary(results)]))
     return 0
 
 

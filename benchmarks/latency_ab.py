@@ -44,6 +44,9 @@ def _invoker(path: Path, threads: int):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mobilequant.cli import quiet_library_logs
+
+    quiet_library_logs()  # as the CLI does
     import numpy as np
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -53,7 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    calls = [_invoker(f, args.threads) for f in args.files]
+    from mobilequant.errors import MobileQuantError
+
+    try:
+        calls = [_invoker(f, args.threads) for f in args.files]
+    except MobileQuantError as e:  # a missing or unreadable file: one line, as the CLI says it
+        ap.error(str(e))
     for call in calls:
         for _ in range(args.warmup):
             call()

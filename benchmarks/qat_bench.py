@@ -127,9 +127,9 @@ def _w8_per_tensor(args):
 
 
 def _w8_per_tensor_cle(args):
-    qc = QuantConfig(per_channel=False, cle=True)
-    return qc, [("PTQ", qc), ("PTQ + bias correction", QuantConfig(per_channel=False, cle=True,
-                                                                  bias_correction=True))], [("QAT", {})]
+    qc = QuantConfig(per_channel=False, cle=True)  # bias correction on, QuantConfig's default
+    return qc, [("PTQ", dataclasses.replace(qc, bias_correction=False)), ("PTQ + bias correction", qc)], \
+        [("QAT", {})]
 
 
 def _w4_per_channel(args):
@@ -151,6 +151,9 @@ SCHEMES = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mobilequant.cli import quiet_library_logs
+
+    quiet_library_logs()  # as the CLI does
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
     ap.add_argument("--weights", nargs="*", default=[], metavar="NAME=PATH")

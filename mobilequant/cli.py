@@ -341,7 +341,7 @@ def _say(line: str) -> None:
             print(line, file=sys.stderr, flush=True)
 
 
-def _quiet_library_logs() -> None:
+def quiet_library_logs() -> None:
     """Silence import-time chatter of the libraries underneath (optional CUDA kernels that torchao cannot
     load on a CPU machine, deprecation notices meant for library authors). Our own errors still print."""
     import logging
@@ -382,7 +382,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def _run(args: argparse.Namespace) -> int:
-    _quiet_library_logs()
+    quiet_library_logs()
     try:  # torch needs one as it imports (its compile cache): without it every command ends in a traceback
         tempfile.gettempdir()
     except FileNotFoundError:
