@@ -408,11 +408,32 @@ def _recipe_label(recipe: str | None, target: str) -> str | None:
     return None if label.lower() == target else label
 
 
-def _load(data: str, cfg, split: str, limit: int | None = None):
+def _load(data: str, net, split: str, limit: int | None = None, option: str = "data (--data)"):
+    """``data`` for ``net``: the built-in images only for a model they were made for (:func:`_builtin_fits`);
+    ``limit`` images chosen before preprocessing where the reader can."""
     from .data import load_data
 
-    d = load_data(data, cfg, split=split)
-    return d if limit is None else d.spread(limit)
+    _builtin_fits(data, net, option)
+    return load_data(data, net.preprocess, split=split, limit=limit)
+
+
+def _builtin_fits(data, net, option: str) -> None:
+    """Refuse the built-in Fashion-MNIST images (grey, 10 classes) for a model of colour images or of
+    another number of classes: the ImageNet MobileNetV2 exported without ``--data`` was calibrated on 512
+    grey clothing images scaled to 224 px and "verified" on them, exit 0, with one warning about labels."""
+    from .data.builtin import is_builtin
+    from .data.labels import _output_shape
+
+    if not is_builtin(data):
+        return
+    size = tuple(net.preprocess.input_size)
+    shape = _output_shape(net, size) if size[0] == 1 else None
+    classes = shape[1] if shape is not None and len(shape) == 2 else None
+    if size[0] != 1 or (classes is not None and classes != 10):
+        what = f"{'×'.join(map(str, size))} inputs" + (f", {classes} classes" if classes is not None else "")
+        raise UsageError(f"{option}: the built-in data are Fashion-MNIST (grey images of 10 classes), which "
+                         f"model {_model_name(net)} ({what}) was not made for; give {option.split(' (')[0]} "
+                         "a folder of images or an .npy / .npz array (docs/data.md)")
 
 
 # ------------------------------------------------------------------------------------------- export
@@ -527,17 +548,17 @@ def export_model(target: str | None = None, model: str | None = None, weights: s
     with _removed_if_left_empty(created):
         _refuse_overwriting_inputs(path, "out (-o)", model, weights, recipe,
                                    [("data (--data)", data), ("eval_data (--eval-data)", eval_data)])
-        cfg = net.preprocess
         if num_eval is None and rec.verification.num_images != VerificationSettings.num_images:
             # a recipe or --set that asks for N verification images: the summary and the checks take N
             num_eval = rec.verification.num_images
-        calib = _load(data, cfg, "calibration", rec.quantization.num_calibration) if spec.quantized else None
+        calib = _load(data, net, "calibration", rec.quantization.num_calibration) if spec.quantized else None
         if not spec.quantized and data != "builtin":
             from .data.readers import DataWarning
 
             warnings.warn(f"data (--data) {data} is not read: {spec.name} needs no calibration", DataWarning,
                           stacklevel=2)
-        evald = _load(eval_data, cfg, "test", num_eval)  # default: the whole evaluation set (10k test images)
+        # default: the whole evaluation set (10k test images)
+        evald = _load(eval_data, net, "test", num_eval, "eval_data (--eval-data)")
         evald = fit_labels(evald, net)  # before any work: labels the model cannot have fail here
         if len(evald) != rec.verification.num_images:  # verification runs on the same images as the summary
             rec = rec.replace([f"verification.num_images={len(evald)}"])
@@ -663,7 +684,7 @@ def calibrate(model: str | None = None, weights: str | None = None, data: str = 
     _probe_writable(out_path.parent)
     _refuse_overwriting_inputs(out_path, "out (-o)", model, weights, recipe, [("data (--data)", data)])
     net = resolve_model(model, weights, resolution)
-    calib = _load(data, net.preprocess, "calibration", rec.quantization.num_calibration)
+    calib = _load(data, net, "calibration", rec.quantization.num_calibration)
     result = quantize(net, calib.batches(64), rec.quantization.to_quant_config())
     atomic_write(out_path, result.table.to_json().encode())
     return CalibrateSummary(_model_name(net), str(out_path), len(result.table), result.table.sha256(),
@@ -726,6 +747,8 @@ def audit(artifact: str, model: str | None = None, weights: str | None = None, d
     if model is None and (weights is not None or resolution is not None):  # for the zoo model the artifact names
         model = _artifact_model_name(artifact)
     net = resolve_model(model, weights, resolution) if (model is not None or weights is not None) else None
+    if net is not None:
+        _builtin_fits(data, net, "data (--data)")
     rep = run_audit(artifact, data, model=net, max_drop=max_drop, min_sqnr=min_sqnr,
                     fail_on_dead_kernels=fail_on_dead_kernels, images=num_images, progress=progress)
     json_path = str(rep.write_json(report)) if report else None

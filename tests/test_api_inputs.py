@@ -297,3 +297,56 @@ def test_an_output_in_a_data_folder_is_refused_only_where_it_is_one_of_its_image
         api._refuse_overwriting_inputs(link, "out (-o)", weights=str(weights))  # the same file by another name
     api._refuse_overwriting_inputs(tmp_path / "other.pt", "out (-o)", weights=str(weights), recipe="tflite-int8",
                                    model="mobilenetv2_050", data=[("data (--data)", "builtin")])
+
+
+_NETS = '''
+import torch.nn as nn
+from mobilequant.models import PreprocessConfig
+
+
+def _net(chans, classes, size):
+    m = nn.Sequential(nn.Conv2d(chans, 4, 3, padding=1), nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                      nn.Linear(4, classes)).eval()
+    m.preprocess = PreprocessConfig(input_size=(chans, size, size), mean=(0.5,) * chans, std=(0.25,) * chans,
+                                    resize=None)
+    return m
+
+
+def rgb():
+    return _net(3, 10, 32)
+
+
+def five():
+    return _net(1, 5, 32)
+'''
+
+
+def test_builtin_data_are_refused_for_a_model_not_made_for_them(tmp_path, monkeypatch):
+    """The ImageNet MobileNetV2 exported without --data was calibrated and "verified" on Fashion-MNIST's grey
+    clothing images scaled to 224 px, exit 0 (and the 10k test split was preprocessed whole at 3×224×224,
+    16 GB, for --num-eval 32). A colour model or one of another number of classes is refused in one line."""
+    (tmp_path / "nets.py").write_text(_NETS)
+    for fn, what in (("rgb", r"3×32×32 inputs\)"), ("five", r"1×32×32 inputs, 5 classes\)")):
+        spec = f"{tmp_path / 'nets.py'}:{fn}"
+        with pytest.raises(UsageError, match=rf"^data \(--data\): the built-in data are Fashion-MNIST .*{what}"):
+            api.export_model("tflite-int8", model=spec, out=str(tmp_path / "o.tflite"), progress=False)
+        with pytest.raises(UsageError, match=r"^eval_data \(--eval-data\): the built-in data"):
+            api.export_model("tflite-fp32", model=spec, out=str(tmp_path / "o.tflite"), progress=False)
+        with pytest.raises(UsageError, match="the built-in data are Fashion-MNIST"):
+            api.calibrate(model=spec, out=str(tmp_path / "t.json"), progress=False)
+    assert not list(tmp_path.glob("o*")) and not (tmp_path / "t.json").exists()
+
+
+def test_num_eval_images_are_picked_before_preprocessing(monkeypatch):
+    """load_data(builtin, limit=n) preprocesses n images, the ones ImageData.spread(n) would pick."""
+    import mobilequant.data.builtin as builtin
+    from mobilequant.data import load_data
+    from mobilequant.models import FASHION_MNIST
+
+    seen = []
+    real = builtin.preprocess_images
+    monkeypatch.setattr(builtin, "preprocess_images", lambda images, cfg: seen.append(len(images)) or real(images, cfg))
+    few = load_data("builtin", FASHION_MNIST, "test", limit=37)
+    assert seen == [37] and len(few) == 37
+    whole = load_data("builtin", FASHION_MNIST, "test").spread(37)
+    assert torch.equal(few.images, whole.images) and torch.equal(few.labels, whole.labels)

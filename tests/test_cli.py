@@ -481,6 +481,9 @@ def test_resolution_builds_a_zoo_model_for_its_checkpoints_input_size(tmp_path, 
     assert list(Interpreter(str(out)).get_input_details()[0]["shape"]) == [1, 1, 64, 64]
     assert main(["audit", str(out), "--weights", str(ckpt), "--resolution", "64", "--num-images", "16", "-q"]) == 0
     capsys.readouterr()
+    # without it the refusal names the option (it said only "data and artifact do not fit")
+    assert main(["audit", str(out), "--weights", str(ckpt), "--num-images", "16", "-q"]) == 2
+    assert "audit it with --resolution 64" in capsys.readouterr().err
     assert main(["export", "--target", "tflite-fp32", "--resolution", "64", "-o", str(tmp_path / "x.tflite")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == ("mobilequant: error: --resolution 64: the shipped model takes 32×32 inputs; --resolution sets "

@@ -83,8 +83,11 @@ def test_provenance_metadata(small, tmp_path):
     meta = load_artifact(art.path).metadata
     assert meta["weights_sha256"] == weights_sha256(small["model"])
     assert meta["class_names"] == [f"c{i}" for i in range(10)]
-    assert meta["preprocess"] == {"input_size": [1, 32, 32], "mean": [0.286], "std": [0.353], "resize": None,
-                                  "layout": "NCHW", "frame": [28, 28], "pixel_scale": 1 / 255}
+    pre = meta["preprocess"]
+    assert {k: pre[k] for k in ("input_size", "mean", "std", "resize", "layout", "frame", "pixel_scale")} == {
+        "input_size": [1, 32, 32], "mean": [0.286], "std": [0.353], "resize": None, "layout": "NCHW",
+        "frame": [28, 28], "pixel_scale": 1 / 255}
+    assert "BILINEAR" in pre["resample"] and pre["crop"].startswith("centre")  # what another resampler changes
     assert meta["versions"]["torch"] == torch.__version__ and meta["versions"]["litert-torch"]
     assert meta["model_spec"] == "mynet.py:build" and meta["weights_file"] == "mine.pt"
     assert str(tmp_path).encode() not in art.path.read_bytes(), "no absolute path in an artifact"

@@ -138,8 +138,12 @@ def _check_belongs(model: nn.Module, meta: dict, quant_result, graph, data) -> l
     shape = graph.input_info().shape
     c, h, w = data.input_size
     if shape and tuple(shape[1:]) not in ((c, h, w), (h, w, c)):
+        sides = [d for d in shape[1:] if d != c]  # the file's H and W, whichever its layout
+        hint = (f"; it was exported for {sides[0]}×{sides[1]} inputs: audit it with --resolution {sides[0]} "
+                "(resolution= in Python) so that the model is built and the data preprocessed for that size"
+                if len(sides) == 2 and sides[0] == sides[1] and sides[0] != h else "")
         raise InputError(f"the artifact's input is {tuple(shape)} but the data has {c}×{h}×{w} images: "
-                         "data and artifact do not fit")
+                         f"data and artifact do not fit{hint}")
     if not aname:
         warnings.append("the artifact carries no mobilequant metadata: model and quantization provenance not checked")
     return warnings

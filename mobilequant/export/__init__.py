@@ -353,6 +353,12 @@ def _preprocess(model: nn.Module, layout: str) -> dict | None:
     if "layout" in out:
         out["layout"] = layout
     out["pixel_scale"] = 1 / 255
+    # how mobilequant.data.preprocess resamples and crops: another resampler (Pillow's default bicubic)
+    # moved the ImageNet MobileNetV2's float top-1 on 14.5 % of 62 photos
+    out["resample"] = "Pillow Image.Resampling.BILINEAR (antialiased when shrinking)"
+    out["resize_rounding"] = "round(side * resize / shorter side), at least 1"
+    out["crop"] = "centre; an odd margin's extra pixel is cut (or padded) at the bottom / right"
+    out["grey_from_rgb"] = "ITU-R 601 luma 0.299 R + 0.587 G + 0.114 B (Pillow convert('L'))"
     return out
 
 
