@@ -335,6 +335,9 @@ def test_builtin_data_are_refused_for_a_model_not_made_for_them(tmp_path, monkey
         with pytest.raises(UsageError, match="the built-in data are Fashion-MNIST"):
             api.calibrate(model=spec, out=str(tmp_path / "t.json"), progress=False)
     assert not list(tmp_path.glob("o*")) and not (tmp_path / "t.json").exists()
+    with pytest.raises(UsageError, match=r"^data \(--data\): the built-in data are Fashion-MNIST"):
+        api.qat(model=f"{tmp_path / 'nets.py'}:rgb", epochs=1, out_dir=str(tmp_path / "job"), progress=False)
+    assert not (tmp_path / "job").exists()
 
 
 def test_num_eval_images_are_picked_before_preprocessing(monkeypatch):
