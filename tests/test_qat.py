@@ -151,7 +151,7 @@ def test_qat_runs_converts_and_carries_trained_ranges(reference):
 
 def test_checkpoints_csv_and_progress_files(reference):
     out, result = reference
-    assert sorted(p.name for p in out.iterdir()) == sorted([LAST, PREV, "qat-log.csv"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([LAST, PREV, "qat-log.csv", ".lock"])  # the lock, released
     ckpt = torch.load(out / LAST, map_location="cpu", weights_only=True)  # tensors and primitives only
     assert ckpt["step"] == 8 and ckpt["epoch"] == 2 and ckpt["position"] == 0 and ckpt["complete"]
     assert ckpt["model"] == MODEL and ckpt["recipe_hash"] == make_config(out).recipe_hash()

@@ -82,7 +82,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(float_state,
     assert rank0 == rank1 and rank0[0] == 8
 
     # Rank 0 alone wrote the job's files, complete and atomic (no temp files left behind).
-    assert sorted(p.name for p in ddp_out.iterdir()) == sorted([LAST, PREV, "qat-log.csv"])
+    assert sorted(p.name for p in ddp_out.iterdir()) == sorted([LAST, PREV, "qat-log.csv", ".lock"])
     a, b = load_checkpoint(single_out / LAST), load_checkpoint(ddp_out / LAST)
     assert (a["world_size"], b["world_size"]) == (1, 2)
     assert b["rng"]["torch_per_process"].shape[0] == 2
