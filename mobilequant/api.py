@@ -417,19 +417,14 @@ def _load(data: str, net, split: str, limit: int | None = None, option: str = "d
     return load_data(data, net.preprocess, split=split, limit=limit)
 
 
-def _is_builtin(data) -> bool:
-    from .data.builtin import is_builtin
-
-    return is_builtin(data)
-
-
 def _builtin_fits(data, net, option: str) -> None:
     """Refuse the built-in Fashion-MNIST images (grey, 10 classes) for a model of colour images or of
     another number of classes: the ImageNet MobileNetV2 exported without ``--data`` was calibrated on 512
     grey clothing images scaled to 224 px and "verified" on them, exit 0, with one warning about labels."""
+    from .data.builtin import is_builtin
     from .data.labels import _output_shape
 
-    if not _is_builtin(data):
+    if not is_builtin(data):
         return
     size = tuple(net.preprocess.input_size)
     shape = _output_shape(net, size) if size[0] == 1 else None
@@ -826,6 +821,7 @@ def qat(model: str | None = None, weights: str | None = None, data: str = "built
     (``failed``). In a torchrun job only the main process exports.
     """
     from .audit.report import check_name_lengths
+    from .data.builtin import is_builtin
     from .errors import CheckFailed
     from .export import default_recipe, get_target, load_recipe
     from .export import export as export_artifact
@@ -846,9 +842,11 @@ def qat(model: str | None = None, weights: str | None = None, data: str = "built
     given = {k: None if v == "never" else v for k, v in given.items() if v is not None}
     if val_data == "builtin" or (val_data is None and train_data == "fashion-mnist"):
         val_data = "fashion-mnist"
-    for spec, option in ((train_data, "data (--data)"), (val_data, "val_data (--val-data)")):
-        if spec is not None and _is_builtin(spec):  # a colour or 1000-class model is not trained on them
-            _builtin_fits(spec, net if net is not None else resolve_model(model), option)
+    builtin = [(spec, option) for spec, option in ((train_data, "data (--data)"), (val_data, "val_data (--val-data)"))
+               if spec is not None and is_builtin(spec)]
+    checked = net if net is not None or not builtin else resolve_model(model)  # built once, for both
+    for spec, option in builtin:  # a colour or 1000-class model is not trained on them
+        _builtin_fits(spec, checked, option)
     config = QATJobConfig(model=_model_name(net) if net is not None else (model or DEFAULT_WEIGHTS),
                           train_data=train_data, val_data=val_data, seed=seed,
                           quant=rec.quantization.to_quant_config(), resume=resume, resume_from=resume_from,

@@ -556,3 +556,19 @@ def test_a_second_job_in_the_same_out_dir_is_refused_and_a_killed_ones_files_cle
                             .replace("time.sleep(120)", "pass"), str(out / LOCK_NAME)],
                            capture_output=True, text=True, timeout=60)
     assert taker.returncode == 0 and taker.stdout.strip() == "held", taker.stderr
+
+
+def test_a_job_that_fails_before_writing_leaves_no_folder(tmp_path):
+    """A failed job's folder held only the released lock file (filelock keeps it), so the folder the job
+    had created stayed behind."""
+    import mobilequant.api as api
+    from mobilequant.errors import MobileQuantError
+
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.full((4, 28, 28), np.nan, np.float32))
+    with pytest.raises(MobileQuantError):
+        api.qat(data=str(bad), epochs=1, out_dir=str(tmp_path / "job"), progress=False)
+    assert not (tmp_path / "job").exists()
+    with pytest.raises(MobileQuantError):
+        run_qat(make_config(tmp_path / "job2", train_data=str(bad)))
+    assert not (tmp_path / "job2").exists()

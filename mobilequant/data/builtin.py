@@ -21,7 +21,7 @@ from ..errors import InputError, UsageError, did_you_mean
 from ..models import FASHION_MNIST, PreprocessConfig
 from .fashion_mnist import CLASSES, load_fashion_mnist
 from .preprocess import preprocess_images
-from .readers import ImageData, read_images
+from .readers import ImageData, read_images, spread_indices
 
 __all__ = ["BUILTIN_DATASETS", "CALIBRATION_DIR", "SPLITS", "builtin_dataset", "calibration_manifest",
            "calibration_set", "load_data", "stratified_indices"]
@@ -72,9 +72,7 @@ def builtin_dataset(name: str = "fashion-mnist", split: str = "test", cfg: Prepr
     name = _dataset_name(name)
     images, labels = load_fashion_mnist(split, root)
     if limit is not None and limit < len(images):
-        if limit < 1:
-            raise UsageError(f"image count must be at least 1, got {limit}")
-        picked = np.arange(limit, dtype=np.int64) * len(images) // limit  # as ImageData.spread picks
+        picked = spread_indices(len(images), limit)  # as ImageData.spread picks
         images, labels = images[picked], labels[picked]
     return ImageData(preprocess_images(images, cfg), torch.from_numpy(labels), f"{name}:{split}", CLASSES)
 

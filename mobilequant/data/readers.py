@@ -61,6 +61,14 @@ class DataWarning(UserWarning):
     """Data that are read as given but look unlike what the model expects."""
 
 
+def spread_indices(total: int, count: int) -> np.ndarray:
+    """The indices of ``count`` of ``total`` items evenly spread, in order (``count < total``): what
+    :meth:`ImageData.spread` picks, and what a reader picks before preprocessing."""
+    if count < 1:
+        raise UsageError(f"image count must be at least 1, got {count}")
+    return np.arange(count, dtype=np.int64) * total // count
+
+
 @dataclass(frozen=True)
 class ImageData:
     """Preprocessed images ready for a model: float32 ``N×C×H×W`` and optional int64 labels.
@@ -107,9 +115,7 @@ class ImageData:
         """
         if count >= len(self):
             return self
-        if count < 1:
-            raise UsageError(f"image count must be at least 1, got {count}")
-        return self.subset(np.arange(count, dtype=np.int64) * len(self) // count)
+        return self.subset(spread_indices(len(self), count))
 
     def subset(self, indices: Sequence[int] | np.ndarray | torch.Tensor | slice) -> ImageData:
         """The images at ``indices`` (a slice or a sequence of ints), in that order."""

@@ -268,10 +268,9 @@ def export(
     # What quantization found and did, for the caller's summary (an int8 file's; a float file has none):
     # ``findings``, the QuantResult's Finding objects (dead channels, repaired ranges, float fallbacks);
     # ``cle_summary``, one line on cross-layer equalization, or None when it did not run.
-    quantized_by = qr if spec.quantized else None
-    artifact.findings = list(quantized_by.findings) if quantized_by is not None else []
-    artifact.cle_summary = (quantized_by.cle.summary() if quantized_by is not None and quantized_by.cle is not None
-                            else None)
+    if spec.quantized:
+        artifact.findings = list(qr.findings)
+        artifact.cle_summary = qr.cle.summary() if qr.cle is not None else None
     # Verified from the bytes before anything is written: the output path only ever receives a file that
     # passed (a release pipeline keeps its last good file when a new export fails, and an interrupted
     # verification leaves nothing behind). A failed file goes beside it as <name>.failed<suffix>.

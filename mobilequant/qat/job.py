@@ -80,7 +80,7 @@ class QATWarning(UserWarning):
 
 
 CSV_NAME = "qat-log.csv"
-LOCK_NAME = ".lock"  # in the job's folder while a job runs there (out_dir_lock)
+LOCK_NAME = ".lock"  # in the job's folder (out_dir_lock): held while a job runs, kept beside its files
 CSV_COLUMNS = ("epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s", "seconds",
                "lr", "bn_frozen", "observers_frozen", "osc_freq", "osc_frozen")
 _CROP_PADDING = 2
@@ -379,6 +379,11 @@ def out_dir_lock(folder: str | os.PathLike) -> Iterator[None]:
             _remove_stale_temp_files(Path(folder))
         yield
     finally:
+        if lock.lock_counter == 1 and {p.name for p in Path(folder).iterdir()} == {LOCK_NAME}:
+            # a job that wrote nothing leaves nothing (filelock keeps its file): whoever created the
+            # folder can then remove it as empty
+            with contextlib.suppress(OSError):
+                path.unlink()
         lock.release()
 
 
@@ -448,10 +453,8 @@ def _job_lock(out_dir: Path, ctx: DistContext) -> Iterator[None]:
 
 
 def _remove_if_empty(folder: Path) -> None:
-    """Remove a folder the job created and left with nothing but its released lock file."""
     with contextlib.suppress(OSError):
-        if folder.is_dir() and {p.name for p in folder.iterdir()} <= {LOCK_NAME}:
-            (folder / LOCK_NAME).unlink(missing_ok=True)
+        if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
 
 
